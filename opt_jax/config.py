@@ -1,0 +1,282 @@
+"""The OPT architecture as a frozen dataclass, the public size presets, and HF config.json I/O.
+
+`OPTConfig` holds every field of Hugging Face's `OPTConfig` that changes the math, under the same
+names, so a `config.json` maps onto it one to one. Variants come from `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+# Activations transformers' ACT2FN offers that OPT configs may name; model.py implements each.
+ACTIVATIONS = (
+    "relu",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "silu",
+    "swish",
+    "tanh",
+    "sigmoid",
+)
+# The heads we implement, under the class names HF writes into config.json's `architectures`.
+ARCHITECTURES = (
+    "OPTModel",
+    "OPTForCausalLM",
+    "OPTForSequenceClassification",
+    "OPTForQuestionAnswering",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """Architecture of an OPT decoder. Defaults are opt-125m (and HF's OPTConfig defaults)."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    # Pre-LN (True, every size but 350m) or post-LN (False, opt-350m).
+    do_layer_norm_before: bool = True
+    # HF's `_remove_final_layer_norm`: drops the final LayerNorm of pre-LN models (only for
+    # checkpoints fine-tuned before transformers 4.20.1). Read it as `remove_final_layer_norm`.
+    _remove_final_layer_norm: bool = False
+    # Width of the token embedding; != hidden_size adds project_in/out (opt-350m: 512 vs 1024).
+    # None means hidden_size, as in HF.
+    word_embed_proj_dim: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_function: str = "relu"
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    # Outputs of the sequence-classification head (HF derives it from id2label).
+    num_labels: int = 2
+    # Which head a checkpoint holds (config.json's `architectures[0]`).
+    architecture: str = "OPTForCausalLM"
+    # Compute dtype of activations and matmuls; softmax and logits stay float32.
+    dtype: str = "float32"
+    # Storage dtype of the parameters.
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        self.validate()
+
+    # -- readable names and derived sizes ---------------------------------------------------
+    @property
+    def remove_final_layer_norm(self) -> bool:
+        return self._remove_final_layer_norm
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        # OPT quirk: the final LayerNorm exists only in pre-LN models that did not remove it.
+        return self.do_layer_norm_before and not self._remove_final_layer_norm
+
+    @property
+    def has_projections(self) -> bool:
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> OPTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raises ValueError naming the first field that cannot describe an OPT model."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "ffn_dim",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "word_embed_proj_dim",
+            "num_labels",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("dropout", "attention_dropout", "layerdrop"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1), got {value!r}")
+        if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
+            raise ValueError(f"OPTConfig.init_std must be positive, got {self.init_std!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"OPTConfig.activation_function {self.activation_function!r} is not supported; "
+                f"choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"OPTConfig.architecture {self.architecture!r} is not one of {ARCHITECTURES}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"OPTConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"OPTConfig.{name} must be an id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
+
+    # -- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any], **overrides) -> OPTConfig:
+        """Reads an HF OPT `config.json` (a directory, the file, or its parsed dict).
+
+        Fields missing from the file take HF's OPTConfig defaults, as transformers does;
+        `overrides` (e.g. dtype="bfloat16") replace fields after reading.
+        """
+        if isinstance(path_or_dict, dict):
+            raw, source = dict(path_or_dict), "config dict"
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no OPT config.json at {path}")
+            try:
+                with open(path) as f:
+                    raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+            source = path
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type")
+        if model_type != "opt":
+            raise ValueError(
+                f"{source} is not an OPT config: model_type is {model_type!r}, expected 'opt'"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in fields and k not in ("dtype", "architecture")}
+        if "id2label" in raw and isinstance(raw["id2label"], dict):
+            kwargs["num_labels"] = len(raw["id2label"])
+        elif "num_labels" in raw:
+            kwargs["num_labels"] = raw["num_labels"]
+        archs = raw.get("architectures") or ["OPTForCausalLM"]
+        if not isinstance(archs, list) or not archs or archs[0] not in ARCHITECTURES:
+            raise ValueError(f"{source}: architectures {archs!r} names no OPT head we implement")
+        kwargs["architecture"] = archs[0]
+        stored = raw.get("dtype", raw.get("torch_dtype"))
+        if stored in DTYPES:
+            kwargs["param_dtype"] = stored
+            # Half-precision checkpoints compute in their own dtype unless overridden.
+            kwargs["dtype"] = stored
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict transformers' OPTConfig reads back to the same model."""
+        out = {
+            "model_type": "opt",
+            "architectures": [self.architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "ffn_dim": self.ffn_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "do_layer_norm_before": self.do_layer_norm_before,
+            "_remove_final_layer_norm": self._remove_final_layer_norm,
+            "word_embed_proj_dim": self.word_embed_proj_dim,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "activation_function": self.activation_function,
+            "layerdrop": self.layerdrop,
+            "init_std": self.init_std,
+            "enable_bias": self.enable_bias,
+            "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "dtype": self.param_dtype,
+        }
+        return out
+
+    def save_hf(self, directory: str | os.PathLike) -> str:
+        """Writes `config.json` into `directory` and returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "config.json")
+        with open(path, "w") as f:
+            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+        return path
+
+
+# The public sizes. Sources: the OPT paper (Zhang et al. 2022, arXiv:2205.01068, Table 1),
+# the facebook/opt-* config.json files on the Hugging Face hub and metaseq's
+# opt_job_constants.py (175b, which is not on the hub). All share vocab 50272, 2048 positions,
+# relu, ffn = 4 x hidden; only 350m is post-LN with a 512-wide embedding.
+#   name:  (layers, hidden, heads, word_embed_proj_dim, do_layer_norm_before, published params)
+_PRESET_TABLE = {
+    "125m": (12, 768, 12, 768, True, 125e6),
+    "350m": (24, 1024, 16, 512, False, 331e6),  # hub lists 331M: the 512-wide embedding
+    "1.3b": (24, 2048, 32, 2048, True, 1.3e9),
+    "2.7b": (32, 2560, 32, 2560, True, 2.7e9),
+    "6.7b": (32, 4096, 32, 4096, True, 6.7e9),
+    "13b": (40, 5120, 40, 5120, True, 13e9),
+    "30b": (48, 7168, 56, 7168, True, 30e9),
+    "66b": (64, 9216, 72, 9216, True, 66e9),
+    "175b": (96, 12288, 96, 12288, True, 175e9),
+}
+PRESETS = tuple(_PRESET_TABLE)
+PUBLISHED_PARAMS = {name: row[-1] for name, row in _PRESET_TABLE.items()}
+
+
+def preset(name: str, **overrides) -> OPTConfig:
+    """The OPTConfig of a public size ("125m", "opt-350m", "facebook/opt-1.3b" all work)."""
+    key = name.lower().removeprefix("facebook/").removeprefix("opt-").removeprefix("opt_")
+    if key not in _PRESET_TABLE:
+        raise ValueError(f"unknown OPT preset {name!r}; choose one of {', '.join(PRESETS)}")
+    layers, hidden, heads, proj, pre_ln, _ = _PRESET_TABLE[key]
+    fields = dict(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        ffn_dim=4 * hidden,
+        num_attention_heads=heads,
+        word_embed_proj_dim=proj,
+        do_layer_norm_before=pre_ln,
+    )
+    fields.update(overrides)
+    return OPTConfig(**fields)

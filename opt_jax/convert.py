@@ -1,0 +1,304 @@
+"""Hugging Face OPT checkpoints <-> opt_jax parameters.
+
+Our parameter tree mirrors HF's module tree, so conversion is a rename plus, for linear layers,
+a transpose (torch stores [out, in], Flax [in, out]) and a reshape into the per-head layout
+([D, N, H] for q/k/v, [N, H, D] for out_proj). Every shape is checked and every key accounted for.
+
+Loading streams one tensor at a time (safetensors through numpy; `.bin` through
+`torch.load(weights_only=True, mmap=True)`, which refuses pickled code), so peak host memory
+stays near one copy of the model. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from opt_jax.config import OPTConfig
+from opt_jax.model import abstract_params
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+# The tied LM head: HF ties it to embed_tokens, the original facebook files omit it.
+TIED_LM_HEAD = "lm_head.weight"
+# Flax leaf name -> torch leaf name.
+_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names the offending tensors."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names and layouts
+# --------------------------------------------------------------------------------------------
+def hf_name(path: tuple[str, ...]) -> str:
+    """('model', 'decoder', 'layers_3', 'fc1', 'kernel') -> 'model.decoder.layers.3.fc1.weight'."""
+    parts = []
+    for part in path[:-1]:
+        if part.startswith("layers_") and part[7:].isdigit():
+            parts += ["layers", part[7:]]
+        else:
+            parts.append(part)
+    parts.append(_LEAF_NAMES[path[-1]])
+    return ".".join(parts)
+
+
+def _num_in_axes(path: tuple[str, ...]) -> int:
+    # out_proj's kernel is [N, H, D]: two input axes. Every other kernel has one.
+    return 2 if path[-2] == "out_proj" else 1
+
+
+def hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape of the parameter that has `shape` in our layout."""
+    if path[-1] == "kernel":
+        n_in = _num_in_axes(path)
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if path[-1] == "bias":
+        return (math.prod(shape),)
+    return tuple(shape)
+
+
+def to_hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Our layout -> torch layout (a transpose for kernels, a flatten for per-head biases)."""
+    if path[-1] == "kernel":
+        n_in = _num_in_axes(path)
+        value = value.reshape(math.prod(value.shape[:n_in]), -1).T
+        return np.ascontiguousarray(value)
+    if path[-1] == "bias":
+        return value.reshape(-1)
+    return value
+
+
+def from_hf_layout(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Torch layout -> our layout, checking the torch shape first."""
+    expected = hf_shape(path, shape)
+    if tuple(value.shape) != expected:
+        raise CheckpointError(
+            f"tensor {hf_name(path)} has shape {tuple(value.shape)}, the config expects {expected}"
+        )
+    if path[-1] == "kernel":
+        return value.T.reshape(shape)
+    return value.reshape(shape)
+
+
+def _canonical_key(key: str, root_is_decoder: bool) -> str:
+    """Maps the key spellings users have onto our HF-style names.
+
+    HF writes `model.decoder.*` for the head models; the original facebook/opt-* files and a bare
+    OPTModel use `decoder.*`.
+    """
+    if root_is_decoder:
+        return key[len("model.") :] if key.startswith("model.decoder.") else key
+    return "model." + key if key.startswith("decoder.") else key
+
+
+# --------------------------------------------------------------------------------------------
+# Reading checkpoint files
+# --------------------------------------------------------------------------------------------
+def _weight_files(directory: str) -> list[str]:
+    """The weight files of an HF directory, safetensors preferred."""
+    for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (TORCH_INDEX, TORCH_WEIGHTS)):
+        index_path = os.path.join(directory, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path} has no weight_map")
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+            if missing:
+                raise CheckpointError(f"{index_path} names shard files that are missing: {missing}")
+            return [os.path.join(directory, name) for name in files]
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS} or "
+        f"{TORCH_INDEX}"
+    )
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading pytorch_model.bin needs PyTorch (pip install torch); safetensors checkpoints "
+            "load without it"
+        ) from e
+    return torch
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    torch = _import_torch()
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) one tensor at a time from a safetensors or torch file."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        torch = _import_torch()
+        # weights_only=True: a pickle from the internet must never be able to run code.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} does not hold a state dict")
+        for key in list(state):
+            yield key, _torch_to_numpy(state.pop(key))
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    architecture: str | None = None,
+) -> tuple[OPTConfig, dict]:
+    """Loads an HF-format OPT directory.
+
+    Args:
+      path: a directory with config.json and weights in any of the HF layouts
+        (model.safetensors, sharded safetensors + index, pytorch_model.bin (+ index)).
+      dtype: compute dtype override (default: the checkpoint's dtype).
+      param_dtype: storage dtype the weights are cast to (default: the checkpoint's dtype).
+      architecture: override config.json's head (e.g. "OPTModel" for the bare decoder).
+
+    Returns:
+      (config, params): `model_for(config).apply({"params": params}, ...)` runs it.
+
+    Raises:
+      CheckpointError: a tensor is missing, unexpected or of the wrong shape (named).
+    """
+    path = os.fspath(path)
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+    if architecture:
+        overrides["architecture"] = architecture
+    config = OPTConfig.from_hf(path, **overrides)
+    expected = traverse_util.flatten_dict(abstract_params(config))
+    by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
+    root_is_decoder = config.architecture == "OPTModel"
+    target_dtype = config.params_dtype
+
+    flat, unexpected = {}, []
+    for file in _weight_files(path):
+        for key, value in iter_tensors(file):
+            name = _canonical_key(key, root_is_decoder)
+            if name == TIED_LM_HEAD:
+                embed = ("decoder" if root_is_decoder else "model.decoder") + ".embed_tokens.weight"
+                want = by_name[embed][1].shape
+                if tuple(value.shape) != tuple(want):
+                    raise CheckpointError(
+                        f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(want)}"
+                    )
+                continue  # tied to embed_tokens
+            if name not in by_name:
+                unexpected.append(key)
+                continue
+            p, spec = by_name[name]
+            if p in flat:
+                raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
+            array = from_hf_layout(p, value, spec.shape).astype(target_dtype)
+            flat[p] = jnp.asarray(array)
+            del value, array
+    missing = sorted(hf_name(p) for p in expected if p not in flat)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+        raise CheckpointError(
+            f"checkpoint in {path} does not match its {config.architecture} config: "
+            + "; ".join(problems)
+        )
+    return config, traverse_util.unflatten_dict(flat)
+
+
+def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
+    """Our params -> {HF key: numpy array in torch layout} (the tied lm_head is not written)."""
+    expected = traverse_util.flatten_dict(abstract_params(config))
+    flat = traverse_util.flatten_dict(params)
+    missing = sorted(hf_name(p) for p in expected if p not in flat)
+    extra = sorted("/".join(p) for p in flat if p not in expected)
+    if missing or extra:
+        raise CheckpointError(f"params do not match the config: missing {missing}, extra {extra}")
+    out = {}
+    for p, value in flat.items():
+        value = np.asarray(jax.device_get(value))
+        if tuple(value.shape) != tuple(expected[p].shape):
+            raise CheckpointError(
+                f"param {'/'.join(p)} has shape {value.shape}, expected {expected[p].shape}"
+            )
+        out[hf_name(p)] = to_hf_layout(p, value)
+    return out
+
+
+def save_pretrained(
+    path: str | os.PathLike, config: OPTConfig, params: dict, *, max_shard_bytes: int | None = None
+) -> None:
+    """Writes config.json + safetensors that `transformers` loads with identical logits.
+
+    Shards into `model-0000i-of-0000n.safetensors` + index when the weights exceed
+    `max_shard_bytes`. Files are written under temporary names and renamed at the end, so an
+    interrupted save never leaves a half-written checkpoint behind a valid name.
+    """
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = hf_state_dict(config, params)
+    stored = {str(v.dtype) for v in state.values()}
+    param_dtype = stored.pop() if len(stored) == 1 else config.param_dtype
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in state.items():
+        if max_shard_bytes and size and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    written = []
+    for name, shard in zip(names, shards):
+        tmp = os.path.join(path, name + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        written.append((tmp, os.path.join(path, name)))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
+            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+        }
+        tmp = os.path.join(path, SAFE_INDEX + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        written.append((tmp, os.path.join(path, SAFE_INDEX)))
+    for tmp, final in written:
+        os.replace(tmp, final)
+    config.replace(param_dtype=param_dtype).save_hf(path)

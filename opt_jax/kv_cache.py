@@ -1,0 +1,99 @@
+"""The explicit key/value cache that the model takes and returns.
+
+Axis legend: L layers, B batch, S cache slots, N heads, H head dim, T new tokens.
+
+Every row keeps its own write index and its own position counter, so a left-padded ragged batch
+(or rows that started at different times) stays exactly right: positions come from the count of
+real tokens a row has seen, and padding slots are masked out of attention forever.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from opt_jax import sharding
+from opt_jax.config import OPTConfig
+
+# Logical axis names of the cache arrays, for sharding rules.
+KV_AXES = (sharding.LAYERS, sharding.BATCH, sharding.CACHE_LENGTH, sharding.HEADS, sharding.HEAD_DIM)
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values of every layer plus per-row bookkeeping.
+
+    Attributes:
+      key: [L, B, S, N, H] cached keys (compute dtype).
+      value: [L, B, S, N, H] cached values.
+      slot_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+      index: [B] int32, the next slot each row writes.
+      position: [B] int32, the position id of each row's next real token (its real-token count).
+    """
+
+    key: jax.Array
+    value: jax.Array
+    slot_mask: jax.Array
+    index: jax.Array
+    position: jax.Array
+
+    @classmethod
+    def init(
+        cls, config: OPTConfig, batch_size: int, max_length: int, dtype=None
+    ) -> KVCache:
+        """An empty cache of `max_length` slots per row.
+
+        Raises:
+          ValueError: if max_length exceeds max_position_embeddings (a slot past the position
+            table could only be reached with a position the model cannot embed).
+        """
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(
+                f"KVCache needs a positive batch_size and max_length, got {batch_size}, {max_length}"
+            )
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"KVCache max_length {max_length} exceeds max_position_embeddings "
+                f"{config.max_position_embeddings}"
+            )
+        dtype = jnp.dtype(dtype or config.dtype)
+        shape = (
+            config.num_hidden_layers,
+            batch_size,
+            max_length,
+            config.num_attention_heads,
+            config.head_dim,
+        )
+        return cls(
+            key=jnp.zeros(shape, dtype),
+            value=jnp.zeros(shape, dtype),
+            slot_mask=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((batch_size,), jnp.int32),
+            position=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.slot_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.slot_mask.shape[0]
+
+
+def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes update[b] into buffer[b] starting at slot index[b] (axis 1 of the row arrays).
+
+    Args:
+      buffer: [B, S, ...].
+      update: [B, T, ...] with the same trailing dims.
+      index: [B] int32 start slots. The caller guarantees index + T <= S:
+        `lax.dynamic_update_slice` would clamp and silently overwrite the last slots.
+    """
+
+    def one_row(row, new, start):
+        starts = (start,) + (0,) * (row.ndim - 1)
+        return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), starts)
+
+    return jax.vmap(one_row)(buffer, update, index)

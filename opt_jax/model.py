@@ -1,0 +1,447 @@
+"""The OPT decoder and its heads as Flax linen modules.
+
+Axis legend used in einsum strings and shape comments:
+  B batch, T query length, S key length (cache slots), N heads, H head dim, D hidden_size,
+  P word_embed_proj_dim, F ffn_dim, V vocab_size, L layers.
+
+Module and parameter names mirror the Hugging Face checkpoint (`model/decoder/layers_3/fc1`
+is `model.decoder.layers.3.fc1`), so conversion is a rename + transpose table. Every parameter
+and the activations at block boundaries carry logical axis names (see sharding.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from opt_jax import sharding as ax
+from opt_jax.config import OPTConfig
+from opt_jax.kv_cache import KVCache, write_rows
+
+# OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
+POSITION_OFFSET = 2
+LAYER_NORM_EPS = 1e-5
+# Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
+# masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+@struct.dataclass
+class ModelOutput:
+    """last_hidden_state: [B, T, P] (after project_out); cache: the updated KVCache or None."""
+
+    last_hidden_state: jax.Array
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class CausalLMOutput:
+    """logits: [B, T, V] float32; cache: the updated KVCache or None."""
+
+    logits: jax.Array
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class SequenceClassifierOutput:
+    """logits: [B, num_labels] float32, read at each row's last non-pad token."""
+
+    logits: jax.Array
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class QuestionAnsweringOutput:
+    """start_logits, end_logits: [B, T] float32."""
+
+    start_logits: jax.Array
+    end_logits: jax.Array
+    cache: KVCache | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def _normal(config: OPTConfig, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _dense(config, features, in_axes, out_axes, *, axis=-1, use_bias=None, name=None):
+    """A DenseGeneral whose kernel [*in, *out] and bias [*out] carry logical axis names."""
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=config.enable_bias if use_bias is None else use_bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        kernel_init=_normal(config, in_axes + out_axes),
+        bias_init=_zeros(out_axes),
+        name=name,
+    )
+
+
+def _layer_norm(config: OPTConfig, name: str) -> nn.LayerNorm:
+    affine = config.layer_norm_elementwise_affine
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (ax.EMBED,)),
+        bias_init=_zeros((ax.EMBED,)),
+        name=name,
+    )
+
+
+def _token_embedding_init(config: OPTConfig):
+    # As HF's init: normal(init_std) with the padding row zeroed.
+    def init(key, shape, dtype=jnp.float32):
+        table = nn.initializers.normal(config.init_std)(key, shape, dtype)
+        return table.at[config.pad_token_id].set(0)
+
+    return nn.with_logical_partitioning(init, (ax.VOCAB, ax.EMBED_PROJ))
+
+
+class OPTAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention)."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, x, allowed, cache_kv, index, deterministic: bool):
+        """
+        Args:
+          x: [B, T, D] layer input.
+          allowed: [B, T, S] bool, which keys each query may attend to.
+          cache_kv: None, or (key, value) each [B, S, N, H]: this layer's cache.
+          index: [B] int32 slot at which this call's keys are written (with a cache).
+          deterministic: disables attention dropout.
+
+        Returns:
+          ([B, T, D], updated (key, value) or None).
+        """
+        cfg = self.config
+        qkv_axes = (ax.HEADS, ax.HEAD_DIM)
+        features = (cfg.num_attention_heads, cfg.head_dim)
+        # HF scales q after its bias is added; keep that order for bitwise-close parity.
+        q = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x) * cfg.head_dim**-0.5
+        k = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x)
+        v = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(x)  # [B, T, N, H]
+        q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+
+        if cache_kv is not None:
+            cache_k = write_rows(cache_kv[0], k, index)  # [B, S, N, H]
+            cache_v = write_rows(cache_kv[1], v, index)
+            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)
+
+        # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
+        # bias) so a masked score never overflows to -inf.
+        scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(cfg.compute_dtype))  # [B, T, N, H]
+        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), axis=(-2, -1), name="out_proj")(
+            out
+        )
+        return out, cache_kv
+
+
+class OPTDecoderLayer(nn.Module):
+    """One decoder block, pre-LN (most sizes) or post-LN (opt-350m)."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, x, allowed, cache_kv, index, deterministic: bool):
+        cfg = self.config
+        act = ACTIVATIONS[cfg.activation_function]
+        attn_norm = _layer_norm(cfg, "self_attn_layer_norm")
+        ffn_norm = _layer_norm(cfg, "final_layer_norm")
+
+        residual = x
+        h = attn_norm(x) if cfg.do_layer_norm_before else x
+        h, cache_kv = OPTAttention(cfg, name="self_attn")(h, allowed, cache_kv, index, deterministic)
+        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = attn_norm(x)
+
+        residual = x
+        h = ffn_norm(x) if cfg.do_layer_norm_before else x
+        h = _dense(cfg, cfg.ffn_dim, (ax.EMBED,), (ax.MLP,), name="fc1")(h)  # [B, T, F]
+        h = nn.with_logical_constraint(act(h), (ax.BATCH, ax.LENGTH, ax.MLP))
+        h = _dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h)
+        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = ffn_norm(x)
+        return nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED)), cache_kv
+
+
+def _check_inputs(config: OPTConfig, input_ids, attention_mask, cache):
+    """Static (trace-time) shape checks; token-id ranges are checked on the host (validation.py)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {attention_mask.shape} does not match input_ids shape "
+            f"{input_ids.shape}"
+        )
+    length = input_ids.shape[1]
+    if cache is None and length > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {length} exceeds max_position_embeddings "
+            f"{config.max_position_embeddings}: OPT has no position embedding beyond it"
+        )
+    if cache is not None:
+        if cache.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"cache batch size {cache.batch_size} != input batch size {input_ids.shape[0]}"
+            )
+        if length > cache.max_length:
+            raise ValueError(f"{length} new tokens do not fit a cache of {cache.max_length} slots")
+
+
+class OPTDecoder(nn.Module):
+    """Embeddings, the layer stack, the final LayerNorm and project_out (HF's OPTDecoder)."""
+
+    config: OPTConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.word_embed_proj_dim,
+            embedding_init=_token_embedding_init(cfg),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        self.embed_positions = nn.Embed(
+            cfg.max_position_embeddings + POSITION_OFFSET,
+            cfg.hidden_size,
+            embedding_init=_normal(cfg, (ax.POSITIONS, ax.EMBED)),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        if cfg.has_projections:
+            self.project_in = _dense(cfg, cfg.hidden_size, (ax.EMBED_PROJ,), (ax.EMBED,), use_bias=False)
+            self.project_out = _dense(
+                cfg, cfg.word_embed_proj_dim, (ax.EMBED,), (ax.EMBED_PROJ,), use_bias=False
+            )
+        if cfg.has_final_layer_norm:
+            self.final_layer_norm = _layer_norm(cfg, None)
+        self.layers = [OPTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> ModelOutput:
+        cfg = self.config
+        _check_inputs(cfg, input_ids, attention_mask, cache)
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), bool)
+        mask = attention_mask.astype(bool)  # [B, T]
+        real = mask.astype(jnp.int32)
+
+        if cache is None:
+            # Positions from the mask (cumsum * mask - 1): left padding shifts nothing.
+            positions = jnp.cumsum(real, axis=1) * real - 1
+            key_mask, key_slots = mask, jnp.arange(length)  # [B, S=T], [S]
+            query_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        else:
+            # Each row continues from its own real-token count and its own write slot.
+            positions = jnp.where(mask, cache.position[:, None] + jnp.cumsum(real, axis=1) - 1, -1)
+            key_mask = write_rows(cache.slot_mask, mask, cache.index)  # [B, S]
+            key_slots = jnp.arange(cache.max_length)
+            query_slots = cache.index[:, None] + jnp.arange(length)  # [B, T]
+        # Causal in slot order, and never attend to a padding slot.
+        allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+
+        # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
+        x = self.embed_tokens(input_ids)  # [B, T, P]
+        if cfg.has_projections:
+            x = self.project_in(x)  # [B, T, D]
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+
+        new_key, new_value = (None, None) if cache is None else (cache.key, cache.value)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (new_key[i], new_value[i])
+            index = None if cache is None else cache.index
+            y, layer_cache = layer(x, allowed, layer_cache, index, deterministic)
+            if cfg.layerdrop > 0 and not deterministic:
+                # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
+                skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
+                y = jnp.where(skip, x, y)
+            x = y
+            if cache is not None:
+                new_key = new_key.at[i].set(layer_cache[0])
+                new_value = new_value.at[i].set(layer_cache[1])
+
+        if cfg.has_final_layer_norm:
+            x = self.final_layer_norm(x)
+        if cfg.has_projections:
+            x = self.project_out(x)  # [B, T, P]
+
+        if cache is not None:
+            cache = KVCache(
+                key=new_key,
+                value=new_value,
+                slot_mask=key_mask,
+                index=cache.index + length,
+                position=cache.position + real.sum(axis=1),
+            )
+        return ModelOutput(last_hidden_state=x, cache=cache)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: [B, T, P] -> [B, T, V] logits (float32)."""
+        return self.embed_tokens.attend(hidden).astype(jnp.float32)
+
+
+class OPTModel(nn.Module):
+    """The bare decoder (HF's OPTModel); its parameters live under `decoder`."""
+
+    config: OPTConfig
+
+    def setup(self):
+        self.decoder = OPTDecoder(self.config)
+
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+        """input_ids, attention_mask: [B, T] -> ModelOutput (last_hidden_state [B, T, P])."""
+        return self.decoder(input_ids, attention_mask, cache, deterministic)
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT with its LM head tied to the token embedding."""
+
+    config: OPTConfig
+
+    def setup(self):
+        self.model = OPTModel(self.config)
+
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+        """
+        Args:
+          input_ids: [B, T] int token ids (validated on the host, see `validate_token_ids`).
+          attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
+          cache: optional KVCache; new keys/values are written at each row's index.
+          deterministic: False enables dropout / attention dropout / layerdrop ("dropout" rng).
+
+        Returns:
+          CausalLMOutput with logits [B, T, V] (float32) and the updated cache.
+        """
+        out = self.model(input_ids, attention_mask, cache=cache, deterministic=deterministic)
+        logits = self.model.decoder.attend(out.last_hidden_state)
+        logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
+        return CausalLMOutput(logits=logits, cache=out.cache)
+
+
+def last_non_pad_index(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """[B, T] -> [B]: the rightmost token that is not padding (works for left and right pads)."""
+    positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+    return jnp.argmax(positions * (input_ids != pad_token_id), axis=-1)
+
+
+class OPTForSequenceClassification(nn.Module):
+    """OPT with a `score` head read at each row's last non-pad token, as HF does."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+        cfg = self.config
+        out = OPTModel(cfg, name="model")(
+            input_ids, attention_mask, cache=cache, deterministic=deterministic
+        )
+        score = _dense(cfg, cfg.num_labels, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=False, name="score")
+        logits = score(out.last_hidden_state).astype(jnp.float32)  # [B, T, num_labels]
+        last = last_non_pad_index(input_ids, cfg.pad_token_id)
+        pooled = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, num_labels]
+        return SequenceClassifierOutput(logits=pooled, cache=out.cache)
+
+
+class OPTForQuestionAnswering(nn.Module):
+    """OPT with a `qa_outputs` head giving span start and end logits per token."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+        cfg = self.config
+        out = OPTModel(cfg, name="model")(
+            input_ids, attention_mask, cache=cache, deterministic=deterministic
+        )
+        qa = _dense(cfg, 2, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=True, name="qa_outputs")
+        logits = qa(out.last_hidden_state).astype(jnp.float32)  # [B, T, 2]
+        return QuestionAnsweringOutput(
+            start_logits=logits[..., 0], end_logits=logits[..., 1], cache=out.cache
+        )
+
+
+MODEL_CLASSES = {
+    "OPTModel": OPTModel,
+    "OPTForCausalLM": OPTForCausalLM,
+    "OPTForSequenceClassification": OPTForSequenceClassification,
+    "OPTForQuestionAnswering": OPTForQuestionAnswering,
+}
+
+
+def model_for(config: OPTConfig) -> nn.Module:
+    """The module of `config.architecture` (the head a loaded checkpoint holds)."""
+    return MODEL_CLASSES[config.architecture](config)
+
+
+def _dummy_ids(batch: int = 1, length: int = 1) -> jax.Array:
+    return jnp.ones((batch, length), jnp.int32)
+
+
+def init_params(config: OPTConfig, rng: jax.Array | int = 0, module: nn.Module | None = None):
+    """Fresh parameters (plain arrays, no partitioning boxes) of `module` (default: the config's
+    architecture)."""
+    module = module or model_for(config)
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    variables = jax.jit(module.init)(rng, _dummy_ids())
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(config: OPTConfig, module: nn.Module | None = None):
+    """ShapeDtypeStructs of the parameters, with no memory used (`jax.eval_shape`)."""
+    module = module or model_for(config)
+    variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: OPTConfig, module: nn.Module | None = None):
+    """The logical axis names (a PartitionSpec of names) of every parameter."""
+    module = module or model_for(config)
+    variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())
+    return nn.get_partition_spec(variables)["params"]

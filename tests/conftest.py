@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random HF OPT models (the reference oracle) saved to temp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+# Architecture variants of the published checkpoints, on odd sizes so shape mix-ups show.
+BASE = dict(
+    vocab_size=99,
+    hidden_size=16,
+    num_hidden_layers=2,
+    ffn_dim=37,
+    num_attention_heads=4,
+    max_position_embeddings=40,
+    init_std=0.25,
+    dropout=0.0,
+)
+VARIANTS = {
+    "pre_ln": {},
+    "post_ln_project": dict(do_layer_norm_before=False, word_embed_proj_dim=8),
+    "no_final_ln": dict(_remove_final_layer_norm=True),
+    "no_bias": dict(enable_bias=False),
+    "non_affine_ln": dict(layer_norm_elementwise_affine=False),
+    "gelu": dict(activation_function="gelu"),
+}
+HEADS = ("OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering")
+
+
+def make_hf_model(variant: str = "pre_ln", head: str = "OPTForCausalLM", seed: int = 0, **extra):
+    """A random transformers OPT model whose biases and LayerNorms are randomised too."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(BASE, **VARIANTS[variant], **extra)
+    if head == "OPTForSequenceClassification":
+        kwargs.setdefault("num_labels", 3)
+    config = transformers.OPTConfig(**kwargs)
+    model = getattr(transformers, head)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Default init makes biases 0 and LayerNorms (1, 0): randomise so every one matters.
+            if name.endswith("bias") or "layer_norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+def save_hf(model, directory) -> str:
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Factory: (variant, head, **extra) -> (hf_model, directory)."""
+
+    def build(variant="pre_ln", head="OPTForCausalLM", **extra):
+        model = make_hf_model(variant, head, **extra)
+        directory = tmp_path / f"{variant}-{head}"
+        return model, save_hf(model, directory)
+
+    return build
+
+
+def ragged_batch(vocab_size=99, batch=3, length=11, pad_id=1, side="left", seed=0):
+    """ids, mask [B, T] with rows of very different lengths (row 0 unpadded)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, vocab_size, size=(batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row, pads in enumerate([0, 4, length - 2][:batch]):
+        if side == "left":
+            mask[row, :pads] = 0
+        else:
+            mask[row, length - pads :] = 0
+    ids[mask == 0] = pad_id
+    return ids, mask
+
+
+def max_rel_diff(ours, ref, where=None):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if where is not None:
+        ours, ref = ours[where], ref[where]
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
