@@ -12,8 +12,10 @@ def causal_lm_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1].
 
-    Equivalent to transformers' loss with labels = input_ids where the mask is 1 and -100
-    elsewhere: a target is counted when its own mask entry is 1.
+    A target counts when it and the token before it are both real. That equals transformers'
+    loss with labels = input_ids at those targets and -100 elsewhere; it differs from HF's
+    habit of labelling every real token only at the first real token of a left-padded row,
+    whose prediction would come from a padding position.
 
     Args:
       logits: [B, T, V] (any float dtype; computed in float32).
@@ -28,7 +30,7 @@ def causal_lm_loss(
     weights = (
         jnp.ones(targets.shape, jnp.float32)
         if attention_mask is None
-        else attention_mask[:, 1:].astype(jnp.float32)
+        else (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), targets
