@@ -145,12 +145,19 @@ class OPTConfig:
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"OPTConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"OPTConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}"
+                )
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value < self.vocab_size
+            ):
                 raise ValueError(
-                    f"OPTConfig.{name} must be an id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                    f"OPTConfig.{name} must be an id in [0, vocab_size={self.vocab_size}), "
+                    f"got {value!r}"
                 )
 
     # -- Hugging Face config.json ----------------------------------------------------------
@@ -183,7 +190,9 @@ class OPTConfig:
                 f"{source} is not an OPT config: model_type is {model_type!r}, expected 'opt'"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in fields and k not in ("dtype", "architecture")}
+        kwargs = {
+            k: v for k, v in raw.items() if k in fields and k not in ("dtype", "architecture")
+        }
         if "id2label" in raw and isinstance(raw["id2label"], dict):
             kwargs["num_labels"] = len(raw["id2label"])
         elif "num_labels" in raw:

@@ -17,7 +17,13 @@ from opt_jax import sharding
 from opt_jax.config import OPTConfig
 
 # Logical axis names of the cache arrays, for sharding rules.
-KV_AXES = (sharding.LAYERS, sharding.BATCH, sharding.CACHE_LENGTH, sharding.HEADS, sharding.HEAD_DIM)
+KV_AXES = (
+    sharding.LAYERS,
+    sharding.BATCH,
+    sharding.CACHE_LENGTH,
+    sharding.HEADS,
+    sharding.HEAD_DIM,
+)
 
 
 @struct.dataclass
@@ -39,9 +45,7 @@ class KVCache:
     position: jax.Array
 
     @classmethod
-    def init(
-        cls, config: OPTConfig, batch_size: int, max_length: int, dtype=None
-    ) -> KVCache:
+    def init(cls, config: OPTConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of `max_length` slots per row.
 
         Raises:
@@ -50,7 +54,8 @@ class KVCache:
         """
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(
-                f"KVCache needs a positive batch_size and max_length, got {batch_size}, {max_length}"
+                "KVCache needs a positive batch_size and max_length, "
+                f"got {batch_size}, {max_length}"
             )
         if max_length > config.max_position_embeddings:
             raise ValueError(

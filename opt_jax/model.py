@@ -186,7 +186,9 @@ class OPTDecoderLayer(nn.Module):
 
         residual = x
         h = attn_norm(x) if cfg.do_layer_norm_before else x
-        h, cache_kv = OPTAttention(cfg, name="self_attn")(h, allowed, cache_kv, index, deterministic)
+        h, cache_kv = OPTAttention(cfg, name="self_attn")(
+            h, allowed, cache_kv, index, deterministic
+        )
         x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
             x = attn_norm(x)
@@ -248,7 +250,9 @@ class OPTDecoder(nn.Module):
             param_dtype=cfg.params_dtype,
         )
         if cfg.has_projections:
-            self.project_in = _dense(cfg, cfg.hidden_size, (ax.EMBED_PROJ,), (ax.EMBED,), use_bias=False)
+            self.project_in = _dense(
+                cfg, cfg.hidden_size, (ax.EMBED_PROJ,), (ax.EMBED,), use_bias=False
+            )
             self.project_out = _dense(
                 cfg, cfg.word_embed_proj_dim, (ax.EMBED,), (ax.EMBED_PROJ,), use_bias=False
             )
@@ -381,7 +385,9 @@ class OPTForSequenceClassification(nn.Module):
         out = OPTModel(cfg, name="model")(
             input_ids, attention_mask, cache=cache, deterministic=deterministic
         )
-        score = _dense(cfg, cfg.num_labels, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=False, name="score")
+        score = _dense(
+            cfg, cfg.num_labels, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=False, name="score"
+        )
         logits = score(out.last_hidden_state).astype(jnp.float32)  # [B, T, num_labels]
         last = last_non_pad_index(input_ids, cfg.pad_token_id)
         pooled = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, num_labels]

@@ -95,7 +95,12 @@ class OPTTokenizer:
         }
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        specials = {"bos_token": PROMPT_PREFIX, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+        specials = {
+            "bos_token": PROMPT_PREFIX,
+            "eos_token": EOS,
+            "unk_token": UNK,
+            "pad_token": PAD,
+        }
         with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
             json.dump(specials, f, indent=2)
 
@@ -127,7 +132,9 @@ class OPTTokenizer:
         ids = np.full((len(rows), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+            span = (
+                slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+            )
             ids[i, span] = row
             mask[i, span] = 1
         return ids, mask

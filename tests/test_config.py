@@ -56,19 +56,28 @@ def test_hf_defaults_and_readable_names():
     assert cfg.word_embed_proj_dim == cfg.hidden_size == 768
     half = OPTConfig.from_hf({"model_type": "opt", "torch_dtype": "float16"})
     assert half.param_dtype == "float16"
-    assert OPTConfig.from_hf({"model_type": "opt", "torch_dtype": "float16"}, dtype="float32").dtype == "float32"
+    assert (
+        OPTConfig.from_hf({"model_type": "opt", "torch_dtype": "float16"}, dtype="float32").dtype
+        == "float32"
+    )
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(hidden_size=10, num_attention_heads=3), r"hidden_size \(10\) must be divisible by num_attention_heads \(3\)"),
+        (
+            dict(hidden_size=10, num_attention_heads=3),
+            r"hidden_size \(10\) must be divisible by num_attention_heads \(3\)",
+        ),
         (dict(activation_function="mish"), "activation_function 'mish' is not supported"),
         (dict(ffn_dim=0), "ffn_dim must be a positive integer, got 0"),
         (dict(num_hidden_layers=-2), "num_hidden_layers must be a positive integer"),
         (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
         (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\)"),
-        (dict(pad_token_id=500, vocab_size=100), r"pad_token_id must be an id in \[0, vocab_size=100\)"),
+        (
+            dict(pad_token_id=500, vocab_size=100),
+            r"pad_token_id must be an id in \[0, vocab_size=100\)",
+        ),
         (dict(dtype="float64"), "dtype must be one of"),
     ],
 )
@@ -87,7 +96,9 @@ def test_malformed_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", "hidden_size": -1}))
     with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
         OPTConfig.from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", "architectures": ["OPTForTokenClassification"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "opt", "architectures": ["OPTForTokenClassification"]})
+    )
     with pytest.raises(ValueError, match="names no OPT head we implement"):
         OPTConfig.from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="no OPT config.json"):

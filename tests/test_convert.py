@@ -17,12 +17,16 @@ from opt_jax.convert import CheckpointError
 
 def _logits(directory, ids, mask):
     config, params = opt_jax.load_pretrained(directory)
-    return np.asarray(opt_jax.model_for(config).apply({"params": params}, ids, attention_mask=mask).logits)
+    return np.asarray(
+        opt_jax.model_for(config).apply({"params": params}, ids, attention_mask=mask).logits
+    )
 
 
 def _reference(hf_model, ids, mask):
     with torch.no_grad():
-        return hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        return hf_model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        ).logits.numpy()
 
 
 def _write_bin(directory, state, config_dir, shards=1):
@@ -58,13 +62,17 @@ def test_every_layout_loads(hf_dir, tmp_path):
     _write_bin(tmp_path / "bin", state, directory)
     _write_bin(tmp_path / "bin_sharded", state, directory, shards=3)
     # The original facebook/opt-* files: `decoder.*` keys, no lm_head, float16 storage.
-    original = {k.removeprefix("model."): v.half() for k, v in state.items() if k != "lm_head.weight"}
+    original = {
+        k.removeprefix("model."): v.half() for k, v in state.items() if k != "lm_head.weight"
+    }
     _write_bin(tmp_path / "original_fp16", original, directory)
 
     for layout in ("sharded", "bin", "bin_sharded"):
         np.testing.assert_allclose(_logits(tmp_path / layout, ids, mask), ref, rtol=0, atol=1e-4)
     # Half-precision storage is cast to the configured param dtype on load.
-    config, params = opt_jax.load_pretrained(tmp_path / "original_fp16", param_dtype="float32", dtype="float32")
+    config, params = opt_jax.load_pretrained(
+        tmp_path / "original_fp16", param_dtype="float32", dtype="float32"
+    )
     assert params["model"]["decoder"]["embed_tokens"]["embedding"].dtype == jnp.float32
     emb = state["model.decoder.embed_tokens.weight"].half().float().numpy()
     np.testing.assert_array_equal(params["model"]["decoder"]["embed_tokens"]["embedding"], emb)
@@ -76,22 +84,31 @@ def test_bfloat16_safetensors_and_bare_decoder(hf_dir, tmp_path):
     config, params = opt_jax.load_pretrained(tmp_path / "bf16")
     assert config.param_dtype == "bfloat16"
     assert params["model"]["decoder"]["layers_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
-    config32, params32 = opt_jax.load_pretrained(tmp_path / "bf16", param_dtype="float32", dtype="float32")
+    config32, params32 = opt_jax.load_pretrained(
+        tmp_path / "bf16", param_dtype="float32", dtype="float32"
+    )
     expected = hf_model.model.decoder.layers[0].fc1.weight.detach().float().numpy().T
-    np.testing.assert_array_equal(params32["model"]["decoder"]["layers_0"]["fc1"]["kernel"], expected)
+    np.testing.assert_array_equal(
+        params32["model"]["decoder"]["layers_0"]["fc1"]["kernel"], expected
+    )
     # The same file read as a bare decoder (OPTModel): parameters rooted at `decoder`.
     config, params = opt_jax.load_pretrained(tmp_path / "bf16", architecture="OPTModel")
     assert set(params) == {"decoder"}
 
 
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_project", "no_bias", "non_affine_ln"])
-@pytest.mark.parametrize("head", ["OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"])
+@pytest.mark.parametrize(
+    "head", ["OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"]
+)
 def test_hf_round_trip_is_bitwise(hf_dir, tmp_path, variant, head):
     hf_model, directory = hf_dir(variant, head)
     config, params = opt_jax.load_pretrained(directory)
     out = tmp_path / "export"
     opt_jax.save_pretrained(out, config, params)
-    original, exported = load_file(os.path.join(directory, "model.safetensors")), load_file(out / "model.safetensors")
+    original, exported = (
+        load_file(os.path.join(directory, "model.safetensors")),
+        load_file(out / "model.safetensors"),
+    )
     assert set(exported) == set(original)  # same keys: the tied lm_head is not duplicated
     for key in original:
         assert exported[key].dtype == original[key].dtype, key
@@ -132,15 +149,26 @@ def _tamper(directory, tmp_path, edit):
 def test_bad_checkpoints_name_the_tensor(hf_dir, tmp_path):
     _, directory = hf_dir("pre_ln")
     out = _tamper(directory, tmp_path, lambda s: s.pop("model.decoder.layers.1.fc2.bias"))
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.decoder\.layers\.1\.fc2\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors: model\.decoder\.layers\.1\.fc2\.bias"
+    ):
         opt_jax.load_pretrained(out)
-    out = _tamper(directory, tmp_path, lambda s: s.update({"model.decoder.extra.weight": np.zeros(3, np.float32)}))
+    out = _tamper(
+        directory,
+        tmp_path,
+        lambda s: s.update({"model.decoder.extra.weight": np.zeros(3, np.float32)}),
+    )
     with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.decoder\.extra\.weight"):
         opt_jax.load_pretrained(out)
     out = _tamper(
-        directory, tmp_path, lambda s: s.update({"model.decoder.layers.0.fc1.weight": np.zeros((36, 16), np.float32)})
+        directory,
+        tmp_path,
+        lambda s: s.update({"model.decoder.layers.0.fc1.weight": np.zeros((36, 16), np.float32)}),
     )
-    with pytest.raises(CheckpointError, match=r"model\.decoder\.layers\.0\.fc1\.weight has shape \(36, 16\), the config expects \(37, 16\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.0\.fc1\.weight has shape \(36, 16\), the config expects \(37, 16\)",
+    ):
         opt_jax.load_pretrained(out)
     with pytest.raises(FileNotFoundError, match="no weights in"):
         os.remove(out / "model.safetensors")

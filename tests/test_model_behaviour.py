@@ -10,8 +10,13 @@ import opt_jax
 from opt_jax import model as model_lib
 
 CONFIG = opt_jax.OPTConfig(
-    vocab_size=99, hidden_size=16, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
-    max_position_embeddings=12, init_std=0.25,
+    vocab_size=99,
+    hidden_size=16,
+    num_hidden_layers=2,
+    ffn_dim=37,
+    num_attention_heads=4,
+    max_position_embeddings=12,
+    init_std=0.25,
 )
 
 
@@ -25,7 +30,9 @@ def test_sequence_past_position_table_is_an_error(params):
     model.apply({"params": params}, np.ones((1, 12), np.int32))  # exactly the table: fine
     with pytest.raises(ValueError, match="sequence length 13 exceeds max_position_embeddings 12"):
         model.apply({"params": params}, np.ones((1, 13), np.int32))
-    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 3\) does not match input_ids shape \(1, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask shape \(1, 3\) does not match input_ids shape \(1, 4\)"
+    ):
         model.apply({"params": params}, np.ones((1, 4), np.int32), attention_mask=np.ones((1, 3)))
 
 
@@ -65,7 +72,9 @@ def test_half_precision_padded_batch_has_no_nan(params, dtype):
     ref = opt_jax.OPTForCausalLM(CONFIG).apply({"params": params}, ids, attention_mask=mask).logits
     real = mask == 1
     # Half precision stays close to float32 on the real tokens.
-    assert np.abs(np.asarray(out.logits - ref)[real]).max() < 0.1 * np.abs(np.asarray(ref)[real]).max()
+    assert (
+        np.abs(np.asarray(out.logits - ref)[real]).max() < 0.1 * np.abs(np.asarray(ref)[real]).max()
+    )
 
 
 def test_dropout_only_in_training_mode(params):
@@ -74,9 +83,11 @@ def test_dropout_only_in_training_mode(params):
     eval_a = model.apply({"params": params}, ids).logits
     eval_b = model.apply({"params": params}, ids, deterministic=True).logits
     np.testing.assert_array_equal(eval_a, eval_b)
-    train = lambda seed: model.apply(  # noqa: E731
-        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(seed)}
-    ).logits
+    train = lambda seed: (
+        model.apply(  # noqa: E731
+            {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+        ).logits
+    )
     np.testing.assert_array_equal(train(0), train(0))
     assert not np.allclose(train(0), train(1))
     assert not np.allclose(train(0), eval_a)
@@ -86,10 +97,15 @@ def test_layerdrop_skips_whole_layers(params):
     """With layerdrop near 1 every layer is skipped: the output is that of a 0-layer model."""
     ids = np.arange(3, 13)[None]
     model = opt_jax.OPTForCausalLM(CONFIG.replace(layerdrop=0.999999, dropout=0.0))
-    dropped = model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    dropped = model.apply(
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(0)}
+    )
     # Reference: embeddings + final LayerNorm + tied head, computed by hand.
     dec = params["model"]["decoder"]
-    x = dec["embed_tokens"]["embedding"][ids] + dec["embed_positions"]["embedding"][np.arange(10) + 2]
+    x = (
+        dec["embed_tokens"]["embedding"][ids]
+        + dec["embed_positions"]["embedding"][np.arange(10) + 2]
+    )
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     ln = dec["final_layer_norm"]
     x = (x - mean) / jnp.sqrt(var + 1e-5) * ln["scale"] + ln["bias"]
@@ -102,7 +118,8 @@ def test_every_parameter_has_logical_axes():
     for head in ("OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"):
         config = opt_jax.preset("350m", architecture=head, num_hidden_layers=2)
         axes = jax.tree.leaves(
-            opt_jax.param_logical_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+            opt_jax.param_logical_axes(config),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
         )
         shapes = jax.tree.leaves(opt_jax.abstract_params(config))
         assert len(axes) == len(shapes)

@@ -28,7 +28,13 @@ def tokenizer_dir(tmp_path_factory):
     return directory
 
 
-SAMPLES = ["A photo of a cat", "def f(x):\n    return x  # é ü 日本", "", "  leading spaces", "</s>already"]
+SAMPLES = [
+    "A photo of a cat",
+    "def f(x):\n    return x  # é ü 日本",
+    "",
+    "  leading spaces",
+    "</s>already",
+]
 
 
 def test_special_token_layout(tokenizer_dir):
@@ -54,7 +60,9 @@ def test_transformers_autotokenizer_agrees(tokenizer_dir):
     theirs = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     for text in SAMPLES[:4]:
         assert theirs(text)["input_ids"] == ours.encode(text), text
-        assert theirs.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(ours.encode(text))
+        assert theirs.decode(ours.encode(text), skip_special_tokens=True) == ours.decode(
+            ours.encode(text)
+        )
     assert theirs.pad_token_id == 1 and theirs.eos_token_id == 2
 
 
@@ -85,7 +93,9 @@ def test_bad_tokenizers_are_rejected(tmp_path):
         opt_jax.train_tokenizer(["abc"], vocab_size=100)
     from tokenizers import Tokenizer, models
 
-    gpt2_like = Tokenizer(models.BPE(vocab={"a": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<s>": 4}, merges=[]))
+    gpt2_like = Tokenizer(
+        models.BPE(vocab={"a": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<s>": 4}, merges=[])
+    )
     with pytest.raises(ValueError, match="special token <s> has id 4, OPT requires 0"):
         OPTTokenizer(gpt2_like)
 

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of parameters for inference: `DIR/config.json` + `DIR/params/` (orbax).
+
+(The training loop's CheckpointManager wiring will live here too.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from opt_jax.config import OPTConfig
+from opt_jax.model import abstract_params
+
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str | os.PathLike, config: OPTConfig, params) -> None:
+    """Writes the params (orbax) and their config.json. Orbax commits atomically: an
+    interrupted save leaves no `params/` directory that looks complete."""
+    directory = os.path.abspath(os.fspath(directory))  # orbax requires absolute paths
+    target = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} already exists; refusing to overwrite a checkpoint")
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, params)
+    config.save_hf(directory)
+
+
+def load_params(directory: str | os.PathLike, **config_overrides) -> tuple[OPTConfig, dict]:
+    """Reads a checkpoint written by `save_params` (or the params-only export of training).
+
+    The parameter tree is checked against the config: a checkpoint of a different model is an
+    error naming the mismatching parameters, not a silent reshape.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    config = OPTConfig.from_hf(directory, **config_overrides)
+    target = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(target):
+        raise FileNotFoundError(f"no orbax params checkpoint at {target}")
+    expected = abstract_params(config)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(target).item_metadata.tree
+        flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+        flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+        shape = lambda k: tuple(flat_stored[k].shape) if k in flat_stored else "nothing"  # noqa: E731
+        problems = [
+            f"{jax.tree_util.keystr(k)}: stored {shape(k)}, config expects {tuple(v.shape)}"
+            for k, v in flat_expected.items()
+            if shape(k) != tuple(v.shape)
+        ]
+        problems += [
+            f"{jax.tree_util.keystr(k)}: not in the config"
+            for k in flat_stored
+            if k not in flat_expected
+        ]
+        if problems:
+            raise ValueError(
+                f"checkpoint {target} does not match its config: " + "; ".join(problems)
+            )
+        params = checkpointer.restore(target, expected)
+    return config, params

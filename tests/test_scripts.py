@@ -1,0 +1,74 @@
+"""The command-line entry points run as users run them (in a subprocess)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import opt_jax
+from opt_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_demo_runs(tmp_path):
+    out = _run("scripts/demo.py", "--out", str(tmp_path / "demo"))
+    assert "reloaded" in out and "bit for bit" in out
+    config, _ = opt_jax.load_pretrained(tmp_path / "demo")
+    assert config.num_hidden_layers == 4
+    tok = opt_jax.OPTTokenizer.from_pretrained(tmp_path / "demo")
+    assert tok.vocab_size == 4096
+
+
+def test_convert_hf_to_orbax_and_back(hf_dir, tmp_path):
+    _, directory = hf_dir("post_ln_project")
+    _run("scripts/convert.py", "--to", "orbax", "--src", directory, "--dst", str(tmp_path / "ckpt"))
+    config, params = checkpoint.load_params(tmp_path / "ckpt")
+    assert config.word_embed_proj_dim == 8
+    _run(
+        "scripts/convert.py",
+        "--to",
+        "hf",
+        "--src",
+        str(tmp_path / "ckpt"),
+        "--dst",
+        str(tmp_path / "hf"),
+    )
+    original = load_file(os.path.join(directory, "model.safetensors"))
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(original) == set(back)
+    for key in original:
+        np.testing.assert_array_equal(original[key], back[key])
+
+
+def test_orbax_checkpoint_of_another_model_is_rejected(hf_dir, tmp_path):
+    _, directory = hf_dir("pre_ln")
+    config, params = opt_jax.load_pretrained(directory)
+    checkpoint.save_params(tmp_path / "ckpt", config, params)
+    with pytest.raises(FileExistsError):
+        checkpoint.save_params(tmp_path / "ckpt", config, params)
+    bigger = config.replace(ffn_dim=40)
+    bigger.save_hf(tmp_path / "ckpt")  # a config.json that no longer matches the params
+    with pytest.raises(
+        ValueError,
+        match=r"\['layers_0'\]\['fc1'\]\['kernel'\]: stored \(16, 37\), config expects \(16, 40\)",
+    ):
+        checkpoint.load_params(tmp_path / "ckpt")
