@@ -2,6 +2,7 @@
 
 from opt_jax.config import PRESETS, PUBLISHED_PARAMS, OPTConfig, preset
 from opt_jax.convert import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
+from opt_jax.decoding import GenerateOutput, GenerationConfig, generate
 from opt_jax.kv_cache import KVCache
 from opt_jax.losses import causal_lm_loss
 from opt_jax.model import (
@@ -27,6 +28,8 @@ __all__ = [
     "PRESETS",
     "PUBLISHED_PARAMS",
     "CausalLMOutput",
+    "GenerateOutput",
+    "GenerationConfig",
     "CheckpointError",
     "KVCache",
     "ModelOutput",
@@ -40,6 +43,7 @@ __all__ = [
     "SequenceClassifierOutput",
     "abstract_params",
     "causal_lm_loss",
+    "generate",
     "hf_state_dict",
     "init_params",
     "load_pretrained",

@@ -1,0 +1,153 @@
+"""Logits processors and sampling warpers, with transformers' semantics, as pure JAX functions.
+
+Axis legend: N rows (batch, or batch x beams), L token-buffer length, V vocabulary.
+
+Every function takes float32 logits [N, V] and returns them modified. Bans write -inf, as
+transformers does, so a banned token can never be chosen by argmax, sampling or beam top-k.
+History-based processors read the token buffer `tokens` [N, L] with `valid` [N, L] marking the
+real tokens (prompt and generated); padding is never counted as "seen".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def _row_scatter(shape, tokens, values, combine: str):
+    """[N, V] array from scattering values [N, L] at token ids [N, L] per row."""
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    base = jnp.zeros(shape, values.dtype)
+    return getattr(base.at[rows, tokens], combine)(values)
+
+
+def seen_mask(tokens, valid, vocab_size: int):
+    """[N, V] bool: which ids occur among the real tokens of each row."""
+    return _row_scatter((tokens.shape[0], vocab_size), tokens, valid, "max")
+
+
+def token_counts(tokens, valid, vocab_size: int):
+    """[N, V] int32: how often each id occurs among the real tokens of each row."""
+    return _row_scatter((tokens.shape[0], vocab_size), tokens, valid.astype(jnp.int32), "add")
+
+
+def repetition_penalty(logits, seen, penalty: float):
+    """CTRL's penalty (Keskar et al. 2019), as transformers applies it: seen tokens' positive
+    scores are divided by `penalty`, negative ones multiplied."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def presence_frequency_penalty(logits, counts, presence: float, frequency: float):
+    """OpenAI-style additive penalties on the generated tokens' counts."""
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def ends_with(tokens, valid, end, sequence: tuple[int, ...]):
+    """[N] bool: whether tokens[:, end - len(sequence):end] equals `sequence` (all real).
+
+    `end` is a traced scalar (exclusive); too short a history never matches.
+    """
+    m = len(sequence)
+    start = jnp.maximum(end - m, 0)
+    window = jax.lax.dynamic_slice_in_dim(tokens, start, m, axis=1)  # [N, m]
+    window_valid = jax.lax.dynamic_slice_in_dim(valid, start, m, axis=1)
+    match = (window == jnp.asarray(sequence, tokens.dtype)).all(-1) & window_valid.all(-1)
+    return match & (end >= m)
+
+
+def ban_bad_words(logits, tokens, valid, end, bad_words_ids):
+    """Bans the last token of each bad-word sequence whose other tokens end the history."""
+    for words in bad_words_ids:
+        *prefix, last = words
+        hit = ends_with(tokens, valid, end, tuple(prefix)) if prefix else jnp.ones(logits.shape[0], bool)
+        logits = logits.at[:, last].set(jnp.where(hit, NEG_INF, logits[:, last]))
+    return logits
+
+
+def ban_repeated_ngrams(logits, tokens, valid, end, n: int):
+    """no_repeat_ngram_size: bans every token that would complete an n-gram already in the row.
+
+    Args:
+      end: traced scalar, the number of buffer slots written so far (exclusive end).
+    """
+    length = tokens.shape[1]
+    if n > length:
+        return logits
+    starts = length - n + 1
+    # windows[:, j, k] = tokens[:, j + k]: every n-gram of the buffer.  [N, starts, n]
+    windows = jnp.stack([tokens[:, k : k + starts] for k in range(n)], axis=-1)
+    windows_valid = jnp.stack([valid[:, k : k + starts] for k in range(n)], axis=-1).all(-1)
+    prefix_start = jnp.maximum(end - (n - 1), 0)
+    prefix = jax.lax.dynamic_slice_in_dim(tokens, prefix_start, n - 1, axis=1)  # [N, n-1]
+    prefix_valid = jax.lax.dynamic_slice_in_dim(valid, prefix_start, n - 1, axis=1).all(-1)
+    complete = jnp.arange(starts) + n - 1 < end  # the n-gram lies fully in the history
+    match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)
+    match &= windows_valid & complete[None, :] & prefix_valid[:, None] & (end >= n - 1)
+    banned = _row_scatter(logits.shape, windows[:, :, n - 1], match, "max")
+    return jnp.where(banned, NEG_INF, logits)
+
+
+def ban_tokens(logits, token_ids):
+    """Suppress a fixed set of ids (suppress_tokens, or EOS before min_new_tokens)."""
+    if not token_ids:
+        return logits
+    return logits.at[:, jnp.asarray(token_ids)].set(NEG_INF)
+
+
+def ban_from(logits, first_unused: int):
+    """Bans ids >= first_unused: the padded embedding rows no tokenizer id maps to
+    (50265-50271 for real OPT)."""
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where(ids[None, :] >= first_unused, NEG_INF, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling warpers (applied in transformers' order: temperature, top-k, top-p, min-p, typical)
+# ---------------------------------------------------------------------------------------------
+def top_k_filter(logits, k: int):
+    """Keeps the k highest scores (and anything tied with the k-th), as transformers does."""
+    k = min(k, logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _scatter_sorted(mask_sorted, order):
+    """Undo a per-row sort: mask_sorted[:, i] belongs to column order[:, i]."""
+    rows = jnp.arange(order.shape[0])[:, None]
+    return jnp.zeros_like(mask_sorted).at[rows, order].set(mask_sorted)
+
+
+def top_p_filter(logits, top_p: float):
+    """Nucleus filtering: drops the least likely tokens whose total mass is <= 1 - top_p,
+    always keeping the most likely one."""
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - top_p).at[:, -1].set(False)
+    return jnp.where(_scatter_sorted(remove, order), NEG_INF, logits)
+
+
+def min_p_filter(logits, min_p: float):
+    """Drops tokens whose probability is below min_p times the top token's probability."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p * probs.max(-1, keepdims=True)
+    return jnp.where(probs < threshold, NEG_INF, logits)
+
+
+def typical_filter(logits, mass: float):
+    """Locally typical sampling (Meister et al. 2022), transformers' TypicalLogitsWarper."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(logp)
+    entropy = -jnp.nansum(logp * p, axis=-1, keepdims=True)
+    shifted = jnp.abs(-logp - entropy)
+    order = jnp.argsort(shifted, axis=-1)
+    sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    last = jnp.minimum((cumulative < mass).sum(-1, keepdims=True), logits.shape[-1] - 1)
+    remove = sorted_shifted > jnp.take_along_axis(sorted_shifted, last, axis=-1)
+    remove = remove.at[:, 0].set(False)
+    return jnp.where(_scatter_sorted(remove, order), NEG_INF, logits)
