@@ -19,6 +19,7 @@ from opt_jax.model import (
     model_for,
     param_logical_axes,
 )
+from opt_jax.text import generate_text, stream_text
 from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
 from opt_jax.validation import validate_token_ids
 
@@ -44,6 +45,7 @@ __all__ = [
     "abstract_params",
     "causal_lm_loss",
     "generate",
+    "generate_text",
     "hf_state_dict",
     "init_params",
     "load_pretrained",
@@ -51,6 +53,7 @@ __all__ = [
     "param_logical_axes",
     "preset",
     "save_pretrained",
+    "stream_text",
     "train_tokenizer",
     "validate_token_ids",
 ]

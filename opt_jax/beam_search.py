@@ -99,7 +99,12 @@ def beam_search(
         valid = prompt_valid | (generated & (jnp.arange(length) < end))[None, None, :]
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
         log_probs = process_logits(
-            cfg, log_probs, s.running.reshape(n, length), valid.reshape(n, length), end, s.step,
+            cfg,
+            log_probs,
+            s.running.reshape(n, length),
+            valid.reshape(n, length),
+            end,
+            s.step,
             generated,
         )
         if cfg.do_sample:
@@ -165,9 +170,7 @@ def beam_search(
         else:
             best_len = generated_len
         best_running = running_scores[:, :1] / best_len**cfg.length_penalty
-        worst_finished = jnp.where(
-            is_finished, finished_scores.min(axis=1, keepdims=True), LOW
-        )
+        worst_finished = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), LOW)
         can_improve = s.can_improve & (best_running > worst_finished).any(-1, keepdims=True)
         go_on = can_improve.any() & ~hits.all()
         if cfg.early_stopping is True:

@@ -410,7 +410,9 @@ def _check_options(cfg: GenerationConfig, max_new_tokens: int, vocab_size: int) 
     if cfg.no_repeat_ngram_size < 0 or cfg.min_new_tokens < 0:
         raise ValueError("no_repeat_ngram_size and min_new_tokens must be >= 0")
     if cfg.early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}")
+        raise ValueError(
+            f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}"
+        )
     ids = [cfg.pad_token_id, *cfg.eos_token_id, *cfg.suppress_tokens]
     ids += [t for seq in cfg.bad_words_ids + cfg.stop_sequences for t in seq]
     bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -78,6 +78,22 @@ class KVCache:
             position=jnp.zeros((batch_size,), jnp.int32),
         )
 
+    def check_room(self, num_tokens: int) -> None:
+        """Raises if `num_tokens` more tokens would run past the end of a concrete cache.
+
+        Inside jit the write index is traced and cannot be checked; decoding validates the
+        request on the host instead. (`lax.dynamic_update_slice` would otherwise clamp the
+        write and silently overwrite the last slots.)
+        """
+        if isinstance(self.index, jax.core.Tracer):
+            return
+        used = int(jnp.max(self.index))
+        if used + num_tokens > self.max_length:
+            raise ValueError(
+                f"KV cache holds {used} of {self.max_length} slots: {num_tokens} more tokens do "
+                "not fit"
+            )
+
     @property
     def max_length(self) -> int:
         return self.slot_mask.shape[1]

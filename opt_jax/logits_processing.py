@@ -62,7 +62,11 @@ def ban_bad_words(logits, tokens, valid, end, bad_words_ids):
     """Bans the last token of each bad-word sequence whose other tokens end the history."""
     for words in bad_words_ids:
         *prefix, last = words
-        hit = ends_with(tokens, valid, end, tuple(prefix)) if prefix else jnp.ones(logits.shape[0], bool)
+        hit = (
+            ends_with(tokens, valid, end, tuple(prefix))
+            if prefix
+            else jnp.ones(logits.shape[0], bool)
+        )
         logits = logits.at[:, last].set(jnp.where(hit, NEG_INF, logits[:, last]))
     return logits
 

@@ -226,6 +226,7 @@ def _check_inputs(config: OPTConfig, input_ids, attention_mask, cache):
             )
         if length > cache.max_length:
             raise ValueError(f"{length} new tokens do not fit a cache of {cache.max_length} slots")
+        cache.check_room(length)
 
 
 class OPTDecoder(nn.Module):

@@ -72,3 +72,29 @@ def test_orbax_checkpoint_of_another_model_is_rejected(hf_dir, tmp_path):
         match=r"\['layers_0'\]\['fc1'\]\['kernel'\]: stored \(16, 37\), config expects \(16, 40\)",
     ):
         checkpoint.load_params(tmp_path / "ckpt")
+
+
+def test_generate_cli_streams_from_hf_and_orbax(tmp_path):
+    _run("scripts/demo.py", "--out", str(tmp_path / "demo"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nimport os\n")
+    out = _run(
+        "scripts/generate.py", "--model", str(tmp_path / "demo"), "--prompt", "class A:",
+        "--prompt_file", str(prompts), "--max_new_tokens", "6", "--do_sample",
+    )  # fmt: skip
+    assert out.startswith("class A:") and "def f(x):" in out and "import os" in out
+    _run(
+        "scripts/convert.py",
+        "--to",
+        "orbax",
+        "--src",
+        str(tmp_path / "demo"),
+        "--dst",
+        str(tmp_path / "ck"),
+    )
+    ckpt, tok = str(tmp_path / "ck"), str(tmp_path / "demo")
+    proc_out = _run(
+        "scripts/generate.py", "--model", ckpt, "--tokenizer", tok,
+        "--prompt", "class A:", "--max_new_tokens", "6", "--num_beams", "2",
+    )  # fmt: skip
+    assert proc_out.startswith("class A:")

@@ -1,0 +1,149 @@
+"""Text in, text out: generation with OPT's tokenizer contract applied for you."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from opt_jax.decoding import generate
+from opt_jax.tokenizer import OPTTokenizer
+
+
+def _stop_sequences(tokenizer: OPTTokenizer, stop_strings) -> list[list[int]]:
+    # A string can tokenize differently after a space; stop on either spelling.
+    out = []
+    for text in stop_strings or ():
+        if not text:
+            raise ValueError("stop_strings must be non-empty strings")
+        for variant in (text, " " + text.lstrip(" ")):
+            ids = tokenizer.encode(variant, add_prefix=False)
+            if ids not in out:
+                out.append(ids)
+    return out
+
+
+def _cut(text: str, stop_strings) -> str:
+    """Truncates text at the first stop string (token-level stops may miss a string split
+    across unusual token boundaries; this never does)."""
+    cuts = [text.find(s) for s in stop_strings or () if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _safe_length(text: str, stop_strings) -> int:
+    """Length of the prefix of `text` that no later token can turn into a stop string."""
+    safe = len(text)
+    for stop in stop_strings or ():
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                safe = min(safe, len(text) - n)
+                break
+    return safe
+
+
+def _defaults(tokenizer: OPTTokenizer, kwargs: dict) -> dict:
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    # Mask the padded embedding rows no tokenizer id maps to (50265-50271 for real OPT).
+    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
+    return kwargs
+
+
+def generate_text(
+    model,
+    params,
+    tokenizer: OPTTokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] | None = None,
+    **kwargs,
+) -> list[str]:
+    """Generates a continuation for each prompt; returns the new text only.
+
+    Prompts get OPT's `</s>` prefix and are left-padded; decoding stops at EOS or any of
+    `stop_strings` (excluded from the result). Other keyword arguments are `generate`'s.
+    With num_return_sequences > 1 the result has that many entries per prompt, in order.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
+    ids, mask = tokenizer.encode_batch(list(prompts))
+    kwargs = _defaults(tokenizer, kwargs)
+    out = generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        stop_sequences=_stop_sequences(tokenizer, stop_strings) or None,
+        **kwargs,
+    )
+    new = out.sequences[:, ids.shape[1] :]
+    return [_cut(tokenizer.decode(row), stop_strings) for row in new]
+
+
+def stream_text(
+    model,
+    params,
+    tokenizer: OPTTokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] | None = None,
+    tokens_out: list[int] | None = None,
+    **kwargs,
+) -> Iterator[str]:
+    """Yields pieces of one prompt's continuation as the tokens are produced.
+
+    The concatenated pieces equal `generate_text(..., [prompt], ...)[0]`. If `tokens_out` is a
+    list, the generated token ids (EOS excluded) are appended to it.
+    """
+    ids, mask = tokenizer.encode_batch([prompt])
+    kwargs = _defaults(tokenizer, kwargs)
+    pieces: queue.Queue = queue.Queue()
+    done = object()
+    error: list[BaseException] = []
+
+    def worker():
+        try:
+            generate(
+                model,
+                params,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                stop_sequences=_stop_sequences(tokenizer, stop_strings) or None,
+                streamer=lambda step, tokens: pieces.put(int(tokens[0])),
+                **kwargs,
+            )
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+        finally:
+            pieces.put(done)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    tokens: list[int] = [] if tokens_out is None else tokens_out
+    shown = ""
+    eos = np.atleast_1d(kwargs["eos_token_id"]).tolist()
+    while (item := pieces.get()) is not done:
+        if item in eos:
+            continue
+        tokens.append(item)
+        text = _cut(tokenizer.decode(tokens), stop_strings)
+        # Hold back an incomplete multi-byte character until its next byte arrives, and any tail
+        # that could still grow into a stop string.
+        if text.endswith("\ufffd"):
+            continue
+        text = text[: _safe_length(text, stop_strings)]
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    thread.join()
+    if error:
+        raise error[0]
+    final = _cut(tokenizer.decode(tokens), stop_strings)
+    if len(final) > len(shown):
+        yield final[len(shown) :]

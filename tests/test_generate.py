@@ -1,0 +1,293 @@
+"""generate(): bad input, compile-once, ragged batches, half precision, contrastive search,
+streaming, log-probabilities and the text-level API."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ragged_batch
+
+import opt_jax
+from opt_jax import decoding
+
+
+def _tiny(max_positions=64, **overrides):
+    config = opt_jax.OPTConfig(
+        vocab_size=99,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=37,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
+        init_std=0.3,
+        **overrides,
+    )
+    params = opt_jax.init_params(config, 0)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return config, opt_jax.OPTForCausalLM(config), jax.tree.unflatten(tree, leaves)
+
+
+CONFIG, MODEL, PARAMS = _tiny()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(max_new_tokens=60),
+            r"prompt length 8 \+ max_new_tokens 60 = 68 exceeds max_position_embeddings 64",
+        ),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=4, do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(max_new_tokens=4, do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, do_sample=True, typical_p=0.0), r"typical_p must be in \(0, 1\]"),
+        (
+            dict(max_new_tokens=4, do_sample=True, temperature=0.0),
+            "temperature must be > 0 when sampling",
+        ),
+        (dict(max_new_tokens=4, num_beams=0), "num_beams must be >= 1, got 0"),
+        (
+            dict(max_new_tokens=4, num_beams=2, num_return_sequences=3),
+            r"num_return_sequences \(3\) must be <= num_beams \(2\)",
+        ),
+        (
+            dict(max_new_tokens=4, suppress_tokens=[120]),
+            r"token ids \[120\] in the generation options",
+        ),
+        (dict(max_new_tokens=4, early_stopping="sometimes"), "early_stopping must be"),
+    ],
+)
+def test_bad_options_fail_before_tracing(kwargs, message):
+    ids, mask = ragged_batch(length=8)
+    before = decoding.TRACE_COUNT["n"]
+    with pytest.raises(ValueError, match=message):
+        opt_jax.generate(MODEL, PARAMS, ids, mask, **kwargs)
+    assert decoding.TRACE_COUNT["n"] == before
+
+
+@pytest.mark.parametrize(
+    "ids, mask, message",
+    [
+        ([[5, 99]], None, r"token id 99 at \[0, 1\], outside the vocabulary \[0, 99\)"),
+        ([[5, -3]], None, "token id -3"),
+        (np.zeros((1, 0), np.int32), None, "is empty"),
+        ([[1, 1], [5, 6]], [[0, 0], [1, 1]], r"prompt rows \[0\] are empty"),
+        ([[5, 6]], [[1, 1, 1]], "attention_mask shape"),
+        ([[5, 1]], [[1, 0]], "must be left-padded"),
+    ],
+)
+def test_bad_inputs_fail_before_tracing(ids, mask, message):
+    before = decoding.TRACE_COUNT["n"]
+    with pytest.raises(ValueError, match=message):
+        opt_jax.generate(MODEL, PARAMS, ids, mask, max_new_tokens=3)
+    assert decoding.TRACE_COUNT["n"] == before
+
+
+def test_same_buckets_trace_and_compile_once():
+    config, model, params = _tiny(max_positions=70)  # a config no other test compiles
+    before = decoding.TRACE_COUNT["n"]
+    a = opt_jax.generate(model, params, np.arange(3, 8)[None], max_new_tokens=5)
+    b = opt_jax.generate(model, params, np.arange(3, 12)[None], max_new_tokens=9)
+    assert decoding.TRACE_COUNT["n"] == before + 1
+    assert a.sequences.shape == (1, 10) and b.sequences.shape == (1, 18)
+    opt_jax.generate(model, params, np.arange(3, 40)[None], max_new_tokens=5)  # next bucket
+    assert decoding.TRACE_COUNT["n"] == before + 2
+
+
+def test_kv_cache_overrun_is_rejected():
+    cache = opt_jax.KVCache.init(CONFIG, 1, 4)
+    out = MODEL.apply({"params": PARAMS}, np.array([[5, 6, 7]]), cache=cache)
+    with pytest.raises(ValueError, match=r"cache holds 3 of 4 slots: 2 more tokens do not fit"):
+        MODEL.apply({"params": PARAMS}, np.array([[5, 6]]), cache=out.cache)
+
+
+@pytest.mark.parametrize("strategy", [{}, dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
+def test_ragged_batch_equals_rows_alone(strategy):
+    ids, mask = ragged_batch(length=8)
+    batched = opt_jax.generate(MODEL, PARAMS, ids, mask, max_new_tokens=10, **strategy).sequences
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row] == 1][None]
+        alone = opt_jax.generate(MODEL, PARAMS, real, max_new_tokens=10, **strategy).sequences
+        np.testing.assert_array_equal(batched[row, 8:], alone[0, real.shape[1] :])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_decoding_of_a_mostly_padded_batch(dtype):
+    config = CONFIG.replace(dtype=dtype, param_dtype=dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    ids, mask = ragged_batch(length=12)
+    mask[2] = 0
+    mask[2, -1] = 1
+    out = opt_jax.generate(
+        opt_jax.OPTForCausalLM(config), params, ids, mask, max_new_tokens=8, output_logprobs=True
+    )
+    assert np.isfinite(out.logprobs).all()
+    assert ((out.sequences >= 0) & (out.sequences < 99)).all()
+
+
+def _numpy_contrastive(prompt, steps, alpha, k):
+    """Reference contrastive search: full forward passes, selection in numpy."""
+    seq = list(prompt)
+    decoder = opt_jax.OPTModel(CONFIG)
+    for _ in range(steps):
+        logits = np.asarray(
+            MODEL.apply({"params": PARAMS}, np.array([seq])).logits[0, -1], np.float64
+        )
+        context = np.asarray(
+            decoder.apply({"params": PARAMS["model"]}, np.array([seq])).last_hidden_state[0]
+        )
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        candidates = np.argsort(-probs, kind="stable")[:k]
+        scores = []
+        for token in candidates:
+            hidden = decoder.apply({"params": PARAMS["model"]}, np.array([seq + [int(token)]]))
+            h = np.asarray(hidden.last_hidden_state[0, -1], np.float64)
+            cos = context @ h / (np.linalg.norm(context, axis=1) * np.linalg.norm(h))
+            scores.append((1 - alpha) * probs[token] - alpha * cos.max())
+        seq.append(int(candidates[int(np.argmax(scores))]))
+    return seq[len(prompt) :]
+
+
+def test_contrastive_search_matches_numpy_reference():
+    ids, mask = ragged_batch(length=8)
+    out = opt_jax.generate(
+        MODEL, PARAMS, ids, mask, max_new_tokens=6, penalty_alpha=0.6, top_k=4, eos_token_id=[]
+    )
+    for row in range(ids.shape[0]):
+        prompt = ids[row][mask[row] == 1].tolist()
+        assert out.sequences[row, 8:].tolist() == _numpy_contrastive(prompt, 6, 0.6, 4)
+
+
+def test_logprobs_match_full_forward_and_streaming():
+    ids, mask = ragged_batch(length=8)
+    streamed = []
+    out = opt_jax.generate(
+        MODEL,
+        PARAMS,
+        ids,
+        mask,
+        max_new_tokens=7,
+        output_logprobs=True,
+        eos_token_id=[],
+        streamer=lambda step, tokens: streamed.append(tokens.copy()),
+    )
+    np.testing.assert_array_equal(np.stack(streamed, 1), out.sequences[:, 8:])
+    full_mask = np.concatenate([mask, np.ones((3, 7), mask.dtype)], 1)
+    logits = MODEL.apply({"params": PARAMS}, out.sequences, attention_mask=full_mask).logits
+    logp = jax.nn.log_softmax(logits[:, 7:-1], -1)
+    expected = jnp.take_along_axis(logp, out.sequences[:, 8:, None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+
+
+def test_sampling_seeds_and_return_sequences():
+    ids, mask = ragged_batch(length=8)
+    kwargs = dict(max_new_tokens=8, do_sample=True, num_return_sequences=3, eos_token_id=[])
+    a = opt_jax.generate(MODEL, PARAMS, ids, mask, seed=1, **kwargs).sequences
+    b = opt_jax.generate(MODEL, PARAMS, ids, mask, seed=1, **kwargs).sequences
+    c = opt_jax.generate(MODEL, PARAMS, ids, mask, prng_key=jax.random.key(2), **kwargs).sequences
+    assert a.shape == (9, 16)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    np.testing.assert_array_equal(a[0:3, :8], np.repeat(ids[:1], 3, 0))  # prompt as given
+    assert len({tuple(r) for r in a[0:3, 8:]}) > 1  # the copies of a row differ
+
+
+def test_vocab_limit_masks_padded_rows():
+    ids, mask = ragged_batch(length=8)
+    out = opt_jax.generate(
+        MODEL,
+        PARAMS,
+        ids,
+        mask,
+        max_new_tokens=12,
+        do_sample=True,
+        top_k=None,
+        vocab_limit=20,
+        temperature=3.0,
+        eos_token_id=[],
+    )
+    assert (out.sequences[:, 8:] < 20).all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["def add(a, b):\n    return a + b\n\n"] * 20 + ["print('hello world')\n"] * 20
+    return opt_jax.train_tokenizer(texts, vocab_size=280)
+
+
+def test_text_api_and_stop_strings(tokenizer):
+    config, model, params = _tiny(max_positions=64)
+    config = config.replace(vocab_size=288)
+    model = opt_jax.OPTForCausalLM(config)
+    params = opt_jax.init_params(config, 3)
+    prompts = ["def add(a, b):", "print("]
+    texts = opt_jax.generate_text(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        max_new_tokens=10,
+        do_sample=True,
+        seed=0,
+        eos_token_id=[],
+    )
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    ids = tokenizer.encode_batch(prompts)[0]
+    out = opt_jax.generate(
+        model,
+        params,
+        ids,
+        ids != 1,
+        max_new_tokens=10,
+        do_sample=True,
+        seed=0,
+        eos_token_id=[],
+        vocab_limit=tokenizer.vocab_size,
+    )
+    assert texts == [tokenizer.decode(r) for r in out.sequences[:, ids.shape[1] :]]
+    # A stop string cuts the text; streaming yields the same text piece by piece.
+    full = texts[0]
+    assert len(full) >= 5, full
+    stop = full[3:5]
+    cut = opt_jax.generate_text(
+        model,
+        params,
+        tokenizer,
+        prompts[:1],
+        max_new_tokens=10,
+        do_sample=True,
+        seed=0,
+        eos_token_id=[],
+        stop_strings=[stop],
+    )
+    assert cut[0] == full[: full.find(stop)]
+    pieces = list(
+        opt_jax.stream_text(
+            model,
+            params,
+            tokenizer,
+            prompts[0],
+            max_new_tokens=10,
+            do_sample=True,
+            seed=0,
+            eos_token_id=[],
+            stop_strings=[stop],
+        )
+    )
+    assert "".join(pieces) == cut[0]
+    pieces = list(
+        opt_jax.stream_text(
+            model,
+            params,
+            tokenizer,
+            prompts[0],
+            max_new_tokens=10,
+            do_sample=True,
+            seed=0,
+            eos_token_id=[],
+        )
+    )
+    assert "".join(pieces) == full
