@@ -103,3 +103,14 @@ def test_no_repeat_ngram_with_fake_model(n):
     seq = tokens[0, :9].tolist()
     grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
     assert len(grams) == len(set(grams)), seq
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(frequency_penalty=6.0), dict(presence_penalty=6.0)], ids=["freq", "presence"]
+)
+def test_presence_and_frequency_penalties_count_generated_tokens_only(kwargs):
+    # The prompt's 8 is not penalised (only generated tokens count): 8 -> 9 -> 8; then 9 was
+    # generated once (5 - 6 < 0), so the best token is 0; then 0 was generated: 1.
+    prompt = np.array([[8]])
+    tokens, _ = run(chain_model(SUCC), prompt, prompt > 0, GenerationConfig(**kwargs), max_new=4)
+    np.testing.assert_array_equal(tokens[0, 1:5], [9, 8, 0, 1])

@@ -24,3 +24,11 @@ def test_readme_python_api_example(tmp_path, monkeypatch):
     exec(blocks[0], scope)
     assert scope["out"].logits.shape == (2, scope["ids"].shape[1], 300)
     assert np.isfinite(np.asarray(scope["out"].logits)).all()
+
+
+def test_readme_generation_example():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = next(b for b in blocks if "opt_jax.generate(" in b)
+    scope: dict = {}
+    exec(example, scope)
+    assert scope["out"].sequences.shape == (2, 25)
