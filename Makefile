@@ -16,8 +16,13 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The main job: train a small OPT on the standard library's sources (a few minutes on 2 CPU
+# cores), plot its curves, then continue a code prompt with the trained model.
 demo: $(VENV)/.base
-	$(PY) scripts/demo.py --out demo_out
+	$(PY) scripts/train.py --config configs/tiny.py --workdir demo_out
+	$(PY) scripts/plot_metrics.py --workdir demo_out
+	$(PY) scripts/generate.py --model demo_out/export --max_new_tokens 48 \
+		--prompt "def __init__(self" --prompt "import os"
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -62,3 +62,55 @@ def load_params(directory: str | os.PathLike, **config_overrides) -> tuple[OPTCo
             )
         params = checkpointer.restore(target, expected)
     return config, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: WORKDIR/checkpoints/<step>/{state, meta}
+# ---------------------------------------------------------------------------------------------
+class TrainCheckpoints:
+    """Orbax CheckpointManager for training state plus JSON metadata (the model config).
+
+    Saves are asynchronous and committed atomically: a save interrupted by kill -9 leaves only a
+    temporary directory that `latest_step()` ignores, so resume falls back to the last complete
+    step. Only the newest `keep` checkpoints are kept.
+    """
+
+    def __init__(self, workdir: str, keep: int, save_every: int | None = None):
+        directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict]:
+        """Restores into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], out["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -9,7 +9,7 @@ Nothing is downloaded: HF_DIR must be a local directory (e.g. from `huggingface-
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import opt_jax
 from opt_jax import checkpoint
@@ -27,6 +27,7 @@ flags.DEFINE_float("max_shard_gb", None, "With --to hf: shard safetensors files 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     args = flags.FLAGS
     start = time.time()
     print(f"[convert] reading {args.src}", flush=True)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import opt_jax
 from opt_jax import checkpoint
@@ -46,6 +46,7 @@ def _load(path, dtype):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     f = flags.FLAGS
     prompts = list(f.prompt)
     if f.prompt_file:

@@ -29,8 +29,8 @@ def _run(*args, cwd=None):
     return proc.stdout
 
 
-def test_demo_runs(tmp_path):
-    out = _run("scripts/demo.py", "--out", str(tmp_path / "demo"))
+def test_random_checkpoint_runs(tmp_path):
+    out = _run("scripts/random_checkpoint.py", "--out", str(tmp_path / "demo"))
     assert "reloaded" in out and "bit for bit" in out
     config, _ = opt_jax.load_pretrained(tmp_path / "demo")
     assert config.num_hidden_layers == 4
@@ -75,7 +75,7 @@ def test_orbax_checkpoint_of_another_model_is_rejected(hf_dir, tmp_path):
 
 
 def test_generate_cli_streams_from_hf_and_orbax(tmp_path):
-    _run("scripts/demo.py", "--out", str(tmp_path / "demo"))
+    _run("scripts/random_checkpoint.py", "--out", str(tmp_path / "demo"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f(x):\nimport os\n")
     out = _run(

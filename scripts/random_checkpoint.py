@@ -1,10 +1,11 @@
-"""The built-in default job (until the training demo lands): a small random OPT end to end.
+"""Writes a small random OPT and a tokenizer as a Hugging Face directory, without downloads.
 
-  python scripts/demo.py --out demo_out
+  python scripts/random_checkpoint.py --out random_opt
 
 Builds a small OPT (4 layers, 256 wide), trains a byte-level BPE tokenizer on the standard
 library's sources, saves both as an HF directory, loads them back, checks the reload is exact,
-and prints the parameter count and the next-token logits of a code prompt.
+and prints the parameter count and the next-token logits of a code prompt. Handy for trying
+scripts/convert.py and scripts/generate.py (and transformers) on a machine with no weights.
 """
 
 import json
@@ -17,7 +18,7 @@ from absl import app, flags
 
 import opt_jax
 
-flags.DEFINE_string("out", "demo_out", "Where the HF directory is written.")
+flags.DEFINE_string("out", "random_opt", "Where the HF directory is written.")
 flags.DEFINE_integer("seed", 0, "Parameter init seed.")
 
 
@@ -28,7 +29,9 @@ def main(argv):
     stdlib = Path(json.__file__).parent.parent
     texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:200]]
     tokenizer = opt_jax.train_tokenizer(texts, vocab_size=4096)
-    print(f"[demo] trained a {tokenizer.vocab_size}-id tokenizer on {len(texts)} stdlib files")
+    print(
+        f"[random_checkpoint] trained a {tokenizer.vocab_size}-id tokenizer on {len(texts)} stdlib files"
+    )
 
     # Embedding rows rounded up past the tokenizer, as OPT pads 50265 ids to 50272 rows.
     config = opt_jax.OPTConfig(
@@ -42,24 +45,24 @@ def main(argv):
     params = opt_jax.init_params(config, flags.FLAGS.seed)
     opt_jax.save_pretrained(out, config, params)
     tokenizer.save(out)
-    print(f"[demo] saved a random OPT as an HF directory: {out}")
+    print(f"[random_checkpoint] saved a random OPT as an HF directory: {out}")
 
     loaded_config, loaded = opt_jax.load_pretrained(out)
     same = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), params, loaded)))
     assert loaded_config == config and same, "reload is not exact"
     count = sum(x.size for x in jax.tree.leaves(loaded))
-    print(f"[demo] reloaded {count:,} parameters bit for bit")
+    print(f"[random_checkpoint] reloaded {count:,} parameters bit for bit")
 
     prompt = "def fibonacci(n):"
     ids = opt_jax.validate_token_ids([tokenizer.encode(prompt)], config.vocab_size)
     logits = opt_jax.OPTForCausalLM(loaded_config).apply({"params": loaded}, ids).logits
     top = np.argsort(-np.asarray(logits[0, -1]))[:5]
-    print(f"[demo] prompt {prompt!r} -> ids {ids[0].tolist()}")
+    print(f"[random_checkpoint] prompt {prompt!r} -> ids {ids[0].tolist()}")
     print(
-        f"[demo] logits {tuple(logits.shape)}, top next tokens (untrained): "
+        f"[random_checkpoint] logits {tuple(logits.shape)}, top next tokens (untrained): "
         + ", ".join(repr(tokenizer.decode([int(t)])) for t in top)
     )
-    print(f"[demo] done in {time.time() - start:.1f}s")
+    print(f"[random_checkpoint] done in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,11 @@
+"""Pretraining OPT-125m with the OPT paper's recipe (Zhang et al. 2022, Table 1).
+
+  python scripts/train.py --config configs/opt_125m.py --workdir runs/opt_125m \
+      --config.data.source='/data/corpus/*.jsonl' --config.data.tokenizer=/path/to/opt-tokenizer
+"""
+
+from opt_jax.train_config import pretrain_config
+
+
+def get_config():
+    return pretrain_config("125m")

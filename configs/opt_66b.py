@@ -1,0 +1,11 @@
+"""Pretraining OPT-66b with the OPT paper's recipe (Zhang et al. 2022, Table 1).
+
+  python scripts/train.py --config configs/opt_66b.py --workdir runs/opt_66b \
+      --config.data.source='/data/corpus/*.jsonl' --config.data.tokenizer=/path/to/opt-tokenizer
+"""
+
+from opt_jax.train_config import pretrain_config
+
+
+def get_config():
+    return pretrain_config("66b")

@@ -1,0 +1,129 @@
+"""Experiment configs (ml_collections) for training, and the bridge to OPTConfig.
+
+`configs/*.py` files build on `base_config()`; `pretrain_config(size)` applies the OPT paper's
+recipe. Every field has a one-line comment; `lock_config=True` in scripts/train.py makes a
+mistyped override an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from opt_jax.config import OPTConfig, preset
+
+# Peak learning rate and batch size (tokens) of each size: OPT paper (Zhang et al. 2022,
+# arXiv:2205.01068) Table 1. All were trained on 2048-token sequences.
+OPT_RECIPE = {
+    "125m": (6.0e-4, 0.5e6),
+    "350m": (3.0e-4, 0.5e6),
+    "1.3b": (2.0e-4, 1e6),
+    "2.7b": (1.6e-4, 1e6),
+    "6.7b": (1.2e-4, 2e6),
+    "13b": (1.0e-4, 4e6),
+    "30b": (1.0e-4, 4e6),
+    "66b": (0.8e-4, 2e6),
+    "175b": (1.2e-4, 2e6),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every training config (the OPT recipe's optimiser settings)."""
+    c = ml_collections.ConfigDict()
+    # Architecture: `preset` names a public size (or "" for OPTConfig's defaults); every other
+    # key overrides that OPTConfig field (None keeps the preset's value).
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset="",
+            vocab_size=None,
+            hidden_size=None,
+            num_hidden_layers=None,
+            ffn_dim=None,
+            num_attention_heads=None,
+            max_position_embeddings=None,
+            word_embed_proj_dim=None,
+            do_layer_norm_before=None,
+            dropout=0.1,  # OPT paper: dropout 0.1 throughout
+            attention_dropout=0.0,
+            layerdrop=0.0,
+            activation_function=None,
+            dtype="float32",  # compute dtype (bfloat16 for mixed precision)
+            param_dtype="float32",  # master weights
+        )
+    )
+    c.batch_size = 8  # global batch, in sequences
+    c.seq_len = 256  # tokens per training sequence
+    c.num_train_steps = 1000  # optimiser steps
+    c.log_every_steps = 10  # metrics.jsonl / TensorBoard / progress line cadence
+    c.eval_every_steps = 200  # held-out loss cadence (and at the last step)
+    c.eval_batches = 4  # batches per evaluation
+    c.checkpoint_every_steps = 200  # orbax save cadence (and at the last step / SIGTERM)
+    c.keep_checkpoints = 2  # how many recent checkpoints to keep
+    c.seed = 0  # parameter init, data order and dropout
+    c.init_from = ""  # an HF directory or orbax params checkpoint to start from
+    c.sample_every_steps = 0  # log a greedy sample of `sample_prompt` this often (0: never)
+    c.sample_prompt = "def "  # prompt of the periodic samples
+    c.sample_tokens = 32  # tokens per periodic sample
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 6e-4  # peak learning rate
+    c.optim.warmup_steps = 100  # linear warmup from 0
+    c.optim.schedule = "linear"  # linear | cosine | constant decay after warmup
+    c.optim.final_lr_ratio = 0.1  # OPT: decay to 10% of the peak
+    c.optim.b1 = 0.9  # AdamW beta1
+    c.optim.b2 = 0.95  # OPT: beta2 0.95
+    c.optim.eps = 1e-8  # AdamW epsilon
+    c.optim.weight_decay = 0.1  # OPT: weight decay 0.1 (not on biases and LayerNorms)
+    c.optim.grad_clip = 1.0  # global-norm clipping (0 disables)
+    c.optim.grad_accum_steps = 1  # micro-batches per step (divides batch_size)
+    c.optim.skip_nonfinite = True  # skip the update when loss or gradients are not finite
+    c.optim.spike_factor = 0.0  # skip when loss > factor x running mean (0 disables)
+    c.optim.spike_warmup_steps = 50  # steps before spike detection starts
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # "stdlib", comma-separated globs, or .jsonl files
+    c.data.jsonl_field = "text"  # the text field of .jsonl records
+    c.data.tokenizer = ""  # an HF tokenizer directory; "" trains one on the training split
+    c.data.vocab_size = 8192  # size of a trained tokenizer
+    c.data.eval_fraction = 0.02  # fraction of files held out for evaluation
+    c.data.max_files = 0  # use at most this many files (0: all)
+    return c
+
+
+def pretrain_config(size: str) -> ml_collections.ConfigDict:
+    """The OPT paper's pretraining recipe for a public size (one config file per size)."""
+    c = base_config()
+    lr, batch_tokens = OPT_RECIPE[size]
+    c.model.preset = size
+    c.seq_len = 2048
+    c.batch_size = int(batch_tokens // 2048)
+    c.optim.learning_rate = lr
+    # OPT warms up over 375M tokens for the small models (2000 steps for 175b).
+    c.optim.warmup_steps = 2000 if size == "175b" else int(375e6 // batch_tokens)
+    c.num_train_steps = int(300e9 // batch_tokens)  # 300B tokens
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.data.tokenizer = ""  # point at a real OPT tokenizer directory to reuse its vocabulary
+    c.data.vocab_size = 50265
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> OPTConfig:
+    """Turns the experiment's `model` group into an OPTConfig.
+
+    Args:
+      vocab_size: used when the config leaves vocab_size unset (a trained tokenizer's size,
+        rounded up to a multiple of 8 as OPT's 50265 ids are padded to 50272 rows).
+    """
+    m = dict(config.model)
+    name = m.pop("preset")
+    fields = {k: v for k, v in m.items() if v is not None}
+    if vocab_size is not None and "vocab_size" not in fields:
+        fields["vocab_size"] = -(-vocab_size // 8) * 8
+    names = {f.name for f in dataclasses.fields(OPTConfig)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"config.model has fields OPTConfig does not know: {unknown}")
+    return preset(name, **fields) if name else OPTConfig(**fields)

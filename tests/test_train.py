@@ -1,0 +1,316 @@
+"""Training: exact resume after kill -9 and SIGTERM, update skipping, AdamW vs torch, bad input,
+and a one-step smoke test of every config file."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from train_helpers import tiny_train_config
+
+import opt_jax
+from opt_jax import checkpoint, train
+from opt_jax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPER = Path(__file__).resolve().parent / "train_helpers.py"
+TIMING = {"tokens_per_s", "step_time", "sample"}
+
+
+def _run_trainer(workdir, overrides=None, *flags, expect_kill=False):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HELPER.parent))
+    cmd = [sys.executable, str(HELPER), str(workdir), json.dumps(overrides or {}), *flags]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"trainer timed out; output:\n{e.stdout}\n{e.stderr}")
+    if expect_kill:
+        assert proc.returncode == -9, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(workdir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(workdir)]
+
+
+def _final_state(workdir, step=12):
+    ckpts = checkpoint.TrainCheckpoints(workdir, keep=2)
+    assert ckpts.latest_step() == step
+    meta = ckpts.read_meta(step)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    restored = ckpts.manager.restore(step, args=args)["state"]
+    ckpts.close()
+    return meta, restored
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _run_trainer(workdir)
+    return workdir
+
+
+def _assert_same_run(workdir, reference):
+    ours, theirs = _losses(workdir), _losses(reference)
+    assert [r["step"] for r in ours] == list(range(1, 13))  # every step logged exactly once
+    assert ours == theirs  # losses, grad norms, eval losses: bitwise (JSON round-trips floats)
+    (_, a), (_, b) = _final_state(workdir), _final_state(reference)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)  # params, Adam moments, counters
+    _, params_a = checkpoint.load_params(workdir / "export")
+    _, params_b = checkpoint.load_params(reference / "export")
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_step", [4, 8, 12], ids=["first-save", "mid-run", "deleting-save"])
+def test_kill_9_during_save_then_exact_resume(tmp_path, reference_run, kill_step):
+    _run_trainer(tmp_path, None, "--kill-after-save", str(kill_step), expect_kill=True)
+    committed = checkpoint.TrainCheckpoints(tmp_path, keep=2)
+    latest = committed.latest_step()
+    committed.close()
+    # The interrupted save is never taken for a complete one.
+    assert latest in (kill_step - 4 or None, kill_step)
+    _run_trainer(tmp_path)
+    _assert_same_run(tmp_path, reference_run)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exact_resume(tmp_path, reference_run):
+    proc = _run_trainer(tmp_path, None, "--sigterm-at", "6")
+    assert "signal 15: saved step 6" in proc.stdout
+    ckpts = checkpoint.TrainCheckpoints(tmp_path, keep=2)
+    assert ckpts.latest_step() == 6
+    ckpts.close()
+    assert not (tmp_path / "export").exists()  # a preempted run exports nothing
+    _run_trainer(tmp_path)
+    _assert_same_run(tmp_path, reference_run)
+
+
+def test_metrics_and_outputs(reference_run):
+    records = read_metrics(reference_run)
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "skipped"):
+        assert all(key in r for r in records), key
+    assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (reference_run / "train_config.json").exists()
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
+    config, _ = checkpoint.load_params(reference_run / "export")
+    assert opt_jax.OPTTokenizer.from_pretrained(reference_run / "export").vocab_size == 300
+    assert config.vocab_size == 304  # the trained tokenizer's 300 ids, rounded up to 8
+
+
+def _tiny_state(optim, nan=False):
+    config = opt_jax.OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, dropout=0.0,
+    )  # fmt: skip
+    model = opt_jax.OPTForCausalLM(config)
+    params = opt_jax.init_params(config, 0)
+    if nan:
+        params["model"]["decoder"]["layers_0"]["fc1"]["bias"] = jnp.full((32,), jnp.nan)
+    tx = train.make_optimizer(optim, 100)
+    state = train._fresh_state(params, tx)
+    batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx, optim=optim)
+    )
+    return state, batch, step
+
+
+def test_nonfinite_and_spike_updates_are_skipped():
+    optim = tiny_train_config().optim
+    optim.spike_factor = 2.0
+    optim.spike_warmup_steps = 1
+    state, batch, step = _tiny_state(optim, nan=True)
+    new, metrics = step(state, batch)
+    assert not np.isfinite(metrics["loss"]) and int(new.skipped) == 1 and int(new.step) == 1
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    # A normal step is taken; then a loss far above the running mean is skipped as a spike.
+    state, batch, step = _tiny_state(optim)
+    state, _ = step(state, batch)
+    assert int(state.skipped) == 0 and float(state.loss_avg) > 0
+    spiking = state.replace(loss_avg=state.loss_avg * 0.1)
+    new, _ = step(spiking, batch)
+    assert int(new.skipped) == 1
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(spiking.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adamw_step_matches_torch():
+    optim = tiny_train_config().optim
+    optim.schedule, optim.warmup_steps, optim.grad_clip = "constant", 0, 0.0
+    rng = np.random.RandomState(0)
+    params = {"w": rng.randn(4, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32)}
+    grads = [
+        {k: rng.randn(*v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)
+    ]
+    tx = train.make_optimizer(optim, 10)
+    ours, opt_state = jax.tree.map(jnp.asarray, params), None
+    opt_state = tx.init(ours)
+    w, b = (torch.tensor(params[k], requires_grad=True) for k in ("w", "b"))
+    torch_opt = torch.optim.AdamW(
+        [{"params": [w], "weight_decay": optim.weight_decay}, {"params": [b], "weight_decay": 0.0}],
+        lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
+    )  # fmt: skip
+    for g in grads:
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, ours)
+        ours = optax.apply_updates(ours, updates)
+        w.grad, b.grad = torch.tensor(g["w"]), torch.tensor(g["b"])
+        torch_opt.step()
+    np.testing.assert_allclose(ours["w"], w.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours["b"], b.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_training_inputs(tmp_path):
+    with pytest.raises(ValueError, match="matches no file"):
+        train.train_and_evaluate(
+            tiny_train_config(**{"data.source": str(tmp_path / "*.txt")}), tmp_path / "a"
+        )
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="yields no text"):
+        train.train_and_evaluate(
+            tiny_train_config(**{"data.source": str(tmp_path / "*.txt")}), tmp_path / "b"
+        )
+    with pytest.raises(
+        ValueError, match="seq_len 128 exceeds the model's max_position_embeddings 64"
+    ):
+        train.train_and_evaluate(tiny_train_config(seq_len=128), tmp_path / "c")
+    with pytest.raises(
+        ValueError, match="batch_size 3 is not divisible by the 2 data-parallel devices"
+    ):
+        train._check_config(tiny_train_config(batch_size=3), opt_jax.OPTConfig(), 2)
+    with pytest.raises(ValueError, match="not divisible by optim.grad_accum_steps 3"):
+        train.train_and_evaluate(tiny_train_config(**{"optim.grad_accum_steps": 3}), tmp_path / "d")
+
+
+def test_init_from_and_workdir_mismatches(tmp_path):
+    config = opt_jax.OPTConfig(vocab_size=304, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                               num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
+    opt_jax.save_pretrained(tmp_path / "hf", config, opt_jax.init_params(config, 0))
+    with pytest.raises(ValueError, match=r"does not match the model config: hidden_size: 32 vs 16"):
+        train.train_and_evaluate(tiny_train_config(init_from=str(tmp_path / "hf")), tmp_path / "w1")
+    with pytest.raises(ValueError, match="is not a directory"):
+        train.train_and_evaluate(
+            tiny_train_config(init_from=str(tmp_path / "nope")), tmp_path / "w2"
+        )
+    # A workdir holding a checkpoint of another model is refused, not silently reshaped.
+    train.train_and_evaluate(tiny_train_config(num_train_steps=1), tmp_path / "w3")
+    wider = tiny_train_config(num_train_steps=2, **{"model.ffn_dim": 48})
+    with pytest.raises(
+        ValueError, match=r"holds a checkpoint of a different model: ffn_dim: 48 vs 64"
+    ):
+        train.train_and_evaluate(wider, tmp_path / "w3")
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    optim = tiny_train_config().optim
+    state, batch, step = _tiny_state(optim)
+    one, m1 = step(state, batch)
+    optim.grad_accum_steps = 2
+    state2, _, step2 = _tiny_state(optim)
+    two, m2 = step2(state2, batch)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_every_config_file_runs_one_step_shrunk(tmp_path, path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert (module.__doc__ or "").strip(), "config files open with the command that runs them"
+    small = tiny_train_config()
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "ffn_dim",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ):
+        config.model[key] = small.model[key]
+    if config.model.preset == "350m":
+        config.model.word_embed_proj_dim = 16  # keep the project_in/out path
+    elif config.model.preset:
+        config.model.word_embed_proj_dim = 32
+    config.model.vocab_size = None
+    for key in ("batch_size", "seq_len", "eval_batches", "log_every_steps", "keep_checkpoints"):
+        config[key] = small[key]
+    config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+    config.data.update(max_files=40, eval_fraction=0.25, vocab_size=300)
+    if path.stem == "finetune":
+        base = opt_jax.OPTConfig(vocab_size=304, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                 num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
+        opt_jax.save_pretrained(tmp_path / "base", base, opt_jax.init_params(base, 0))
+        opt_jax.train_tokenizer(["def f(x):\n    return x\n"] * 50, 300).save(tmp_path / "base")
+        config.init_from = config.data.tokenizer = str(tmp_path / "base")
+        for key in small.model:
+            if key not in (
+                "preset",
+                "dropout",
+                "dtype",
+                "param_dtype",
+                "attention_dropout",
+                "layerdrop",
+            ):
+                config.model[key] = None
+    last = train.train_and_evaluate(config, tmp_path / "run")
+    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+
+
+def test_train_cli_locks_config(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path), "--config.optim.lr=0.1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "lr" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_plot_metrics_writes_png(reference_run, tmp_path):
+    out = tmp_path / "curves.png"
+    subprocess.run(
+        [sys.executable, "scripts/plot_metrics.py", "--workdir", str(reference_run), "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    optim = tiny_train_config().optim
+    config = opt_jax.OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, dropout=0.0, dtype="bfloat16",
+    )  # fmt: skip
+    model = opt_jax.OPTForCausalLM(config)
+    tx = train.make_optimizer(optim, 100)
+    state = train._fresh_state(opt_jax.init_params(config, 0), tx)
+    batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
+    new, metrics = train.train_step(
+        state, batch, jax.random.key(0), model=model, tx=tx, optim=optim
+    )
+    assert np.isfinite(metrics["loss"]) and int(new.skipped) == 0
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+    assert any(
+        (a != b).any() for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+    )
