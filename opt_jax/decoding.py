@@ -157,8 +157,8 @@ def take_rows(cache, rows):
     """Gathers cache rows (repeat, reorder or select beams / candidates)."""
     if isinstance(cache, KVCache):
         return KVCache(
-            key=cache.key[:, rows],
-            value=cache.value[:, rows],
+            key=tuple(k[rows] for k in cache.key),
+            value=tuple(v[rows] for v in cache.value),
             slot_mask=cache.slot_mask[rows],
             index=cache.index[rows],
             position=cache.position[rows],

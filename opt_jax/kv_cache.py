@@ -30,9 +30,15 @@ KV_AXES = (
 class KVCache:
     """Preallocated keys and values of every layer plus per-row bookkeeping.
 
+    Keys and values are one array per layer, stored heads-major ([B, N, S, H]): the attention
+    contractions of a decode step then read them in place, and each layer's write is an in-place
+    update. (A stacked [L, ...] array made XLA copy layer slices, and [.., S, N, H] made it
+    transpose the cache every step: together ~1.6x slower batch-8 decoding, see
+    experiments/perf/README.md.)
+
     Attributes:
-      key: [L, B, S, N, H] cached keys (compute dtype).
-      value: [L, B, S, N, H] cached values.
+      key: L-tuple of [B, N, S, H] cached keys (compute dtype).
+      value: L-tuple of [B, N, S, H] cached values.
       slot_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
       index: [B] int32, the next slot each row writes.
       position: [B] int32, the position id of each row's next real token (its real-token count).
@@ -63,16 +69,11 @@ class KVCache:
                 f"{config.max_position_embeddings}"
             )
         dtype = jnp.dtype(dtype or config.dtype)
-        shape = (
-            config.num_hidden_layers,
-            batch_size,
-            max_length,
-            config.num_attention_heads,
-            config.head_dim,
-        )
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
+        layers = range(config.num_hidden_layers)
         return cls(
-            key=jnp.zeros(shape, dtype),
-            value=jnp.zeros(shape, dtype),
+            key=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            value=tuple(jnp.zeros(shape, dtype) for _ in layers),
             slot_mask=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((batch_size,), jnp.int32),
             position=jnp.zeros((batch_size,), jnp.int32),
@@ -103,18 +104,18 @@ class KVCache:
         return self.slot_mask.shape[0]
 
 
-def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes update[b] into buffer[b] starting at slot index[b] (axis 1 of the row arrays).
+def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """Writes update[b] into buffer[b] starting at slot index[b] along `axis`.
 
     Args:
-      buffer: [B, S, ...].
-      update: [B, T, ...] with the same trailing dims.
+      buffer: [B, ...] with the slot axis at `axis` (e.g. [B, S] masks, [B, N, S, H] caches).
+      update: like buffer, with T slots on `axis`.
       index: [B] int32 start slots. The caller guarantees index + T <= S:
         `lax.dynamic_update_slice` would clamp and silently overwrite the last slots.
     """
 
     def one_row(row, new, start):
-        starts = (start,) + (0,) * (row.ndim - 1)
+        starts = tuple(start if d == axis - 1 else 0 for d in range(row.ndim))
         return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), starts)
 
     return jax.vmap(one_row)(buffer, update, index)

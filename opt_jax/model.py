@@ -138,7 +138,7 @@ class OPTAttention(nn.Module):
         Args:
           x: [B, T, D] layer input.
           allowed: [B, T, S] bool, which keys each query may attend to.
-          cache_kv: None, or (key, value) each [B, S, N, H]: this layer's cache.
+          cache_kv: None, or (key, value) each [B, N, S, H]: this layer's cache.
           index: [B] int32 slot at which this call's keys are written (with a cache).
           deterministic: disables attention dropout.
 
@@ -154,18 +154,22 @@ class OPTAttention(nn.Module):
         v = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(x)  # [B, T, N, H]
         q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
 
-        if cache_kv is not None:
-            cache_k = write_rows(cache_kv[0], k, index)  # [B, S, N, H]
-            cache_v = write_rows(cache_kv[1], v, index)
-            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)
+        if cache_kv is None:
+            k_spec = v_spec = "bsnh"
+        else:
+            # The cache is heads-major so this step's contractions read it without a transpose.
+            cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
+            cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
+            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
+            k_spec = v_spec = "bnsh"
 
         # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
         # bias) so a masked score never overflows to -inf.
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
+        scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
         scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(cfg.compute_dtype))  # [B, T, N, H]
+        out = jnp.einsum(f"bnts,{v_spec}->btnh", probs, v.astype(cfg.compute_dtype))  # [B,T,N,H]
         out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), axis=(-2, -1), name="out_proj")(
             out
         )
@@ -297,9 +301,9 @@ class OPTDecoder(nn.Module):
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
 
-        new_key, new_value = (None, None) if cache is None else (cache.key, cache.value)
+        new_key, new_value = [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (new_key[i], new_value[i])
+            layer_cache = None if cache is None else (cache.key[i], cache.value[i])
             index = None if cache is None else cache.index
             y, layer_cache = layer(x, allowed, layer_cache, index, deterministic)
             if cfg.layerdrop > 0 and not deterministic:
@@ -308,8 +312,8 @@ class OPTDecoder(nn.Module):
                 y = jnp.where(skip, x, y)
             x = y
             if cache is not None:
-                new_key = new_key.at[i].set(layer_cache[0])
-                new_value = new_value.at[i].set(layer_cache[1])
+                new_key.append(layer_cache[0])
+                new_value.append(layer_cache[1])
 
         if cfg.has_final_layer_norm:
             x = self.final_layer_norm(x)
@@ -318,8 +322,8 @@ class OPTDecoder(nn.Module):
 
         if cache is not None:
             cache = KVCache(
-                key=new_key,
-                value=new_value,
+                key=tuple(new_key),
+                value=tuple(new_value),
                 slot_mask=key_mask,
                 index=cache.index + length,
                 position=cache.position + real.sum(axis=1),

@@ -30,7 +30,8 @@ def main(argv):
     texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:200]]
     tokenizer = opt_jax.train_tokenizer(texts, vocab_size=4096)
     print(
-        f"[random_checkpoint] trained a {tokenizer.vocab_size}-id tokenizer on {len(texts)} stdlib files"
+        f"[random_checkpoint] trained a {tokenizer.vocab_size}-id tokenizer "
+        f"on {len(texts)} stdlib files"
     )
 
     # Embedding rows rounded up past the tokenizer, as OPT pads 50265 ids to 50272 rows.

@@ -98,3 +98,15 @@ def test_generate_cli_streams_from_hf_and_orbax(tmp_path):
         "--prompt", "class A:", "--max_new_tokens", "6", "--num_beams", "2",
     )  # fmt: skip
     assert proc_out.startswith("class A:")
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark never rots: its tiny mode runs both peers and writes JSON + markdown."""
+    import json
+
+    out = tmp_path / "bench"
+    _run("scripts/benchmark.py", "--smoke", "--compare", "hf", "--out", str(out))
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["workload"] for r in results][:2] == ["decode batch 1", "decode batch 8"]
+    assert all(r["opt_jax"]["tokens_per_s"] > 0 and r["ratio"] > 0 for r in results)
+    assert "| decode batch 1 |" in (tmp_path / "bench.md").read_text()

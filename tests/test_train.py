@@ -290,7 +290,8 @@ def test_train_cli_locks_config(tmp_path):
 def test_plot_metrics_writes_png(reference_run, tmp_path):
     out = tmp_path / "curves.png"
     subprocess.run(
-        [sys.executable, "scripts/plot_metrics.py", "--workdir", str(reference_run), "--out", str(out)],
+        [sys.executable, "scripts/plot_metrics.py", "--workdir", str(reference_run),
+         "--out", str(out)],
         cwd=ROOT, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -298,6 +299,7 @@ def test_plot_metrics_writes_png(reference_run, tmp_path):
 
 def test_bf16_compute_keeps_float32_master_weights():
     optim = tiny_train_config().optim
+    optim.warmup_steps = 0  # the first warmup step has learning rate 0
     config = opt_jax.OPTConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
         max_position_embeddings=16, dropout=0.0, dtype="bfloat16",

@@ -1,0 +1,287 @@
+"""Benchmarks opt_jax against transformers' PyTorch OPT on the same machine, in the same run.
+
+  python scripts/benchmark.py                      # 125m shape, float32, ours only
+  python scripts/benchmark.py --compare hf         # interleaved with transformers (PyTorch)
+  python scripts/benchmark.py --smoke              # tiny shape, a few tokens (CI keeps it alive)
+
+Workloads (random weights): greedy decode at batch 1 and 8 (prompt 32, 128 new tokens, EOS
+ignored), prefill (1 x 512), and a training step (4 x 256, AdamW + clipping, dropout on).
+Each reports tokens/s (median of --reps timed repetitions after a warm-up call), the first
+call's time (compilation for us), and the process's peak resident memory so far. The machine's
+matmul peak and memory bandwidth are measured in the same run, and each workload is reported as
+a fraction of its bound: decode against bytes moved per token / bandwidth, prefill and training
+as model FLOPs utilisation (MFU) against the matmul peak. Writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+import opt_jax
+from opt_jax import train
+from opt_jax.train_config import base_config
+
+flags.DEFINE_string("preset", "125m", "Model shape (random weights).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
+flags.DEFINE_enum("compare", None, ["hf"], "Also run transformers' PyTorch OPT, interleaved.")
+flags.DEFINE_bool("smoke", False, "Tiny shape and few tokens: checks the script runs.")
+flags.DEFINE_integer("reps", 3, "Timed repetitions per workload (the median is reported).")
+flags.DEFINE_integer("threads", None, "Torch threads (default: this machine's core count).")
+flags.DEFINE_string("out", "benchmark_results", "Output prefix: writes OUT.json and OUT.md.")
+FLAGS = flags.FLAGS
+
+# Dense peak FLOP/s and HBM bandwidth of accelerators (vendor data sheets), for MFU on devices.
+ACCELERATOR_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12, "bandwidth": 3.35e12},  # SXM
+    "H200": {"bfloat16": 989e12, "float32": 67e12, "bandwidth": 4.8e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12, "bandwidth": 2.0e12},  # 80 GB SXM
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4, "bandwidth": 1.2e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4, "bandwidth": 0.82e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4, "bandwidth": 2.76e12},
+}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, reps):
+    """(first call seconds, median seconds of `reps` further calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine's limits
+# ---------------------------------------------------------------------------------------------
+def machine_limits(dtype: str, smoke: bool) -> dict:
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        for name, peaks in ACCELERATOR_PEAKS.items():
+            if name.lower() in device.device_kind.lower():
+                return {"flops": peaks[dtype], "bandwidth": peaks["bandwidth"], "source": name}
+    n = 512 if smoke else 2048
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    _, seconds = _time(lambda: matmul(a).block_until_ready(), 3 if smoke else 10)
+    flops = 2 * n**3 / seconds
+    # Memory read bandwidth: a reduction over an array far larger than the caches.
+    big = jnp.ones(((8 if smoke else 64) * 2**20,), jnp.float32)  # 32 / 256 MB
+    total = jax.jit(jnp.sum)
+    _, seconds = _time(lambda: total(big).block_until_ready(), 3 if smoke else 10)
+    return {"flops": flops, "bandwidth": big.nbytes / seconds, "source": "measured"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+def model_flops_per_token(config, context: int) -> float:
+    """Forward FLOPs per token: 2 x matmul parameters + attention (PaLM's convention)."""
+    d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
+    matmul_params = layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
+    if config.has_projections:
+        matmul_params += 2 * d * config.word_embed_proj_dim
+    return 2 * matmul_params + 4 * layers * d * context
+
+
+def decode_bytes_per_step(config, batch: int, context: int, itemsize: int) -> float:
+    """Bytes a decode step must read: every weight once, plus the batch's KV cache."""
+    params = sum(x.size for x in jax.tree.leaves(opt_jax.abstract_params(config)))
+    cache = 2 * config.num_hidden_layers * batch * context * config.hidden_size
+    return (params + cache) * itemsize
+
+
+class Ours:
+    def __init__(self, config):
+        self.config = config
+        self.model = opt_jax.OPTForCausalLM(config)
+        self.params = opt_jax.init_params(config, 0)
+        self.forward = jax.jit(lambda p, ids: self.model.apply({"params": p}, ids).logits)
+        optim = base_config().optim
+        self.tx = train.make_optimizer(optim, 1000)
+        self.state = train._fresh_state(self.params, self.tx)
+        self.step = jax.jit(
+            lambda s, b, r: train.train_step(s, b, r, model=self.model, tx=self.tx, optim=optim),
+            donate_argnums=(0,),
+        )
+
+    def decode(self, ids, new_tokens):
+        out = opt_jax.generate(
+            self.model, self.params, ids, max_new_tokens=new_tokens, eos_token_id=[]
+        )
+        assert out.sequences.shape[1] == ids.shape[1] + new_tokens
+
+    def prefill(self, ids):
+        self.forward(self.params, ids).block_until_ready()
+
+    def train_step(self, ids):
+        batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones(ids.shape, jnp.int32)}
+        self.state, metrics = self.step(self.state, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+
+
+class HuggingFace:
+    def __init__(self, config, threads):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.torch = torch
+        hf_config = transformers.OPTConfig(**{k: v for k, v in config.to_hf().items() if k != "dtype"})
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        self.model = transformers.OPTForCausalLM(hf_config).to(dtype).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1
+        )
+
+    def decode(self, ids, new_tokens):
+        with self.torch.no_grad():
+            out = self.model.generate(
+                self.torch.tensor(ids, dtype=self.torch.long), attention_mask=self.torch.ones(ids.shape, dtype=self.torch.long),
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=1,
+            )  # fmt: skip
+        assert out.shape[1] == ids.shape[1] + new_tokens
+
+    def prefill(self, ids):
+        with self.torch.no_grad():
+            self.model(self.torch.tensor(ids, dtype=self.torch.long))
+
+    def train_step(self, ids):
+        self.model.train()
+        ids = self.torch.tensor(ids, dtype=self.torch.long)
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.model.eval()
+
+
+def run_workloads(config, peers, smoke, reps, limits):
+    rng = np.random.RandomState(0)
+    vocab = min(config.vocab_size, 50265)
+    prompt, new = (8, 8) if smoke else (32, 128)
+    prefill_len = 32 if smoke else 512
+    train_shape = (2, 16) if smoke else (4, 256)
+    itemsize = jnp.dtype(config.dtype).itemsize
+    workloads = [
+        ("decode batch 1", "decode", (1, prompt), 1 * new),
+        ("decode batch 8", "decode", (8, prompt), 8 * new),
+        (f"prefill 1 x {prefill_len}", "prefill", (1, prefill_len), prefill_len),
+        (f"train step {train_shape[0]} x {train_shape[1]}", "train_step", train_shape,
+         train_shape[0] * train_shape[1]),
+    ]  # fmt: skip
+    results = []
+    for name, method, shape, tokens in workloads:
+        ids = rng.randint(4, vocab, size=shape).astype(np.int32)
+        row = {"workload": name}
+        for peer_name, peer in peers.items():
+            fn = getattr(peer, method)
+            call = (lambda f=fn: f(ids, new)) if method == "decode" else (lambda f=fn: f(ids))
+            first, median = _time(call, reps)
+            row[peer_name] = {
+                "tokens_per_s": tokens / median,
+                "first_call_s": first,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+        ours = row["opt_jax"]["tokens_per_s"]
+        if method == "decode":
+            batch = shape[0]
+            step_bytes = decode_bytes_per_step(config, batch, prompt + new // 2, itemsize)
+            bound = batch * limits["bandwidth"] / step_bytes
+            row["bound"] = f"{ours / bound:.0%} of {bound:.0f} tok/s (bandwidth)"
+        else:
+            context = shape[1]
+            factor = 3 if method == "train_step" else 1  # forward + backward = 3 x forward
+            flops = factor * model_flops_per_token(config, context) * ours
+            row["bound"] = f"MFU {flops / limits['flops']:.0%}"
+        if "hf" in row:
+            row["ratio"] = ours / row["hf"]["tokens_per_s"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
+
+
+def markdown(results, meta) -> str:
+    has_hf = any("hf" in r for r in results)
+    head = "| workload | opt_jax tok/s | first call (s) |"
+    head += " HF PyTorch tok/s | ratio |" if has_hf else ""
+    head += " vs bound |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        ours = r["opt_jax"]
+        line = f"| {r['workload']} | {ours['tokens_per_s']:.1f} | {ours['first_call_s']:.1f} |"
+        if has_hf:
+            line += f" {r['hf']['tokens_per_s']:.1f} | {r['ratio']:.2f}x |"
+        line += f" {r['bound']} |"
+        lines.append(line)
+    lines.append("")
+    lines.append(
+        f"{meta['device']}, {meta['dtype']}, shape {meta['preset']}, {meta['date']}; matmul "
+        f"peak {meta['limits']['flops'] / 1e9:.0f} GFLOP/s, memory bandwidth "
+        f"{meta['limits']['bandwidth'] / 1e9:.1f} GB/s ({meta['limits']['source']}). "
+        f"Command: `{meta['command']}`"
+    )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.smoke:
+        config = opt_jax.OPTConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+            num_attention_heads=4, max_position_embeddings=128,
+        )  # fmt: skip
+    else:
+        config = opt_jax.preset(FLAGS.preset)
+    config = config.replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+    threads = FLAGS.threads or os.cpu_count()
+    reps = 1 if FLAGS.smoke else FLAGS.reps
+    limits = machine_limits(FLAGS.dtype, FLAGS.smoke)
+    peers = {"opt_jax": Ours(config)}
+    if FLAGS.compare == "hf":
+        peers["hf"] = HuggingFace(config, threads)
+    results = run_workloads(config, peers, FLAGS.smoke, reps, limits)
+    device = jax.devices()[0]
+    meta = {
+        "preset": "smoke" if FLAGS.smoke else FLAGS.preset,
+        "dtype": FLAGS.dtype,
+        "device": f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}",
+        "torch_threads": threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "limits": limits,
+        "command": "python scripts/benchmark.py "
+        + " ".join(f"--{k}" for k in ("smoke",) if FLAGS[k].value)
+        + (f" --compare {FLAGS.compare}" if FLAGS.compare else ""),
+    }
+    table = markdown(results, meta)
+    with open(FLAGS.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main)
