@@ -95,7 +95,9 @@ def machine_limits(dtype: str, smoke: bool) -> dict:
 def model_flops_per_token(config, context: int) -> float:
     """Forward FLOPs per token: 2 x matmul parameters + attention (PaLM's convention)."""
     d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-    matmul_params = layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
+    matmul_params = (
+        layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
+    )
     if config.has_projections:
         matmul_params += 2 * d * config.word_embed_proj_dim
     return 2 * matmul_params + 4 * layers * d * context
@@ -145,7 +147,9 @@ class HuggingFace:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         self.torch = torch
-        hf_config = transformers.OPTConfig(**{k: v for k, v in config.to_hf().items() if k != "dtype"})
+        hf_config = transformers.OPTConfig(
+            **{k: v for k, v in config.to_hf().items() if k != "dtype"}
+        )
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         self.model = transformers.OPTForCausalLM(hf_config).to(dtype).eval()
         self.optimizer = torch.optim.AdamW(
@@ -271,9 +275,12 @@ def main(argv):
         "torch_threads": threads,
         "date": time.strftime("%Y-%m-%d"),
         "limits": limits,
-        "command": "python scripts/benchmark.py "
-        + " ".join(f"--{k}" for k in ("smoke",) if FLAGS[k].value)
-        + (f" --compare {FLAGS.compare}" if FLAGS.compare else ""),
+        "command": " ".join(
+            ["python scripts/benchmark.py"]
+            + (["--smoke"] if FLAGS.smoke else [f"--preset {FLAGS.preset}"])
+            + ([f"--dtype {FLAGS.dtype}"] if FLAGS.dtype != "float32" else [])
+            + ([f"--compare {FLAGS.compare}"] if FLAGS.compare else [])
+        ),
     }
     table = markdown(results, meta)
     with open(FLAGS.out + ".json", "w") as f:
