@@ -158,10 +158,10 @@ class HuggingFace:
 
     def decode(self, ids, new_tokens):
         with self.torch.no_grad():
+            ids = self.torch.tensor(ids, dtype=self.torch.long)
             out = self.model.generate(
-                self.torch.tensor(ids, dtype=self.torch.long), attention_mask=self.torch.ones(ids.shape, dtype=self.torch.long),
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                pad_token_id=1,
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=1,
             )  # fmt: skip
         assert out.shape[1] == ids.shape[1] + new_tokens
 
@@ -200,7 +200,8 @@ def run_workloads(config, peers, smoke, reps, limits):
         row = {"workload": name}
         for peer_name, peer in peers.items():
             fn = getattr(peer, method)
-            call = (lambda f=fn: f(ids, new)) if method == "decode" else (lambda f=fn: f(ids))
+            args = (ids, new) if method == "decode" else (ids,)
+            call = lambda f=fn, a=args: f(*a)  # noqa: E731
             first, median = _time(call, reps)
             row[peer_name] = {
                 "tokens_per_s": tokens / median,
