@@ -19,18 +19,29 @@ PARAMS_DIR = "params"
 def save_params(directory: str | os.PathLike, config: OPTConfig, params) -> None:
     """Writes the params (orbax) and their config.json. Orbax commits atomically: an
     interrupted save leaves no `params/` directory that looks complete."""
+    from opt_jax.sharding import sync
+
     directory = os.path.abspath(os.fspath(directory))  # orbax requires absolute paths
     target = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(target):
         raise FileExistsError(f"{target} already exists; refusing to overwrite a checkpoint")
+    sync("save-params-checked")  # every process checked before any starts writing
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(target, params)
-    config.save_hf(directory)
+    if jax.process_index() == 0:
+        config.save_hf(directory)
 
 
-def load_params(directory: str | os.PathLike, **config_overrides) -> tuple[OPTConfig, dict]:
+def load_params(
+    directory: str | os.PathLike, shardings=None, **config_overrides
+) -> tuple[OPTConfig, dict]:
     """Reads a checkpoint written by `save_params` (or the params-only export of training).
+
+    Args:
+      shardings: a tree of target shardings (e.g. from `sharding.logical_to_shardings`), so
+        each device reads only its shard; default: everything on the first local device,
+        whatever mesh wrote the checkpoint.
 
     The parameter tree is checked against the config: a checkpoint of a different model is an
     error naming the mismatching parameters, not a silent reshape.
@@ -60,6 +71,12 @@ def load_params(directory: str | os.PathLike, **config_overrides) -> tuple[OPTCo
             raise ValueError(
                 f"checkpoint {target} does not match its config: " + "; ".join(problems)
             )
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, expected)
+        expected = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), expected, shardings
+        )
         params = checkpointer.restore(target, expected)
     return config, params
 

@@ -152,6 +152,13 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None):
     data_dir = os.path.join(workdir, "data")
     tok_dir = os.path.join(data_dir, "tokenizer")
     train_path, eval_path = (os.path.join(data_dir, f"{s}.npy") for s in ("train", "eval"))
+    import jax
+
+    from opt_jax.sharding import sync
+
+    # Process 0 builds the cache; the others wait for it and read it.
+    if jax.process_index() != 0:
+        sync("data-prepared")
     if os.path.isfile(train_path) and os.path.isfile(eval_path) and os.path.isdir(tok_dir):
         tokenizer = OPTTokenizer.from_pretrained(tok_dir)
         train_tokens, eval_tokens = np.load(train_path), np.load(eval_path)
@@ -169,6 +176,8 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None):
         for path, array in ((train_path, train_tokens), (eval_path, eval_tokens)):
             np.save(path + ".tmp.npy", array)
             os.replace(path + ".tmp.npy", path)  # never a half-written cache
+    if jax.process_index() == 0:
+        sync("data-prepared")
     if model_vocab_size is not None:
         for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
             validate_token_ids(tokens[None, :], model_vocab_size, name=f"{name} tokens")

@@ -90,18 +90,42 @@ def _zeros(names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _dense(config, features, in_axes, out_axes, *, axis=-1, use_bias=None, name=None):
-    """A DenseGeneral whose kernel [*in, *out] and bias [*out] carry logical axis names."""
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=config.enable_bias if use_bias is None else use_bias,
-        dtype=config.compute_dtype,
-        param_dtype=config.params_dtype,
-        kernel_init=_normal(config, in_axes + out_axes),
-        bias_init=_zeros(out_axes),
-        name=name,
-    )
+class Linear(nn.Module):
+    """y = x . kernel (+ bias), contracting the trailing len(in_axes) axes of x.
+
+    The kernel is created directly in its final shape [*in, *out] (no flat init + reshape as in
+    nn.DenseGeneral), so its logical axis names hold from the first moment: under a mesh the
+    init-time sharding constraint always matches the array's rank.
+    """
+
+    config: OPTConfig
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_in = len(self.in_axes)
+        kernel = self.param(
+            "kernel",
+            _normal(cfg, self.in_axes + self.out_axes),
+            x.shape[-n_in:] + self.features,
+            cfg.params_dtype,
+        )
+        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.out_axes), self.features, cfg.params_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+def _dense(config, features, in_axes, out_axes, *, use_bias=None, name=None):
+    """A Linear layer whose kernel [*in, *out] and bias [*out] carry logical axis names."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    use_bias = config.enable_bias if use_bias is None else use_bias
+    return Linear(config, features, in_axes, out_axes, use_bias, name=name)
 
 
 def _layer_norm(config: OPTConfig, name: str) -> nn.LayerNorm:
@@ -170,9 +194,7 @@ class OPTAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum(f"bnts,{v_spec}->btnh", probs, v.astype(cfg.compute_dtype))  # [B,T,N,H]
-        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), axis=(-2, -1), name="out_proj")(
-            out
-        )
+        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(out)
         return out, cache_kv
 
 

@@ -19,18 +19,17 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opt_jax import checkpoint, data
+from opt_jax import checkpoint, data, sharding
 from opt_jax.config import OPTConfig
 from opt_jax.convert import load_pretrained
 from opt_jax.losses import causal_lm_loss
 from opt_jax.metrics import MetricsWriter
-from opt_jax.model import OPTForCausalLM
+from opt_jax.model import OPTForCausalLM, param_logical_axes
 from opt_jax.train_config import model_config
 from opt_jax.validation import validate_token_ids
 
@@ -246,11 +245,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "train_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    # -- Mesh: data parallelism over every device (sharding rules: see sharding.py) ------------
-    devices = np.array(jax.devices())
-    mesh = Mesh(devices, ("data",))
+    # -- Mesh: data / fsdp / tensor parallelism chosen by the config's mesh shape ------------
+    mesh = sharding.mesh_from_config(config.mesh)
+    rules = sharding.rules_from_config(config.sharding_rules)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
 
     # -- Data ----------------------------------------------------------------------------------
     tokenizer, train_tokens, eval_tokens = data.prepare(config, workdir)
@@ -278,7 +277,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         cfg = OPTConfig.from_hf(os.path.join(workdir, "model"), **dtype_fields)
     else:
         cfg = model_config(config, tokenizer.vocab_size)
-    _check_config(config, cfg, len(devices))
+    _check_config(config, cfg, sharding.data_parallel_size(mesh, rules))
     for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
         validate_token_ids(tokens[None, :], cfg.vocab_size, name=f"{name} tokens")
     model = OPTForCausalLM(cfg)
@@ -293,7 +292,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    param_specs = param_logical_axes(cfg, model)
+    sharding.check_divisible(abstract.params, param_specs, dict(mesh.shape), rules)
+    state_specs = sharding.state_logical_specs(abstract, param_specs)
+    state_sharding = sharding.logical_to_shardings(state_specs, mesh, rules)
 
     # -- Restore ------------------------------------------------------------------------------
     if latest is not None:
@@ -313,7 +315,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start = int(state.step)
         print(f"[train] resumed from step {start}", flush=True)
     elif init_params is not None:
-        state = jax.jit(lambda p: _fresh_state(p, tx), out_shardings=state_sharding)(init_params)
+        params = jax.device_put(init_params, state_sharding.params)
+        del init_params
+        state = jax.jit(lambda p: _fresh_state(p, tx), out_shardings=state_sharding)(params)
         start = 0
         print(f"[train] initialised from {config.init_from}", flush=True)
     else:
@@ -363,52 +367,64 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tokens_per_step = config.batch_size * config.seq_len
     last, step_time, timer = {}, 0.0, time.time()
     try:
-        for step in range(start, config.num_train_steps):
-            state, metrics = step_fn(state, global_batch(train_ds, step), rng)
-            done = step + 1
-            final = done == config.num_train_steps
-            if done % config.log_every_steps == 0 or final or stop["signal"]:
-                metrics = jax.device_get(metrics)
-                elapsed = time.time() - timer
-                steps_timed = done - (last.get("step", start))
-                step_time = elapsed / max(steps_timed, 1)
-                record = {
-                    "loss": float(metrics["loss"]),
-                    "learning_rate": float(schedule(step)),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "skipped": int(metrics["skipped"]),
-                    "tokens_per_s": tokens_per_step / step_time,
-                    "step_time": step_time,
-                    "epoch": train_ds.epoch_of(done),
-                }
-                if config.eval_every_steps and (done % config.eval_every_steps == 0 or final):
-                    record.update(evaluate(state.params))
-                if config.sample_every_steps and (done % config.sample_every_steps == 0 or final):
-                    record["sample"] = _sample(cfg, state.params, tokenizer, config)
-                writer.write(done, record)
-                writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
-                last, timer = {"step": done, **record}, time.time()
-            if done % config.checkpoint_every_steps == 0 or final or stop["signal"]:
-                save(done)
-            if stop["signal"]:
-                print(f"[train] signal {stop['signal']}: saved step {done}, exiting", flush=True)
-                break
+        with sharding.activate(mesh, rules):
+            for step in range(start, config.num_train_steps):
+                state, metrics = step_fn(state, global_batch(train_ds, step), rng)
+                done = step + 1
+                final = done == config.num_train_steps
+                if done % config.log_every_steps == 0 or final or stop["signal"]:
+                    metrics = jax.device_get(metrics)
+                    step_time = (time.time() - timer) / max(done - last.get("step", start), 1)
+                    record = {
+                        "loss": float(metrics["loss"]),
+                        "learning_rate": float(schedule(step)),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "skipped": int(metrics["skipped"]),
+                        "tokens_per_s": tokens_per_step / step_time,
+                        "step_time": step_time,
+                        "epoch": train_ds.epoch_of(done),
+                    }
+                    if config.eval_every_steps and (done % config.eval_every_steps == 0 or final):
+                        record.update(evaluate(state.params))
+                    if config.sample_every_steps and (
+                        done % config.sample_every_steps == 0 or final
+                    ):
+                        record["sample"] = _sample(cfg, state.params, tokenizer, config)
+                    writer.write(done, record)
+                    writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
+                    last, timer = {"step": done, **record}, time.time()
+                if done % config.checkpoint_every_steps == 0 or final or stop["signal"]:
+                    save(done)
+                if stop["signal"]:
+                    print(
+                        f"[train] signal {stop['signal']}: saved step {done}, exiting", flush=True
+                    )
+                    break
         ckpts.wait()
-        if is_main and not stop["signal"]:
-            # Params-only export for inference (generate.py --model WORKDIR/export), swapped in
-            # whole so a crash never leaves a half-written export.
-            export, staging = (os.path.join(workdir, n) for n in ("export", "export.tmp"))
-            shutil.rmtree(staging, ignore_errors=True)
-            checkpoint.save_params(staging, cfg, jax.device_get(state.params))
-            tokenizer.save(staging)
-            shutil.rmtree(export, ignore_errors=True)
-            os.replace(staging, export)
+        if not stop["signal"]:
+            _export(workdir, cfg, state.params, tokenizer, is_main)
     finally:
         ckpts.close()
         writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     return last
+
+
+def _export(workdir, cfg, params, tokenizer, is_main):
+    """Params-only export for inference (generate.py --model WORKDIR/export), written by every
+    process (orbax gathers the shards) and swapped in whole: a crash never leaves a half-written
+    export."""
+    export, staging = (os.path.join(workdir, n) for n in ("export", "export.tmp"))
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    sharding.sync("export-staging-clean")
+    checkpoint.save_params(staging, cfg, params)
+    if is_main:
+        tokenizer.save(staging)
+        shutil.rmtree(export, ignore_errors=True)
+        os.replace(staging, export)
+    sharding.sync("export-done")
 
 
 def _fresh_state(params, tx) -> TrainState:

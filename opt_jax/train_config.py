@@ -12,6 +12,7 @@ import dataclasses
 import ml_collections
 
 from opt_jax.config import OPTConfig, preset
+from opt_jax.sharding import DEFAULT_RULES
 
 # Peak learning rate and batch size (tokens) of each size: OPT paper (Zhang et al. 2022,
 # arXiv:2205.01068) Table 1. All were trained on 2048-token sequences.
@@ -65,6 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every_steps = 0  # log a greedy sample of `sample_prompt` this often (0: never)
     c.sample_prompt = "def "  # prompt of the periodic samples
     c.sample_tokens = 32  # tokens per periodic sample
+
+    # Device mesh (see sharding.py): within-slice sizes (one may be -1: all remaining devices)
+    # and across-slice / across-node multipliers.
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    )
+    # Logical axis -> mesh axes, in priority order (sharding.DEFAULT_RULES).
+    c.sharding_rules = DEFAULT_RULES
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 6e-4  # peak learning rate

@@ -7,22 +7,31 @@
 Running again with the same --workdir resumes from its latest checkpoint.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from opt_jax import train
+from opt_jax import distributed, train
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.", required=True)
 flags.mark_flags_as_required(["config"])
 
 
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    config = flags.FLAGS.config
-    print(config)
-    train.train_and_evaluate(config, flags.FLAGS.workdir)
+    f = flags.FLAGS
+    # Before any other JAX call. SLURM and TPU pod slices are detected without flags.
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    if jax.process_index() == 0:
+        print(f.config)
+    train.train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == "__main__":

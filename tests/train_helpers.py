@@ -1,7 +1,7 @@
 """A shrunken training config for tests, and a subprocess runner with fault injection.
 
 Run as a script: python train_helpers.py WORKDIR OVERRIDES_JSON [--kill-after-save STEP]
-[--sigterm-at STEP]. --kill-after-save SIGKILLs the trainer right after the (asynchronous)
+[--sigterm-at STEP] [--devices N] [--distributed PORT NUM_PROCESSES PROCESS_ID]. --kill-after-save SIGKILLs the trainer right after the (asynchronous)
 save of STEP has started, i.e. while it is being written; --sigterm-at sends SIGTERM after STEP.
 """
 
@@ -38,6 +38,8 @@ def tiny_train_config(**overrides):
     for key, value in overrides.items():
         target = c
         *path, last = key.split(".")
+        if isinstance(value, list):
+            value = tuple(value)
         for part in path:
             target = target[part]
         target[last] = value
@@ -47,6 +49,15 @@ def tiny_train_config(**overrides):
 def main():
     workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
     args = sys.argv[3:]
+    from opt_jax import distributed
+
+    # Before anything else touches JAX: emulated devices, and joining a multi-process job.
+    devices = int(args[args.index("--devices") + 1]) if "--devices" in args else None
+    if "--distributed" in args:
+        port, count, index = args[args.index("--distributed") + 1 :][:3]
+        distributed.initialize(f"127.0.0.1:{port}", int(count), int(index), devices)
+    elif devices:
+        distributed.initialize(local_device_count=devices)
     from opt_jax import checkpoint, metrics, train
 
     if "--kill-after-save" in args:

@@ -1,0 +1,164 @@
+"""Sharding on 8 emulated CPU devices, restore onto another mesh, two real processes, and the
+per-device memory of every preset on large (abstract) meshes."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+import opt_jax
+from opt_jax import checkpoint, sharding
+from opt_jax.metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+
+
+def _python(*args, timeout=480):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def eight_device_results():
+    return {r["mesh"]: r for r in _python(str(HERE / "sharding_checks.py"))}
+
+
+EXPECTED_SHARDS = {  # q_proj kernel [D=32, N=8, H=4] and fc1 kernel [32, F=64] per device
+    "data=8": ([32, 8, 4], [32, 64]),
+    "fsdp=8": ([4, 8, 4], [4, 64]),
+    "tensor=8": ([32, 1, 4], [32, 8]),
+    "2x2x2": ([16, 4, 4], [16, 32]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", list(EXPECTED_SHARDS))
+def test_sharded_forward_train_step_and_generation_match_one_device(eight_device_results, mesh):
+    r = eight_device_results[mesh]
+    q, fc1 = EXPECTED_SHARDS[mesh]
+    assert r["q_proj_shard"] == q and r["fc1_shard"] == fc1
+    assert r["adam_mu_fc1_shard"] == fc1  # optimizer state sharded like its parameter
+    assert r["logits_rel"] <= 1e-5
+    assert r["loss_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5
+    assert r["params_rel"] <= 1e-5
+    assert r["k_bias_abs"] <= 2 * 6e-4  # see sharding_checks.py: Adam on a zero gradient
+    assert r["tokens_equal"]
+
+
+@pytest.mark.slow
+def test_restore_onto_a_different_mesh(tmp_path):
+    (r,) = _python(str(HERE / "sharding_checks.py"), "restore", str(tmp_path))
+    assert r["restored_bitwise"]  # saved on fsdp=8, restored on tensor=4 x data=2
+    assert r["q_proj_shard"] == [32, 1, 8]  # heads split 4 ways, embed whole
+    assert r["final_step"] == 4 and np.isfinite(r["final_loss"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_restore_bitwise(tmp_path):
+    overrides = json.dumps({"batch_size": 8, "num_train_steps": 4, "checkpoint_every_steps": 2,
+                            "eval_every_steps": 2, "mesh.data": 2, "mesh.fsdp": 4})  # fmt: skip
+    helper = str(HERE / "train_helpers.py")
+    _python(helper, str(tmp_path / "one"), overrides, "--devices", "8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
+    env.pop("XLA_FLAGS", None)
+    port = str(_free_port())
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                helper,
+                str(tmp_path / "two"),
+                overrides,
+                "--devices",
+                "4",
+                "--distributed",
+                port,
+                "2",
+                str(i),
+            ],
+            env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=420) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if codes != [0, 0]:
+        for log in logs:
+            log.seek(0)
+        pytest.fail(
+            f"processes ended with {codes}:\n" + "\n----\n".join(log.read()[-3000:] for log in logs)
+        )
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # process 0 alone writes the log
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    # A single process restores the two-process checkpoint (and re-exports its params).
+    shutil.copytree(tmp_path / "two" / "export", tmp_path / "export_two")
+    _python(helper, str(tmp_path / "two"), overrides, "--devices", "8")
+    _, exported = checkpoint.load_params(tmp_path / "export_two")
+    _, restored = checkpoint.load_params(tmp_path / "two" / "export")
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_indivisible_dimension_names_parameter_dimension_and_axis():
+    config = opt_jax.preset("125m", num_hidden_layers=1)
+    abstract = opt_jax.abstract_params(config)
+    specs = opt_jax.param_logical_axes(config)
+    sharding.check_divisible(abstract, specs, {"data": 1, "fsdp": 8, "tensor": 4})
+    with pytest.raises(
+        ValueError,
+        match=r"\['k_proj'\]\['bias'\]: dimension 0 \(heads, size 12\) is not divisible by mesh "
+        r"axis tensor of size 8",
+    ):
+        sharding.check_divisible(abstract, specs, {"data": 1, "fsdp": 1, "tensor": 8})
+    with pytest.raises(ValueError, match="needs 16 devices, there are"):
+        sharding.make_mesh(2, 2, 4, devices=jax.devices() * 1)
+    with pytest.raises(ValueError, match="at most one mesh size may be -1"):
+        sharding.make_mesh(-1, -1, 1)
+
+
+@pytest.mark.parametrize("name", opt_jax.PRESETS)
+def test_preset_per_device_parameter_bytes_on_large_meshes(name):
+    """eval_shape of every preset, sharded on abstract meshes of up to 2048 devices."""
+    config = opt_jax.preset(name, param_dtype="bfloat16")
+    abstract = opt_jax.abstract_params(config)
+    specs = opt_jax.param_logical_axes(config)
+    total = sum(x.size * 2 for x in jax.tree.leaves(abstract))
+    tensor = max(t for t in (8, 4, 2, 1) if config.num_attention_heads % t == 0)
+    for fsdp, tp in ((8, 1), (64, tensor), (256, tensor)):
+        shape = {"data": 1, "fsdp": fsdp, "tensor": tp}
+        sharding.check_divisible(abstract, specs, shape)
+        mesh = AbstractMesh(tuple(shape.values()), sharding.MESH_AXES)
+        per_device = sharding.per_device_bytes(abstract, sharding.logical_to_shardings(specs, mesh))
+        ideal = total / (fsdp * tp)
+        # Only the small q/k/v biases ([heads, head_dim]) stay whole along fsdp.
+        assert ideal <= per_device <= 1.01 * ideal + 2**20, (fsdp, tp, per_device, ideal)
