@@ -94,7 +94,8 @@ def make_mesh(
         known = math.prod(s for s in ici if s != -1)
         if per_slice % known:
             raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, ici))} do not divide {per_slice} devices per slice"
+                f"mesh sizes {dict(zip(MESH_AXES, ici))} do not divide the {per_slice} devices "
+                "of a slice"
             )
         ici[ici.index(-1)] = per_slice // known
     if math.prod(ici) != per_slice or min(ici) < 1:

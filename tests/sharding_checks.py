@@ -108,8 +108,8 @@ def main():
                     "adam_mu_fc1_shard": list(mu.sharding.shard_shape(mu.shape)),
                     "logits_rel": rel(logits, ref_logits),
                     "loss_rel": rel(metrics["loss"], ref_metrics["loss"]),
-                    # The key bias's true gradient is 0 (softmax is shift-invariant): Adam turns its float
-                    # noise into lr-sized steps, so it is compared in absolute terms, the rest relatively.
+                    # The key bias's true gradient is 0 (softmax is shift-invariant): Adam turns
+                    # its float noise into lr-sized steps, so it is compared in absolute terms.
                     "params_rel": max(
                         rel(a, b)
                         for path, a, b in leaves_with(new_state.params, ref_state.params)

@@ -1,8 +1,11 @@
 """A shrunken training config for tests, and a subprocess runner with fault injection.
 
-Run as a script: python train_helpers.py WORKDIR OVERRIDES_JSON [--kill-after-save STEP]
-[--sigterm-at STEP] [--devices N] [--distributed PORT NUM_PROCESSES PROCESS_ID]. --kill-after-save SIGKILLs the trainer right after the (asynchronous)
-save of STEP has started, i.e. while it is being written; --sigterm-at sends SIGTERM after STEP.
+Run as a script:
+  python train_helpers.py WORKDIR OVERRIDES_JSON [--kill-after-save STEP] [--sigterm-at STEP]
+      [--devices N] [--distributed PORT NUM_PROCESSES PROCESS_ID]
+--kill-after-save SIGKILLs the trainer right after the (asynchronous) save of STEP has started,
+i.e. while it is being written; --sigterm-at sends SIGTERM after STEP; --devices emulates N CPU
+devices; --distributed joins a multi-process job on localhost.
 """
 
 import json
