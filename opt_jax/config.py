@@ -34,6 +34,8 @@ ARCHITECTURES = (
     "OPTForQuestionAnswering",
 )
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+ATTENTION_IMPLS = ("einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,13 @@ class OPTConfig:
     dtype: str = "float32"
     # Storage dtype of the parameters.
     param_dtype: str = "float32"
+    # -- Implementation choices (not part of HF's config; never change the math) --
+    # nn.scan over the layers: compile time independent of depth; params stacked on `layers`.
+    scan_layers: bool = False
+    # Activation rematerialisation per layer: none | full | save_dots | save_dots_no_batch.
+    remat_policy: str = "none"
+    # einsum (reference) | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPUs).
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
@@ -142,6 +151,14 @@ class OPTConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"OPTConfig.architecture {self.architecture!r} is not one of {ARCHITECTURES}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"OPTConfig.remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"OPTConfig.attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:

@@ -91,6 +91,30 @@ def from_hf_layout(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, .
     return value.reshape(shape)
 
 
+def _decoder(params: dict) -> dict:
+    return params["decoder"] if "decoder" in params else params["model"]["decoder"]
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled layout (`layers_0` … `layers_{L-1}`) -> scan layout (`layers`, leading L axis)."""
+    params = jax.tree.map(lambda x: x, params)  # a copy of the containers, not the arrays
+    decoder = _decoder(params)
+    layers = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
+    decoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scan layout -> unrolled layout (the inverse of stack_layers)."""
+    params = jax.tree.map(lambda x: x, params)
+    decoder = _decoder(params)
+    stacked = decoder.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        decoder[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
 def _canonical_key(key: str, root_is_decoder: bool) -> str:
     """Maps the key spellings users have onto our HF-style names.
 
@@ -175,6 +199,7 @@ def load_pretrained(
     dtype: str | None = None,
     param_dtype: str | None = None,
     architecture: str | None = None,
+    **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory.
 
@@ -184,6 +209,8 @@ def load_pretrained(
       dtype: compute dtype override (default: the checkpoint's dtype).
       param_dtype: storage dtype the weights are cast to (default: the checkpoint's dtype).
       architecture: override config.json's head (e.g. "OPTModel" for the bare decoder).
+      config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
+        along a leading layers axis), remat_policy, attention_impl.
 
     Returns:
       (config, params): `model_for(config).apply({"params": params}, ...)` runs it.
@@ -195,8 +222,10 @@ def load_pretrained(
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
     if architecture:
         overrides["architecture"] = architecture
+    overrides.update(config_overrides)
     config = OPTConfig.from_hf(path, **overrides)
-    expected = traverse_util.flatten_dict(abstract_params(config))
+    # Checkpoints are per layer: read into the unrolled layout, stack afterwards if scanning.
+    expected = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
     by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
     root_is_decoder = config.architecture == "OPTModel"
     target_dtype = config.params_dtype
@@ -233,11 +262,16 @@ def load_pretrained(
             f"checkpoint in {path} does not match its {config.architecture} config: "
             + "; ".join(problems)
         )
-    return config, traverse_util.unflatten_dict(flat)
+    params = traverse_util.unflatten_dict(flat)
+    if config.scan_layers:
+        params = stack_layers(params, config.num_hidden_layers)
+    return config, params
 
 
 def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
     """Our params -> {HF key: numpy array in torch layout} (the tied lm_head is not written)."""
+    if config.scan_layers:
+        params, config = unstack_layers(params), config.replace(scan_layers=False)
     expected = traverse_util.flatten_dict(abstract_params(config))
     flat = traverse_util.flatten_dict(params)
     missing = sorted(hf_name(p) for p in expected if p not in flat)

@@ -156,9 +156,13 @@ def stop_hit(cfg: GenerationConfig, tokens, valid, end, new_tokens):
 def take_rows(cache, rows):
     """Gathers cache rows (repeat, reorder or select beams / candidates)."""
     if isinstance(cache, KVCache):
+        if isinstance(cache.key, tuple):
+            key, value = tuple(k[rows] for k in cache.key), tuple(v[rows] for v in cache.value)
+        else:  # stacked [L, B, ...] (scan_layers)
+            key, value = cache.key[:, rows], cache.value[:, rows]
         return KVCache(
-            key=tuple(k[rows] for k in cache.key),
-            value=tuple(v[rows] for v in cache.value),
+            key=key,
+            value=value,
             slot_mask=cache.slot_mask[rows],
             index=cache.index[rows],
             position=cache.position[rows],

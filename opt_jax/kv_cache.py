@@ -37,8 +37,9 @@ class KVCache:
     experiments/perf/README.md.)
 
     Attributes:
-      key: L-tuple of [B, N, S, H] cached keys (compute dtype).
-      value: L-tuple of [B, N, S, H] cached values.
+      key: L-tuple of [B, N, S, H] cached keys (compute dtype); with scan_layers one stacked
+        [L, B, N, S, H] array.
+      value: like key.
       slot_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
       index: [B] int32, the next slot each row writes.
       position: [B] int32, the position id of each row's next real token (its real-token count).
@@ -70,10 +71,16 @@ class KVCache:
             )
         dtype = jnp.dtype(dtype or config.dtype)
         shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
-        layers = range(config.num_hidden_layers)
+        layers = config.num_hidden_layers
+        if config.scan_layers:  # stacked, scanned with the stacked parameters
+            key = jnp.zeros((layers,) + shape, dtype)
+            value = jnp.zeros((layers,) + shape, dtype)
+        else:
+            key = tuple(jnp.zeros(shape, dtype) for _ in range(layers))
+            value = tuple(jnp.zeros(shape, dtype) for _ in range(layers))
         return cls(
-            key=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            value=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            key=key,
+            value=value,
             slot_mask=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((batch_size,), jnp.int32),
             position=jnp.zeros((batch_size,), jnp.int32),

@@ -29,6 +29,12 @@ LAYER_NORM_EPS = 1e-5
 # masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "gelu": lambda x: nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
@@ -187,13 +193,22 @@ class OPTAttention(nn.Module):
             k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
             k_spec = v_spec = "bnsh"
 
-        # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
-        # bias) so a masked score never overflows to -inf.
-        scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
-        scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum(f"bnts,{v_spec}->btnh", probs, v.astype(cfg.compute_dtype))  # [B,T,N,H]
+        if cfg.attention_impl == "dot_product" and (deterministic or not cfg.attention_dropout):
+            # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
+            if k_spec == "bnsh":
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=1.0
+            )
+        else:
+            # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
+            # bias) so a masked score never overflows to -inf.
+            scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
+            scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            out = jnp.einsum(f"bnts,{v_spec}->btnh", probs, v.astype(cfg.compute_dtype))
+        # out: [B, T, N, H]
         out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(out)
         return out, cache_kv
 
@@ -205,7 +220,9 @@ class OPTDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, allowed, cache_kv, index, deterministic: bool):
+        """x: [B, T, D] -> ([B, T, D], updated cache_kv). See OPTAttention for the others."""
         cfg = self.config
+        x_in = x
         act = ACTIVATIONS[cfg.activation_function]
         attn_norm = _layer_norm(cfg, "self_attn_layer_norm")
         ffn_norm = _layer_norm(cfg, "final_layer_norm")
@@ -227,6 +244,10 @@ class OPTDecoderLayer(nn.Module):
         x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
             x = ffn_norm(x)
+        if cfg.layerdrop > 0 and not deterministic:
+            # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
+            skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
+            x = jnp.where(skip, x_in, x)
         return nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED)), cache_kv
 
 
@@ -285,7 +306,27 @@ class OPTDecoder(nn.Module):
             )
         if cfg.has_final_layer_norm:
             self.final_layer_norm = _layer_norm(cfg, None)
-        self.layers = [OPTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        layer = OPTDecoderLayer
+        if cfg.remat_policy != "none":
+            # static_argnums counts `self`: 5 is `deterministic`.
+            layer = nn.remat(
+                layer,
+                static_argnums=(5,),
+                policy=REMAT_POLICIES[cfg.remat_policy],
+                prevent_cse=not cfg.scan_layers,
+            )
+        if cfg.scan_layers:
+            # One traced layer, its parameters stacked along a leading `layers` axis.
+            self.layers = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+            )(cfg)
+        else:
+            self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
 
     def __call__(
         self,
@@ -323,19 +364,21 @@ class OPTDecoder(nn.Module):
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
 
-        new_key, new_value = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.key[i], cache.value[i])
-            index = None if cache is None else cache.index
-            y, layer_cache = layer(x, allowed, layer_cache, index, deterministic)
-            if cfg.layerdrop > 0 and not deterministic:
-                # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
-                skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
-                y = jnp.where(skip, x, y)
-            x = y
-            if cache is not None:
-                new_key.append(layer_cache[0])
-                new_value.append(layer_cache[1])
+        index = None if cache is None else cache.index
+        if cfg.scan_layers:
+            # The cache is stacked [L, ...]: scanned alongside the stacked parameters.
+            layer_caches = None if cache is None else (cache.key, cache.value)
+            x, layer_caches = self.layers(x, allowed, layer_caches, index, deterministic)
+            new_key, new_value = (None, None) if cache is None else layer_caches
+        else:
+            new_key, new_value = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache.key[i], cache.value[i])
+                x, layer_cache = layer(x, allowed, layer_cache, index, deterministic)
+                if cache is not None:
+                    new_key.append(layer_cache[0])
+                    new_value.append(layer_cache[1])
+            new_key, new_value = tuple(new_key), tuple(new_value)
 
         if cfg.has_final_layer_norm:
             x = self.final_layer_norm(x)
@@ -344,8 +387,8 @@ class OPTDecoder(nn.Module):
 
         if cache is not None:
             cache = KVCache(
-                key=tuple(new_key),
-                value=tuple(new_value),
+                key=new_key,
+                value=new_value,
                 slot_mask=key_mask,
                 index=cache.index + length,
                 position=cache.position + real.sum(axis=1),

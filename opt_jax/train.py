@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from opt_jax import checkpoint, data, sharding
 from opt_jax.config import OPTConfig
-from opt_jax.convert import load_pretrained
+from opt_jax.convert import load_pretrained, stack_layers, unstack_layers
 from opt_jax.losses import causal_lm_loss
 from opt_jax.metrics import MetricsWriter
 from opt_jax.model import OPTForCausalLM, param_logical_axes
@@ -196,6 +196,11 @@ def _load_init(path: str, dtype_fields: dict):
     return load_pretrained(path, architecture="OPTForCausalLM", **dtype_fields)
 
 
+def _model_overrides(config) -> dict:
+    """The config.model fields that are set (dropout, dtypes, scan/remat/attention choices...)."""
+    return {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+
+
 def _requests_architecture(config) -> bool:
     m = config.model
     return bool(m.preset) or any(m[f] is not None for f in ARCHITECTURE_FIELDS if f in m)
@@ -263,8 +268,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not os.path.isdir(config.init_from):
             raise ValueError(f"init_from {config.init_from!r} is not a directory")
         init_cfg, init_params = _load_init(config.init_from, dtype_fields)
-        overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-        cfg = dataclasses.replace(init_cfg, **overrides, architecture="OPTForCausalLM")
+        cfg = dataclasses.replace(
+            init_cfg, **_model_overrides(config), architecture="OPTForCausalLM"
+        )
+        if cfg.scan_layers != init_cfg.scan_layers:
+            init_params = (stack_layers(init_params, cfg.num_hidden_layers) if cfg.scan_layers
+                           else unstack_layers(init_params))  # fmt: skip
         if _requests_architecture(config):
             wanted = model_config(config, tokenizer.vocab_size)
             diff = _architecture_diff(wanted, init_cfg)
@@ -273,8 +282,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     f"init_from {config.init_from} does not match the model config: "
                     + "; ".join(diff)
                 )
-    elif config.init_from:
-        cfg = OPTConfig.from_hf(os.path.join(workdir, "model"), **dtype_fields)
+    elif config.init_from:  # resuming a fine-tune: the architecture was saved at its start
+        saved = OPTConfig.from_hf(os.path.join(workdir, "model"))
+        cfg = dataclasses.replace(saved, **_model_overrides(config))
     else:
         cfg = model_config(config, tokenizer.vocab_size)
     _check_config(config, cfg, sharding.data_parallel_size(mesh, rules))

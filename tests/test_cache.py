@@ -46,7 +46,12 @@ def _run_in_chunks(model, params, config, ids, mask, chunks, max_length):
     return jnp.concatenate(pieces, axis=1), cache
 
 
-@pytest.mark.parametrize("variant", [{}, dict(do_layer_norm_before=False, word_embed_proj_dim=8)])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, dict(do_layer_norm_before=False, word_embed_proj_dim=8), dict(scan_layers=True),
+     dict(attention_impl="dot_product")],
+    ids=["pre_ln", "post_ln", "scan", "dot_product"],
+)  # fmt: skip
 @pytest.mark.parametrize(
     "chunks", [[6, 1, 1, 1, 1, 1], [3, 3, 3, 2], [11]], ids=["prefill+steps", "chunked", "one"]
 )

@@ -291,3 +291,22 @@ def test_text_api_and_stop_strings(tokenizer):
         )
     )
     assert "".join(pieces) == full
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [dict(scan_layers=True), dict(attention_impl="dot_product")],
+    ids=["scan", "dot_product"],
+)
+@pytest.mark.parametrize("strategy", [{}, dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
+def test_generation_does_not_depend_on_implementation_options(impl, strategy):
+    from opt_jax.convert import stack_layers
+
+    config = CONFIG.replace(**impl)
+    params = stack_layers(PARAMS, CONFIG.num_hidden_layers) if config.scan_layers else PARAMS
+    ids, mask = ragged_batch(length=8)
+    ref = opt_jax.generate(MODEL, PARAMS, ids, mask, max_new_tokens=8, **strategy).sequences
+    out = opt_jax.generate(
+        opt_jax.OPTForCausalLM(config), params, ids, mask, max_new_tokens=8, **strategy
+    )
+    np.testing.assert_array_equal(out.sequences, ref)

@@ -55,3 +55,35 @@ def test_loss_ignores_padding_and_counts_targets():
     logp = jax.nn.log_softmax(logits, -1)
     expected = -(logp[0, 2, 6] + logp[1, 0, 4] + logp[1, 1, 5] + logp[1, 2, 6]) / 4
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [dict(remat_policy="full"), dict(remat_policy="save_dots_no_batch"), dict(scan_layers=True),
+     dict(scan_layers=True, remat_policy="save_dots", attention_impl="dot_product")],
+    ids=["remat_full", "remat_dots", "scan", "scan_remat_dot_product"],
+)  # fmt: skip
+def test_gradients_do_not_depend_on_implementation_options(hf_dir, impl):
+    from opt_jax.convert import unstack_layers
+
+    _, directory = hf_dir("post_ln_project", dropout=0.0)
+    ids, mask = ragged_batch(side="right")
+
+    def grads(**options):
+        config, params = opt_jax.load_pretrained(directory, **options)
+        model = opt_jax.OPTForCausalLM(config)
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, ids, attention_mask=mask).logits
+            return opt_jax.causal_lm_loss(logits, jnp.asarray(ids), jnp.asarray(mask))[0]
+
+        g = jax.grad(loss_fn)(params)
+        return unstack_layers(g) if config.scan_layers else g
+
+    reference, other = grads(), grads(**impl)
+    flat_ref, flat_other = traverse_util.flatten_dict(reference), traverse_util.flatten_dict(other)
+    assert flat_ref.keys() == flat_other.keys()
+    for path in flat_ref:
+        scale = float(np.abs(flat_ref[path]).max()) or 1.0
+        err = float(np.abs(flat_ref[path] - flat_other[path]).max())
+        assert err <= 1e-5 * scale + 1e-7, (path, err)

@@ -56,3 +56,32 @@ def test_left_padded_rows_match_rows_alone(hf_dir):
         real = mask[row] == 1
         alone = model.apply({"params": params}, ids[row : row + 1, real]).logits[0]
         np.testing.assert_allclose(batched[row][real], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_project"])
+@pytest.mark.parametrize(
+    "impl",
+    [dict(scan_layers=True), dict(remat_policy="full"), dict(attention_impl="dot_product"),
+     dict(scan_layers=True, remat_policy="save_dots", attention_impl="dot_product")],
+    ids=["scan", "remat", "dot_product", "all"],
+)  # fmt: skip
+def test_implementation_options_keep_parity(hf_dir, tmp_path, variant, impl):
+    """scan_layers / remat / attention_impl change the implementation, never the numbers."""
+    hf_model, directory = hf_dir(variant)
+    config, params = opt_jax.load_pretrained(directory, **impl)
+    if impl.get("scan_layers"):
+        assert params["model"]["decoder"]["layers"]["fc1"]["kernel"].shape[0] == 2
+    ids, mask = ragged_batch(side="right")
+    out = opt_jax.OPTForCausalLM(config).apply({"params": params}, ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert max_rel_diff(out.logits, ref.numpy()) <= TOL
+    # Export from this layout is bitwise the original checkpoint.
+    opt_jax.save_pretrained(tmp_path / "out", config, params)
+    from safetensors.numpy import load_file
+
+    original = load_file(f"{directory}/model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(original) == set(exported)
+    for key in original:
+        np.testing.assert_array_equal(original[key], exported[key])

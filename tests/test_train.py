@@ -316,3 +316,14 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert any(
         (a != b).any() for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
     )
+
+
+def test_scan_and_remat_training_runs_and_resumes(tmp_path):
+    overrides = {"model.scan_layers": True, "model.remat_policy": "save_dots", "num_train_steps": 4,
+                 "checkpoint_every_steps": 2, "eval_every_steps": 4}  # fmt: skip
+    first = tiny_train_config(**dict(overrides, num_train_steps=2))
+    train.train_and_evaluate(first, tmp_path)
+    last = train.train_and_evaluate(tiny_train_config(**overrides), tmp_path)  # resumes at 2
+    assert last["step"] == 4 and np.isfinite(last["eval_loss"])
+    config, params = checkpoint.load_params(tmp_path / "export", scan_layers=True)
+    assert params["model"]["decoder"]["layers"]["fc1"]["kernel"].shape[0] == 2
