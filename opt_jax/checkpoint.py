@@ -51,9 +51,13 @@ def load_params(
     target = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(target):
         raise FileNotFoundError(f"no orbax params checkpoint at {target}")
-    expected = abstract_params(config)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(target).item_metadata.tree
+        if "scan_layers" not in config_overrides:
+            # The layout is in the tree itself: stacked `layers` means a scan_layers model.
+            decoder = stored.get("decoder") or stored.get("model", {}).get("decoder", {})
+            config = config.replace(scan_layers="layers" in decoder)
+        expected = abstract_params(config)
         flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
         flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
         shape = lambda k: tuple(flat_stored[k].shape) if k in flat_stored else "nothing"  # noqa: E731

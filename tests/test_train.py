@@ -325,5 +325,5 @@ def test_scan_and_remat_training_runs_and_resumes(tmp_path):
     train.train_and_evaluate(first, tmp_path)
     last = train.train_and_evaluate(tiny_train_config(**overrides), tmp_path)  # resumes at 2
     assert last["step"] == 4 and np.isfinite(last["eval_loss"])
-    config, params = checkpoint.load_params(tmp_path / "export", scan_layers=True)
+    config, params = checkpoint.load_params(tmp_path / "export")  # layout detected
     assert params["model"]["decoder"]["layers"]["fc1"]["kernel"].shape[0] == 2

@@ -1,0 +1,130 @@
+"""Per-device memory planning for training and inference on a (data, fsdp, tensor) mesh.
+
+Parameters, optimizer state and gradients come from the real shardings (`jax.eval_shape` of the
+model on an abstract mesh, so exact); activations and logits from the standard analytic counts
+of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+section 4), adapted to our remat policies; the KV cache is exact. All numbers are bytes per
+device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from opt_jax import sharding
+from opt_jax.config import OPTConfig
+from opt_jax.model import abstract_params, param_logical_axes
+
+GiB = 2**30
+# Usable memory per device (GiB): vendor capacities.
+ACCELERATORS = {
+    "tpu-v4": 32,
+    "tpu-v5e": 16,
+    "tpu-v5p": 95,
+    "a100-80gb": 80,
+    "h100-80gb": 80,
+}
+
+
+def _activation_bytes_per_layer(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> float:
+    """Activations one layer keeps for the backward pass, for `tokens` local tokens."""
+    h, a = cfg.hidden_size, cfg.num_attention_heads
+    bytes_ = np.dtype(cfg.dtype).itemsize
+    dropout_masks = cfg.dropout > 0
+    if cfg.remat_policy == "full":
+        return tokens * h * bytes_  # the layer input only: the rest is recomputed
+    if cfg.remat_policy in ("save_dots", "save_dots_no_batch"):
+        # Matmul outputs: q, k, v, attention out, out_proj, fc1 (ffn), fc2 (+ scores with dots).
+        per_token = (5 * h + cfg.ffn_dim) / tensor
+        if cfg.remat_policy == "save_dots":
+            per_token += a * seq_len / tensor
+        return tokens * per_token * bytes_
+    # No remat: Korthikanti et al. eq. (2) with tensor parallelism, sbh (10 + 24/t + 5as/(ht))
+    # bytes for 16-bit activations with dropout masks, scaled to our dtype.
+    scale = bytes_ / 2
+    per_token = h * (10 + 24 / tensor) * scale + 5 * a * seq_len / tensor * scale
+    if not dropout_masks:
+        per_token -= 2 * h * 0.5  # the two residual-dropout masks (1 byte per element each)
+    return tokens * per_token
+
+
+def plan(
+    cfg: OPTConfig,
+    mesh_shape: dict[str, int],
+    batch_size: int,
+    seq_len: int,
+    *,
+    decode_batch: int | None = None,
+    decode_length: int | None = None,
+    optimizer_moments: int = 2,
+    grad_accum_steps: int = 1,
+) -> dict:
+    """Bytes per device of a training step and of decoding.
+
+    Args:
+      cfg: the model (its dtype, param_dtype and remat_policy are used).
+      mesh_shape: {"data": d, "fsdp": f, "tensor": t}.
+      batch_size, seq_len: the global training batch.
+      decode_batch, decode_length: KV-cache size for generation (default: batch_size, seq_len).
+      optimizer_moments: arrays per parameter kept by the optimizer (AdamW: 2).
+      grad_accum_steps: micro-batches per step (activations and logits live per micro-batch).
+
+    Returns:
+      dict of byte counts: params, optimizer, gradients, update, activations, logits,
+      train_total, kv_cache, inference_total.
+    """
+    names = sharding.MESH_AXES
+    mesh = AbstractMesh(tuple(mesh_shape.get(n, 1) for n in names), names)
+    abstract = abstract_params(cfg)
+    specs = param_logical_axes(cfg)
+    sharding.check_divisible(abstract, specs, dict(zip(names, mesh.axis_sizes)))
+    shardings = sharding.logical_to_shardings(specs, mesh)
+    params = sharding.per_device_bytes(abstract, shardings)
+    data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    tensor = mesh_shape.get("tensor", 1)
+    if batch_size % data_ways:
+        raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {data_ways}")
+    local_tokens = batch_size // data_ways * seq_len // grad_accum_steps
+    layers = cfg.num_hidden_layers
+    activations = layers * _activation_bytes_per_layer(cfg, local_tokens, seq_len, tensor)
+    # Float32 logits and their gradient, vocabulary split by tensor.
+    logits = 2 * local_tokens * cfg.vocab_size / tensor * 4
+    decode_batch = decode_batch or batch_size
+    decode_length = decode_length or seq_len
+    kv_per_device = (
+        2 * layers * (decode_batch / data_ways) * decode_length * cfg.hidden_size / tensor
+    ) * np.dtype(cfg.dtype).itemsize
+    out = {
+        "params": params,
+        "optimizer": optimizer_moments * params,
+        "gradients": params,
+        # The step computes the new params and moments before they replace the donated ones:
+        # XLA's memory_analysis shows one state-sized set of temporaries for it.
+        "update": params * (1 + optimizer_moments),
+        "activations": int(activations),
+        "logits": int(logits),
+        "kv_cache": int(math.ceil(kv_per_device)),
+    }
+    train_parts = ("params", "optimizer", "gradients", "update", "activations", "logits")
+    out["train_total"] = sum(out[k] for k in train_parts)
+    out["inference_total"] = out["params"] + out["kv_cache"]
+    return out
+
+
+def fits(total_bytes: int, accelerator: str, headroom: float = 0.9) -> bool:
+    """Whether `total_bytes` fit in `headroom` of the accelerator's memory."""
+    return total_bytes <= headroom * ACCELERATORS[accelerator] * GiB
+
+
+def compiled_train_step_bytes(compiled) -> dict:
+    """XLA's own accounting of a compiled step (`jit(...).lower(...).compile()`)."""
+    analysis = compiled.memory_analysis()
+    return {
+        "arguments": int(analysis.argument_size_in_bytes),
+        "outputs": int(analysis.output_size_in_bytes),
+        "temporaries": int(analysis.temp_size_in_bytes),
+        "aliased": int(analysis.alias_size_in_bytes),
+    }

@@ -1,0 +1,91 @@
+"""Per-device memory of training and decoding any OPT preset on a mesh, and whether it fits.
+
+  python scripts/plan_memory.py --preset 13b --mesh 1,64,8 --batch 256 --seq_len 2048 \
+      --dtype bfloat16 --remat full
+  python scripts/plan_memory.py --table      # every preset on common meshes (the README table)
+
+--mesh is data,fsdp,tensor. Parameters, optimizer state and gradients are exact (from the real
+shardings); activations follow Korthikanti et al. 2022; tests check the totals against XLA's
+compiled.memory_analysis() on shapes that compile here.
+"""
+
+from absl import app, flags
+
+import opt_jax
+from opt_jax import memory
+
+flags.DEFINE_string("preset", "125m", "Model size.")
+flags.DEFINE_string("mesh", "1,1,1", "data,fsdp,tensor sizes.")
+flags.DEFINE_integer("batch", 8, "Global batch (sequences).")
+flags.DEFINE_integer("seq_len", 2048, "Sequence length.")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_enum("remat", "full", ["none", "full", "save_dots", "save_dots_no_batch"], "Remat.")
+flags.DEFINE_integer("grad_accum", 1, "Gradient-accumulation micro-batches per step.")
+flags.DEFINE_bool("table", False, "Print the table of every preset on common meshes.")
+
+# (preset, data, fsdp, tensor, global batch): meshes people use for each size.
+TABLE = [
+    ("125m", 8, 1, 1, 256), ("350m", 8, 1, 1, 256), ("1.3b", 1, 8, 1, 512),
+    ("2.7b", 1, 8, 1, 512), ("6.7b", 1, 64, 1, 1024), ("13b", 1, 64, 4, 1024),
+    ("30b", 1, 128, 8, 2048), ("66b", 1, 128, 8, 1024), ("175b", 1, 128, 8, 1024),
+]  # fmt: skip
+
+
+def _gib(n):
+    return f"{n / memory.GiB:.1f}"
+
+
+def _row(preset, data, fsdp, tensor, batch, seq_len, dtype, param_dtype, remat, accum=1):
+    cfg = opt_jax.preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy=remat)
+    mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    p = memory.plan(cfg, mesh, batch, seq_len, grad_accum_steps=accum)
+    fit = [name for name in memory.ACCELERATORS if memory.fits(p["train_total"], name)]
+    return p, (
+        f"| {preset} | {data}x{fsdp}x{tensor} | {batch}x{seq_len} | {_gib(p['params'])} | "
+        f"{_gib(p['optimizer'])} | {_gib(p['gradients'] + p['update'])} | "
+        f"{_gib(p['activations'] + p['logits'])} | {_gib(p['train_total'])} | "
+        f"{', '.join(fit) or 'none'} |"
+    )
+
+
+HEADER = (
+    "| preset | mesh (data x fsdp x tensor) | batch x seq | params | optimizer | grads + update "
+    "| activations + logits | train total (GiB/device) | fits (90%) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if f.table:
+        print(HEADER)
+        for preset, data, fsdp, tensor, batch in TABLE:
+            print(_row(preset, data, fsdp, tensor, batch, 2048, "bfloat16", "float32", "full")[1])
+        print(
+            "\nbf16 compute, float32 params and AdamW moments, remat=full, seq 2048; "
+            "`python scripts/plan_memory.py --table`"
+        )
+        return
+    data, fsdp, tensor = (int(x) for x in f.mesh.split(","))
+    p, row = _row(
+        f.preset,
+        data,
+        fsdp,
+        tensor,
+        f.batch,
+        f.seq_len,
+        f.dtype,
+        f.param_dtype,
+        f.remat,
+        f.grad_accum,
+    )
+    for key, value in p.items():
+        print(f"{key:>16}: {_gib(value):>8} GiB")
+    print(HEADER)
+    print(row)
+
+
+if __name__ == "__main__":
+    app.run(main)

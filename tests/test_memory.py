@@ -1,0 +1,52 @@
+"""scripts/plan_memory.py's numbers against XLA's own memory_analysis() of a compiled step."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import opt_jax
+from opt_jax import memory, train
+from opt_jax.train_config import base_config
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+def test_plan_matches_compiled_memory_analysis(remat):
+    cfg = opt_jax.preset("125m", num_hidden_layers=2, remat_policy=remat)
+    batch, seq = 4, 256
+    plan = memory.plan(cfg, {"data": 1}, batch, seq)
+    model, optim = opt_jax.OPTForCausalLM(cfg), base_config().optim
+    tx = train.make_optimizer(optim, 10)
+    state = jax.eval_shape(lambda: train._fresh_state(opt_jax.init_params(cfg, 0), tx))
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx, optim=optim),
+        donate_argnums=(0,),
+    )
+    compiled = step.lower(state, {"input_ids": tokens, "attention_mask": tokens}).compile()
+    xla = memory.compiled_train_step_bytes(compiled)
+    # Parameters + optimizer state: exact (the batch adds 8 KB of ids and mask).
+    assert abs(xla["arguments"] - plan["params"] - plan["optimizer"]) <= 16 * 1024
+    temporaries = plan["gradients"] + plan["update"] + plan["activations"] + plan["logits"]
+    assert 0.85 <= xla["temporaries"] / temporaries <= 1.15, (xla, plan)
+
+
+def test_plan_memory_cli_table():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "scripts/plan_memory.py", "--table"], cwd=root, capture_output=True,
+        text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "preset" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == list(opt_jax.PRESETS)
+    assert "h100-80gb" in rows[-1]  # 175b on 128 x 8 fits an 80 GB device
+
+
+def test_plan_rejects_what_cannot_be_sharded():
+    with pytest.raises(ValueError, match="not divisible by mesh axis tensor"):
+        memory.plan(opt_jax.preset("125m"), {"tensor": 8}, 8, 128)
+    with pytest.raises(ValueError, match="batch_size 6 is not divisible by data x fsdp = 4"):
+        memory.plan(opt_jax.preset("125m"), {"data": 4}, 6, 128)
