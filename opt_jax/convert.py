@@ -172,14 +172,43 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Reads a safetensors file tensor by tensor with plain reads into fresh buffers.
+
+    (The safetensors library memory-maps the file; its resident pages then count as process
+    memory on top of the loaded copy, doubling peak host memory for a whole checkpoint.)
+    """
+    import ml_dtypes
+
+    dtypes = dict(_SAFETENSORS_DTYPES, BF16=ml_dtypes.bfloat16)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in dtypes:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            dtype = np.dtype(dtypes[info["dtype"]])
+            begin, end = info["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            f.seek(base + begin)
+            array = np.fromfile(f, dtype=dtype, count=count)
+            if array.size != count:
+                raise CheckpointError(f"{path} is truncated inside tensor {key}")
+            yield key, array.reshape(info["shape"])
+
+
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (key, array) one tensor at a time from a safetensors or torch file."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        yield from _read_safetensors(path)
     else:
         torch = _import_torch()
         # weights_only=True: a pickle from the internet must never be able to run code.
@@ -199,6 +228,7 @@ def load_pretrained(
     dtype: str | None = None,
     param_dtype: str | None = None,
     architecture: str | None = None,
+    shardings=None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory.
@@ -209,6 +239,9 @@ def load_pretrained(
       dtype: compute dtype override (default: the checkpoint's dtype).
       param_dtype: storage dtype the weights are cast to (default: the checkpoint's dtype).
       architecture: override config.json's head (e.g. "OPTModel" for the bare decoder).
+      shardings: optional tree of target shardings (unrolled layout, e.g. from
+        `sharding.logical_to_shardings(param_logical_axes(config), mesh)`): each tensor goes
+        straight to its devices as it is read, so host memory holds one tensor at a time.
       config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
         along a leading layers axis), remat_policy, attention_impl.
 
@@ -229,6 +262,7 @@ def load_pretrained(
     by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
     root_is_decoder = config.architecture == "OPTModel"
     target_dtype = config.params_dtype
+    flat_shardings = {} if shardings is None else traverse_util.flatten_dict(shardings)
 
     flat, unexpected = {}, []
     for file in _weight_files(path):
@@ -248,8 +282,11 @@ def load_pretrained(
             p, spec = by_name[name]
             if p in flat:
                 raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
-            array = from_hf_layout(p, value, spec.shape).astype(target_dtype)
-            flat[p] = jnp.asarray(array)
+            array = from_hf_layout(p, value, spec.shape).astype(target_dtype, copy=False)
+            if p in flat_shardings:
+                flat[p] = jax.device_put(array, flat_shardings[p])
+            else:
+                flat[p] = jnp.asarray(array)
             del value, array
     missing = sorted(hf_name(p) for p in expected if p not in flat)
     if missing or unexpected:

@@ -37,6 +37,8 @@ flags.DEFINE_enum("compare", None, ["hf"], "Also run transformers' PyTorch OPT, 
 flags.DEFINE_bool("smoke", False, "Tiny shape and few tokens: checks the script runs.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions per workload (the median is reported).")
 flags.DEFINE_integer("threads", None, "Torch threads (default: this machine's core count).")
+flags.DEFINE_string("measure_load", None, "(internal) see measure_load().")
+flags.DEFINE_bool("scale", False, "Also: compile time vs depth (scan_layers) and load memory.")
 flags.DEFINE_string("out", "benchmark_results", "Output prefix: writes OUT.json and OUT.md.")
 FLAGS = flags.FLAGS
 
@@ -226,6 +228,112 @@ def run_workloads(config, peers, smoke, reps, limits):
     return results
 
 
+def compile_seconds(config, smoke: bool) -> dict:
+    """Lower + compile time of the training step and of generation, from shapes only."""
+    from opt_jax import decoding
+
+    model = opt_jax.OPTForCausalLM(config)
+    optim = base_config().optim
+    tx = train.make_optimizer(optim, 1000)
+    state = jax.eval_shape(lambda: train._fresh_state(opt_jax.init_params(config, 0), tx))
+    shape = (2, 16) if smoke else (4, 256)
+    tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+    step = jax.jit(lambda s, b, r: train.train_step(s, b, r, model=model, tx=tx, optim=optim))
+    start = time.perf_counter()
+    step.lower(state, {"input_ids": tokens, "attention_mask": tokens}, jax.random.key(0)).compile()
+    train_s = time.perf_counter() - start
+    generate = decoding._compiled(config, decoding.GenerationConfig(), False)
+    prompt = jax.ShapeDtypeStruct((1, 32), jnp.int32)
+    start = time.perf_counter()
+    generate.lower(
+        state.params, prompt, jax.ShapeDtypeStruct((1, 32), bool), jax.random.key(0), 128, 160
+    ).compile()
+    return {"train_step": train_s, "generate": time.perf_counter() - start}
+
+
+def scale_results(smoke: bool) -> list[dict]:
+    """Compile time at 12 and 48 layers (125m width), with and without scan_layers."""
+    rows = []
+    base = opt_jax.preset("125m") if not smoke else opt_jax.OPTConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    depths = (2, 4) if smoke else (12, 48)
+    for scan in (True, False):
+        times = [
+            compile_seconds(base.replace(num_hidden_layers=d, scan_layers=scan), smoke)
+            for d in depths
+        ]
+        for kind in ("train_step", "generate"):
+            row = {
+                "workload": f"compile {kind}, {'scan' if scan else 'unrolled'}",
+                "seconds": {str(d): t[kind] for d, t in zip(depths, times)},
+                "ratio_deep_to_shallow": times[1][kind] / times[0][kind],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return _peak_rss_mb()
+
+
+def measure_load(directory: str) -> None:
+    """(Run in a subprocess with 8 CPU devices.) Loads an HF checkpoint straight into an
+    fsdp=8 sharding and prints peak host memory growth relative to the checkpoint's size."""
+    from opt_jax import sharding
+
+    config = opt_jax.OPTConfig.from_hf(directory)
+    mesh = sharding.make_mesh(1, len(jax.devices()), 1)
+    shardings = sharding.logical_to_shardings(opt_jax.param_logical_axes(config), mesh)
+    import threading
+
+    jax.device_put(jnp.zeros(8), shardings["model"]["decoder"]["final_layer_norm"]["bias"])
+    before, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():  # the process-lifetime ru_maxrss would include start-up transients
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    params = opt_jax.load_pretrained(directory, shardings=shardings)[1]
+    jax.block_until_ready(params)
+    done.set()
+    sampler.join()
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    peak = max(peak[0], _rss_mb()) - before
+    print(json.dumps({"checkpoint_mb": size / 2**20, "peak_growth_mb": peak,
+                      "ratio": peak / (size / 2**20)}))  # fmt: skip
+
+
+def load_memory_result(smoke: bool) -> dict:
+    import subprocess
+    import sys
+    import tempfile
+
+    config = opt_jax.preset("125m") if not smoke else opt_jax.OPTConfig(
+        vocab_size=4096, hidden_size=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        opt_jax.save_pretrained(directory, config, opt_jax.init_params(config, 0))
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure_load", directory], env=env, check=True,
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    row = json.loads(out.strip().splitlines()[-1])
+    row["workload"] = "load HF checkpoint into fsdp=8 (peak host memory / checkpoint size)"
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def markdown(results, meta) -> str:
     has_hf = any("hf" in r for r in results)
     head = "| workload | opt_jax tok/s | first call (s) |"
@@ -252,6 +360,8 @@ def markdown(results, meta) -> str:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.measure_load:
+        return measure_load(FLAGS.measure_load)
     if FLAGS.smoke:
         config = opt_jax.OPTConfig(
             vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
@@ -284,6 +394,25 @@ def main(argv):
         ),
     }
     table = markdown(results, meta)
+    if FLAGS.scale:
+        scale = scale_results(FLAGS.smoke)
+        depths = list(scale[0]["seconds"])
+        table += (
+            f"\n\n| compile time (s) | {depths[0]} layers | {depths[1]} layers | ratio |\n"
+            "|---|---|---|---|\n"
+        )
+        for r in scale:
+            a, b = (r["seconds"][d] for d in depths)
+            table += (
+                f"| {r['workload']} | {a:.1f} | {b:.1f} | {r['ratio_deep_to_shallow']:.2f}x |\n"
+            )
+        load = load_memory_result(FLAGS.smoke)
+        table += (
+            f"\nLoading a {load['checkpoint_mb']:.0f} MB HF checkpoint into an fsdp=8 sharding: "
+            f"peak host memory growth {load['peak_growth_mb']:.0f} MB = "
+            f"{load['ratio']:.2f}x its size.\n"
+        )
+        results = results + scale + [load]
     with open(FLAGS.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     with open(FLAGS.out + ".md", "w") as f:

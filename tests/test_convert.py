@@ -187,3 +187,14 @@ def test_bin_files_cannot_run_code(hf_dir, tmp_path, monkeypatch):
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         opt_jax.load_pretrained(tmp_path / "evil")
     assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_truncated_safetensors_is_an_error(hf_dir, tmp_path):
+    _, directory = hf_dir("pre_ln")
+    out = tmp_path / "cut"
+    out.mkdir()
+    data = open(os.path.join(directory, "model.safetensors"), "rb").read()
+    (out / "model.safetensors").write_bytes(data[: len(data) - 100])
+    (out / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    with pytest.raises(CheckpointError, match="is truncated inside tensor"):
+        opt_jax.load_pretrained(out)

@@ -105,8 +105,11 @@ def test_benchmark_smoke(tmp_path):
     import json
 
     out = tmp_path / "bench"
-    _run("scripts/benchmark.py", "--smoke", "--compare", "hf", "--out", str(out))
+    _run("scripts/benchmark.py", "--smoke", "--scale", "--compare", "hf", "--out", str(out))
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["workload"] for r in results][:2] == ["decode batch 1", "decode batch 8"]
-    assert all(r["opt_jax"]["tokens_per_s"] > 0 and r["ratio"] > 0 for r in results)
-    assert "| decode batch 1 |" in (tmp_path / "bench.md").read_text()
+    assert all(r["opt_jax"]["tokens_per_s"] > 0 and r["ratio"] > 0 for r in results[:4])
+    table = (tmp_path / "bench.md").read_text()
+    assert "| decode batch 1 |" in table and "| compile train_step, scan |" in table
+    load = next(r for r in results if r["workload"].startswith("load HF checkpoint"))
+    assert load["peak_growth_mb"] > 0
