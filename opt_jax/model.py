@@ -20,7 +20,7 @@ from flax import struct
 
 from opt_jax import sharding as ax
 from opt_jax.config import OPTConfig
-from opt_jax.kv_cache import KVCache, write_rows
+from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
 
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2
@@ -190,6 +190,9 @@ class OPTAttention(nn.Module):
             # The cache is heads-major so this step's contractions read it without a transpose.
             cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
             cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
+            # Sharded like the activations: batch over data/fsdp, heads over tensor.
+            cache_k = nn.with_logical_constraint(cache_k, KV_AXES)
+            cache_v = nn.with_logical_constraint(cache_v, KV_AXES)
             k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
             k_spec = v_spec = "bnsh"
 

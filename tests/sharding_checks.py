@@ -94,6 +94,14 @@ def main():
             new_state, metrics = jax.jit(
                 step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None)
             )(state, sharded_batch)
+            cache = opt_jax.KVCache.init(CONFIG, 8, 16)
+            prefill = jax.jit(
+                lambda p, b, c: (
+                    model.apply(
+                        {"params": p}, b["input_ids"], attention_mask=b["attention_mask"], cache=c
+                    ).cache
+                )
+            )(sharded, sharded_batch, cache)
             tokens = opt_jax.generate(
                 model, sharded, ids, mask, max_new_tokens=6, eos_token_id=[]
             ).sequences
@@ -122,6 +130,9 @@ def main():
                     ),
                     "grad_norm_rel": rel(metrics["grad_norm"], ref_metrics["grad_norm"]),
                     "tokens_equal": bool((tokens == ref_tokens).all()),
+                    "kv_cache_shard": list(
+                        prefill.key[0].sharding.shard_shape(prefill.key[0].shape)
+                    ),
                 }
             ),
             flush=True,

@@ -56,6 +56,10 @@ def test_sharded_forward_train_step_and_generation_match_one_device(eight_device
     assert r["params_rel"] <= 1e-5
     assert r["k_bias_abs"] <= 2 * 6e-4  # see sharding_checks.py: Adam on a zero gradient
     assert r["tokens_equal"]
+    # KV cache [B=8, N=8, S=16, H=4]: batch over data x fsdp, heads over tensor.
+    batch_ways = {"data=8": 8, "fsdp=8": 8, "tensor=8": 1, "2x2x2": 4}[mesh]
+    heads_ways = {"data=8": 1, "fsdp=8": 1, "tensor=8": 8, "2x2x2": 2}[mesh]
+    assert r["kv_cache_shard"] == [8 // batch_ways, 8 // heads_ways, 16, 4]
 
 
 @pytest.mark.slow
