@@ -16,14 +16,8 @@ from flax import struct
 from opt_jax import sharding
 from opt_jax.config import OPTConfig
 
-# Logical axis names of the cache arrays, for sharding rules.
-KV_AXES = (
-    sharding.LAYERS,
-    sharding.BATCH,
-    sharding.CACHE_LENGTH,
-    sharding.HEADS,
-    sharding.HEAD_DIM,
-)
+# Logical axis names of one layer's cache array [B, N, S, H], for sharding rules.
+KV_AXES = (sharding.BATCH, sharding.HEADS, sharding.CACHE_LENGTH, sharding.HEAD_DIM)
 
 
 @struct.dataclass
