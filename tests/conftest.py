@@ -50,6 +50,23 @@ def make_hf_model(variant: str = "pre_ln", head: str = "OPTForCausalLM", seed: i
     return model
 
 
+def random_tiny_model(init_std=0.25, noise_seed=1, **overrides):
+    """(config, OPTForCausalLM, params) of a tiny opt_jax model whose every parameter (biases and
+    LayerNorms included) is randomised, so none can be silently ignored."""
+    import jax
+
+    import opt_jax
+
+    fields = dict(BASE, init_std=init_std, dropout=0.1)
+    fields.update(overrides)
+    config = opt_jax.OPTConfig(**fields)
+    params = opt_jax.init_params(config, 0)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(noise_seed), len(leaves))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return config, opt_jax.OPTForCausalLM(config), jax.tree.unflatten(tree, leaves)
+
+
 def save_hf(model, directory) -> str:
     model.save_pretrained(directory)
     return str(directory)

@@ -1,10 +1,9 @@
 """The explicit KV cache: prefill + one-token steps (and chunked prefill) == one full forward."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ragged_batch
+from conftest import ragged_batch, random_tiny_model
 
 import opt_jax
 
@@ -12,22 +11,7 @@ TOL = 1e-4
 
 
 def _model(variant_kwargs=None):
-    config = opt_jax.OPTConfig(
-        vocab_size=99,
-        hidden_size=16,
-        num_hidden_layers=2,
-        ffn_dim=37,
-        num_attention_heads=4,
-        max_position_embeddings=40,
-        init_std=0.25,
-        **(variant_kwargs or {}),
-    )
-    params = opt_jax.init_params(config, 0)
-    # Randomise biases and LayerNorms so every parameter matters.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    return config, opt_jax.OPTForCausalLM(config), jax.tree.unflatten(tree, leaves)
+    return random_tiny_model(**(variant_kwargs or {}))
 
 
 def _run_in_chunks(model, params, config, ids, mask, chunks, max_length):

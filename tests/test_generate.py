@@ -5,28 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ragged_batch
+from conftest import ragged_batch, random_tiny_model
 
 import opt_jax
 from opt_jax import decoding
 
 
 def _tiny(max_positions=64, **overrides):
-    config = opt_jax.OPTConfig(
-        vocab_size=99,
-        hidden_size=16,
-        num_hidden_layers=2,
-        ffn_dim=37,
-        num_attention_heads=4,
-        max_position_embeddings=max_positions,
-        init_std=0.3,
-        **overrides,
+    return random_tiny_model(
+        init_std=0.3, noise_seed=7, max_position_embeddings=max_positions, **overrides
     )
-    params = opt_jax.init_params(config, 0)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return config, opt_jax.OPTForCausalLM(config), jax.tree.unflatten(tree, leaves)
 
 
 CONFIG, MODEL, PARAMS = _tiny()
