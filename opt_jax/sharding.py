@@ -103,12 +103,18 @@ def make_mesh(
             f"mesh {dict(zip(MESH_AXES, ici))} x dcn {dict(zip(MESH_AXES, dcn))} needs "
             f"{math.prod(ici) * math.prod(dcn)} devices, there are {len(devices)}"
         )
-    if math.prod(dcn) > 1:
+    ici = tuple(ici)
+    if math.prod(dcn) > 1 and (devices[0].platform == "tpu" or jax.process_count() > 1):
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        # Slices (TPU) or processes (GPU nodes) are the granules the dcn axes run across.
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
+        )
     else:
-        grid = np.array(devices).reshape(ici)
+        # One process (or no dcn axes): the dcn blocks are emulated, outermost per axis.
+        grid = np.array(devices).reshape(dcn + tuple(ici))
+        grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici)])
     # Auto axis types: jax.make_mesh's default (Explicit) breaks the logical-rules style.
     return Mesh(grid, MESH_AXES)
 

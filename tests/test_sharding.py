@@ -77,9 +77,14 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_restore_bitwise(tmp_path):
+@pytest.mark.parametrize(
+    "mesh",
+    [{"mesh.data": 2, "mesh.fsdp": 4}, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.dcn_data": 2}],
+    ids=["data2_fsdp4", "fsdp4_x_dcn_data2"],
+)
+def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
     overrides = json.dumps({"batch_size": 8, "num_train_steps": 4, "checkpoint_every_steps": 2,
-                            "eval_every_steps": 2, "mesh.data": 2, "mesh.fsdp": 4})  # fmt: skip
+                            "eval_every_steps": 2, **mesh})  # fmt: skip
     helper = str(HERE / "train_helpers.py")
     _python(helper, str(tmp_path / "one"), overrides, "--devices", "8")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
