@@ -30,6 +30,7 @@ from jax.experimental import io_callback
 
 from opt_jax import logits_processing as lp
 from opt_jax.kv_cache import KVCache
+from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.validation import validate_token_ids
 
 # Prompt and new-token lengths are rounded up to multiples of this for static shapes.
@@ -322,8 +323,6 @@ def decode(
 def opt_tokens_to_logits(config, params):
     """tokens_to_logits for an OPTForCausalLM: runs the decoder with the cache and computes the
     tied-head logits for the last position only (the prefill needs no others)."""
-    from opt_jax.model import OPTModel
-
     decoder = OPTModel(config)
 
     def tokens_to_logits(tokens, mask, cache):
@@ -486,7 +485,7 @@ def generate(
       ValueError: bad options or inputs, before anything is traced or compiled.
     """
     config = model.config
-    if type(model).__name__ != "OPTForCausalLM":
+    if not isinstance(model, OPTForCausalLM):
         raise ValueError(f"generate needs an OPTForCausalLM, got {type(model).__name__}")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     cfg = GenerationConfig(
