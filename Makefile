@@ -17,12 +17,13 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 # The main job: train a small OPT on the standard library's sources (a few minutes on 2 CPU
-# cores), plot its curves, then continue a code prompt with the trained model.
+# cores), plot its curves, then continue two code prompts with the trained model (contrastive
+# search: greedy decoding of so small a model repeats itself).
 demo: $(VENV)/.base
 	$(PY) scripts/train.py --config configs/tiny.py --workdir demo_out
 	$(PY) scripts/plot_metrics.py --workdir demo_out
 	$(PY) scripts/generate.py --model demo_out/export --max_new_tokens 48 \
-		--prompt "def __init__(self" --prompt "import os"
+		--penalty_alpha 0.6 --top_k 4 --prompt "def __init__(self" --prompt "import os"
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
