@@ -35,7 +35,7 @@ ARCHITECTURES = (
 )
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,9 @@ class OPTConfig:
     scan_layers: bool = False
     # Activation rematerialisation per layer: none | full | save_dots | save_dots_no_batch.
     remat_policy: str = "none"
-    # einsum (reference) | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPUs).
+    # einsum (reference) | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPUs) |
+    # flash (Pallas flash attention for TPUs: full-sequence passes such as training; cached
+    # decoding keeps einsum).
     attention_impl: str = "einsum"
 
     def __post_init__(self):

@@ -25,6 +25,8 @@ from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2
 LAYER_NORM_EPS = 1e-5
+# Tile of the TPU flash-attention kernel: its key/value blocks must be multiples of 128.
+FLASH_BLOCK = 128
 # Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
 # masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -196,7 +198,10 @@ class OPTAttention(nn.Module):
             k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
             k_spec = v_spec = "bnsh"
 
-        if cfg.attention_impl == "dot_product" and (deterministic or not cfg.attention_dropout):
+        no_dropout = deterministic or not cfg.attention_dropout
+        if cfg.attention_impl == "flash" and cache_kv is None and no_dropout:
+            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
+        elif cfg.attention_impl == "dot_product" and no_dropout:
             # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
             if k_spec == "bnsh":
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
@@ -214,6 +219,35 @@ class OPTAttention(nn.Module):
         # out: [B, T, N, H]
         out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(out)
         return out, cache_kv
+
+
+def _tpu_flash_attention(q, k, v, key_mask):
+    """Pallas flash attention for TPUs (jax.experimental.pallas.ops.tpu.flash_attention): causal,
+    padding as segment ids, so a real query attends to real keys only.
+
+    Args:
+      q: [B, T, N, H], already scaled; k, v: [B, T, N, H].
+      key_mask: [B, T] bool. (Without a cache the last query sees every key, so the caller
+        passes allowed[:, -1, :].)
+    Off TPU it runs only inside `pltpu.force_tpu_interpret_mode()` (the tests).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    if q.shape[1] % FLASH_BLOCK:
+        raise ValueError(
+            f"attention_impl='flash' needs a sequence length that is a multiple of {FLASH_BLOCK} "
+            f"(the kernel's tile), got {q.shape[1]}"
+        )
+    segments = key_mask.astype(jnp.int32)
+    out = tpu_flash.flash_attention(
+        q.transpose(0, 2, 1, 3),
+        k.transpose(0, 2, 1, 3).astype(q.dtype),
+        v.transpose(0, 2, 1, 3).astype(q.dtype),
+        segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments),
+        causal=True,
+        sm_scale=1.0,
+    )
+    return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
 
 
 class OPTDecoderLayer(nn.Module):

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
             param_dtype="float32",  # master weights
             scan_layers=False,  # nn.scan over layers: compile time independent of depth
             remat_policy="none",  # none | full | save_dots | save_dots_no_batch
-            attention_impl="einsum",  # einsum | dot_product (cuDNN flash attention on GPUs)
+            attention_impl="einsum",  # einsum | dot_product (cuDNN on GPUs) | flash (TPU Pallas)
         )
     )
     c.batch_size = 8  # global batch, in sequences
