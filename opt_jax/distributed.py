@@ -47,3 +47,21 @@ def initialize(
     else:
         jax.distributed.initialize()  # SLURM / TPU / MPI: the cluster tells JAX who is who
     return True
+
+
+def define_flags() -> None:
+    """absl flags for entry points that may run on several hosts (see initialize_from_flags)."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def initialize_from_flags() -> bool:
+    """`initialize` with the values of define_flags' flags. Call before any other JAX use:
+    SLURM and TPU pod slices are detected without flags."""
+    from absl import flags
+
+    f = flags.FLAGS
+    return initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -44,17 +44,14 @@ def _load(path, dtype):
     return opt_jax.load_pretrained(path, **overrides)
 
 
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     f = flags.FLAGS
-    # Before any other JAX call. SLURM and TPU pod slices are detected without flags.
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    distributed.initialize_from_flags()  # before any other JAX call
     prompts = list(f.prompt)
     if f.prompt_file:
         with open(f.prompt_file) as file:

@@ -18,17 +18,14 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here."
 flags.mark_flags_as_required(["config"])
 
 
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     f = flags.FLAGS
-    # Before any other JAX call. SLURM and TPU pod slices are detected without flags.
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    distributed.initialize_from_flags()  # before any other JAX call
     if jax.process_index() == 0:
         print(f.config)
     train.train_and_evaluate(f.config, f.workdir)
