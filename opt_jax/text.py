@@ -43,11 +43,13 @@ def _safe_length(text: str, stop_strings) -> int:
     return safe
 
 
-def _defaults(tokenizer: OPTTokenizer, kwargs: dict) -> dict:
+def _options(tokenizer: OPTTokenizer, stop_strings, kwargs: dict) -> dict:
+    """generate()'s options for text: the tokenizer's ids, its stop strings as token sequences."""
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     # Mask the padded embedding rows no tokenizer id maps to (50265-50271 for real OPT).
     kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
+    kwargs["stop_sequences"] = _stop_sequences(tokenizer, stop_strings) or None
     return kwargs
 
 
@@ -70,16 +72,8 @@ def generate_text(
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
     ids, mask = tokenizer.encode_batch(list(prompts))
-    kwargs = _defaults(tokenizer, kwargs)
-    out = generate(
-        model,
-        params,
-        ids,
-        mask,
-        max_new_tokens=max_new_tokens,
-        stop_sequences=_stop_sequences(tokenizer, stop_strings) or None,
-        **kwargs,
-    )
+    options = _options(tokenizer, stop_strings, kwargs)
+    out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, **options)
     new = out.sequences[:, ids.shape[1] :]
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
 
@@ -101,7 +95,7 @@ def stream_text(
     list, the generated token ids (EOS excluded) are appended to it.
     """
     ids, mask = tokenizer.encode_batch([prompt])
-    kwargs = _defaults(tokenizer, kwargs)
+    options = _options(tokenizer, stop_strings, kwargs)
     pieces: queue.Queue = queue.Queue()
     done = object()
     error: list[BaseException] = []
@@ -114,9 +108,8 @@ def stream_text(
                 ids,
                 mask,
                 max_new_tokens=max_new_tokens,
-                stop_sequences=_stop_sequences(tokenizer, stop_strings) or None,
                 streamer=lambda step, tokens: pieces.put(int(tokens[0])),
-                **kwargs,
+                **options,
             )
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
@@ -127,7 +120,7 @@ def stream_text(
     thread.start()
     tokens: list[int] = [] if tokens_out is None else tokens_out
     shown = ""
-    eos = np.atleast_1d(kwargs["eos_token_id"]).tolist()
+    eos = np.atleast_1d(options["eos_token_id"]).tolist()
     while (item := pieces.get()) is not done:
         if item in eos:
             continue

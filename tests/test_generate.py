@@ -212,28 +212,12 @@ def test_text_api_and_stop_strings(tokenizer):
     model = opt_jax.OPTForCausalLM(config)
     params = opt_jax.init_params(config, 3)
     prompts = ["def add(a, b):", "print("]
-    texts = opt_jax.generate_text(
-        model,
-        params,
-        tokenizer,
-        prompts,
-        max_new_tokens=10,
-        do_sample=True,
-        seed=0,
-        eos_token_id=[],
-    )
+    sampling = dict(max_new_tokens=10, do_sample=True, seed=0, eos_token_id=[])
+    texts = opt_jax.generate_text(model, params, tokenizer, prompts, **sampling)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     ids = tokenizer.encode_batch(prompts)[0]
     out = opt_jax.generate(
-        model,
-        params,
-        ids,
-        ids != 1,
-        max_new_tokens=10,
-        do_sample=True,
-        seed=0,
-        eos_token_id=[],
-        vocab_limit=tokenizer.vocab_size,
+        model, params, ids, ids != 1, vocab_limit=tokenizer.vocab_size, **sampling
     )
     assert texts == [tokenizer.decode(r) for r in out.sequences[:, ids.shape[1] :]]
     # A stop string cuts the text; streaming yields the same text piece by piece.
@@ -241,44 +225,14 @@ def test_text_api_and_stop_strings(tokenizer):
     assert len(full) >= 5, full
     stop = full[3:5]
     cut = opt_jax.generate_text(
-        model,
-        params,
-        tokenizer,
-        prompts[:1],
-        max_new_tokens=10,
-        do_sample=True,
-        seed=0,
-        eos_token_id=[],
-        stop_strings=[stop],
+        model, params, tokenizer, prompts[:1], stop_strings=[stop], **sampling
     )
     assert cut[0] == full[: full.find(stop)]
-    pieces = list(
-        opt_jax.stream_text(
-            model,
-            params,
-            tokenizer,
-            prompts[0],
-            max_new_tokens=10,
-            do_sample=True,
-            seed=0,
-            eos_token_id=[],
-            stop_strings=[stop],
-        )
+    stream = opt_jax.stream_text(
+        model, params, tokenizer, prompts[0], stop_strings=[stop], **sampling
     )
-    assert "".join(pieces) == cut[0]
-    pieces = list(
-        opt_jax.stream_text(
-            model,
-            params,
-            tokenizer,
-            prompts[0],
-            max_new_tokens=10,
-            do_sample=True,
-            seed=0,
-            eos_token_id=[],
-        )
-    )
-    assert "".join(pieces) == full
+    assert "".join(stream) == cut[0]
+    assert "".join(opt_jax.stream_text(model, params, tokenizer, prompts[0], **sampling)) == full
 
 
 @pytest.mark.parametrize(
