@@ -1,8 +1,7 @@
 """Fine-tuning a converted Hugging Face OPT checkpoint.
 
   python scripts/train.py --config configs/finetune.py --workdir runs/ft \
-      --config.init_from=opt-125m --config.data.tokenizer=opt-125m \
-      --config.data.source='my_data/*.jsonl'
+      --config.init_from=opt-125m --config.data.source='my_data/*.jsonl'
 
 The architecture comes from the checkpoint (config.json); `model.dropout` and the dtypes can be
 overridden. Resuming the workdir later continues from its own checkpoints.
@@ -14,7 +13,7 @@ from opt_jax.train_config import base_config
 def get_config():
     c = base_config()
     c.init_from = "<set --config.init_from>"  # required: an HF directory or orbax params checkpoint
-    c.data.tokenizer = ""  # the checkpoint's tokenizer directory (usually the same as init_from)
+    c.data.tokenizer = ""  # "" = init_from's own tokenizer; or another tokenizer directory
     c.batch_size = 8
     c.seq_len = 512
     c.num_train_steps = 1000

@@ -5,6 +5,7 @@ from opt_jax.convert import CheckpointError, hf_state_dict, load_pretrained, sav
 from opt_jax.decoding import GenerateOutput, GenerationConfig, generate
 from opt_jax.kv_cache import KVCache
 from opt_jax.losses import causal_lm_loss
+from opt_jax.metaseq import load_metaseq
 from opt_jax.model import (
     CausalLMOutput,
     ModelOutput,
@@ -48,6 +49,7 @@ __all__ = [
     "generate_text",
     "hf_state_dict",
     "init_params",
+    "load_metaseq",
     "load_pretrained",
     "model_for",
     "param_logical_axes",

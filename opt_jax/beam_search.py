@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax.decoding import GenerationConfig, process_logits, take_rows, warp_logits
+from opt_jax.decoding import (
+    GenerationConfig,
+    beam_min_keep,
+    process_logits,
+    take_rows,
+    warp_logits,
+)
 from opt_jax.logits_processing import ends_with
 
 # transformers marks impossible beams with this finite score.
@@ -108,7 +114,8 @@ def beam_search(
             generated,
         )
         if cfg.do_sample:
-            log_probs = warp_logits(cfg, log_probs)
+            # As transformers: each warper keeps len(eos) + 1 tokens so a beam can go on.
+            log_probs = warp_logits(cfg, log_probs, beam_min_keep(cfg))
         vocab = log_probs.shape[-1]
         scores = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(
             batch, k * vocab

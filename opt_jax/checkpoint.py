@@ -1,6 +1,9 @@
-"""Orbax checkpoints of parameters for inference: `DIR/config.json` + `DIR/params/` (orbax).
+"""Orbax checkpoints.
 
-(The training loop's CheckpointManager wiring will live here too.)
+- Parameters for inference (`save_params` / `load_params`): `DIR/config.json` + `DIR/params/`,
+  written by scripts/convert.py and by training's export.
+- Training state (`TrainCheckpoints`): an orbax CheckpointManager over
+  `WORKDIR/checkpoints/<step>/{state, meta}`, used by the training loop to save and resume.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Our parameter tree mirrors HF's module tree, so conversion is a rename plus, for
 a transpose (torch stores [out, in], Flax [in, out]) and a reshape into the per-head layout
 ([D, N, H] for q/k/v, [N, H, D] for out_proj). Every shape is checked and every key accounted for.
 
-Loading streams one tensor at a time (safetensors through numpy; `.bin` through
-`torch.load(weights_only=True, mmap=True)`, which refuses pickled code), so peak host memory
-stays near one copy of the model. Nothing here touches the network.
+Loading streams one tensor at a time with numpy only (safetensors by plain reads; `.bin` torch
+files by torch_reader.py, which never runs pickled code and needs no PyTorch), so peak host
+memory stays near one copy of the model. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from opt_jax import torch_reader
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params
 
@@ -28,6 +30,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+_SAFE_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # The tied LM head: HF ties it to embed_tokens, the original facebook files omit it.
 TIED_LM_HEAD = "lm_head.weight"
 # Flax leaf name -> torch leaf name.
@@ -130,8 +133,11 @@ def _canonical_key(key: str, root_is_decoder: bool) -> str:
 # Reading checkpoint files
 # --------------------------------------------------------------------------------------------
 def _weight_files(directory: str) -> list[str]:
-    """The weight files of an HF directory, safetensors preferred."""
+    """The weight files of an HF directory, in transformers' order of preference: safetensors
+    before torch files, a single file before a sharded index."""
     for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (TORCH_INDEX, TORCH_WEIGHTS)):
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
         index_path = os.path.join(directory, index_name)
         if os.path.isfile(index_path):
             with open(index_path) as f:
@@ -143,33 +149,10 @@ def _weight_files(directory: str) -> list[str]:
             if missing:
                 raise CheckpointError(f"{index_path} names shard files that are missing: {missing}")
             return [os.path.join(directory, name) for name in files]
-        if os.path.isfile(os.path.join(directory, single)):
-            return [os.path.join(directory, single)]
     raise FileNotFoundError(
         f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS} or "
         f"{TORCH_INDEX}"
     )
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading pytorch_model.bin needs PyTorch (pip install torch); safetensors checkpoints "
-            "load without it"
-        ) from e
-    return torch
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    torch = _import_torch()
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 _SAFETENSORS_DTYPES = {
@@ -206,17 +189,25 @@ def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) one tensor at a time from a safetensors or torch file."""
+    """Yields (key, array) one tensor at a time from a safetensors or torch (.bin / .pt) file."""
     if path.endswith(".safetensors"):
         yield from _read_safetensors(path)
-    else:
-        torch = _import_torch()
-        # weights_only=True: a pickle from the internet must never be able to run code.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} does not hold a state dict")
-        for key in list(state):
-            yield key, _torch_to_numpy(state.pop(key))
+        return
+    try:
+        state = torch_reader.load(path)
+    except torch_reader.TorchFileError as e:
+        raise CheckpointError(str(e)) from e
+    yield from _torch_state_tensors(state, path)
+
+
+def _torch_state_tensors(state, path: str) -> Iterator[tuple[str, np.ndarray]]:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    for key in list(state):
+        value = state.pop(key)  # drop each reference as we go: one tensor in memory at a time
+        if not isinstance(value, torch_reader.TensorRef):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({value!r})")
+        yield key, value.read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,37 +248,53 @@ def load_pretrained(
         overrides["architecture"] = architecture
     overrides.update(config_overrides)
     config = OPTConfig.from_hf(path, **overrides)
+    root_is_decoder = config.architecture == "OPTModel"
+    tensors = (
+        (_canonical_key(key, root_is_decoder), key, value)
+        for file in _weight_files(path)
+        for key, value in iter_tensors(file)
+    )
+    return config, _assemble(config, tensors, shardings, path)
+
+
+def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
+    """Places HF-named tensors into our parameter tree, checking every name and shape.
+
+    Args:
+      tensors: iterable of (HF name for config.architecture, the key as the file spells it,
+        torch-layout array), consumed one at a time.
+      shardings: None or a tree of target shardings (unrolled layout).
+      source: the checkpoint's path, for error messages.
+    """
     # Checkpoints are per layer: read into the unrolled layout, stack afterwards if scanning.
     expected = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
     by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
     root_is_decoder = config.architecture == "OPTModel"
+    embed = ("decoder" if root_is_decoder else "model.decoder") + ".embed_tokens.weight"
     target_dtype = config.params_dtype
     flat_shardings = {} if shardings is None else traverse_util.flatten_dict(shardings)
 
     flat, unexpected = {}, []
-    for file in _weight_files(path):
-        for key, value in iter_tensors(file):
-            name = _canonical_key(key, root_is_decoder)
-            if name == TIED_LM_HEAD:
-                embed = ("decoder" if root_is_decoder else "model.decoder") + ".embed_tokens.weight"
-                want = by_name[embed][1].shape
-                if tuple(value.shape) != tuple(want):
-                    raise CheckpointError(
-                        f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(want)}"
-                    )
-                continue  # tied to embed_tokens
-            if name not in by_name:
-                unexpected.append(key)
-                continue
-            p, spec = by_name[name]
-            if p in flat:
-                raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
-            array = from_hf_layout(p, value, spec.shape).astype(target_dtype, copy=False)
-            if p in flat_shardings:
-                flat[p] = jax.device_put(array, flat_shardings[p])
-            else:
-                flat[p] = jnp.asarray(array)
-            del value, array
+    for name, key, value in tensors:
+        if name == TIED_LM_HEAD:
+            want = by_name[embed][1].shape
+            if tuple(value.shape) != tuple(want):
+                raise CheckpointError(
+                    f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(want)}"
+                )
+            continue  # tied to embed_tokens
+        if name not in by_name:
+            unexpected.append(key)
+            continue
+        p, spec = by_name[name]
+        if p in flat:
+            raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
+        array = from_hf_layout(p, value, spec.shape).astype(target_dtype, copy=False)
+        if p in flat_shardings:
+            flat[p] = jax.device_put(array, flat_shardings[p])
+        else:
+            flat[p] = jnp.asarray(array)
+        del value, array
     missing = sorted(hf_name(p) for p in expected if p not in flat)
     if missing or unexpected:
         problems = []
@@ -296,13 +303,13 @@ def load_pretrained(
         if unexpected:
             problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
         raise CheckpointError(
-            f"checkpoint in {path} does not match its {config.architecture} config: "
+            f"checkpoint in {source} does not match its {config.architecture} config: "
             + "; ".join(problems)
         )
     params = traverse_util.unflatten_dict(flat)
     if config.scan_layers:
         params = stack_layers(params, config.num_hidden_layers)
-    return config, params
+    return params
 
 
 def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
@@ -372,4 +379,11 @@ def save_pretrained(
         written.append((tmp, os.path.join(path, SAFE_INDEX)))
     for tmp, final in written:
         os.replace(tmp, final)
+    # Weights of an earlier save into this directory would shadow or mix with the new ones
+    # (loaders prefer model.safetensors to an index): remove every one the new save did not write.
+    current = {os.path.basename(final) for _, final in written}
+    for name in os.listdir(path):
+        stale = name in (SAFE_WEIGHTS, SAFE_INDEX) or _SAFE_SHARD.fullmatch(name)
+        if stale and name not in current:
+            os.remove(os.path.join(path, name))
     config.replace(param_dtype=param_dtype).save_hf(path)

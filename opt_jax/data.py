@@ -143,14 +143,51 @@ class PackedDataset:
         return step * self.global_batch / self.num_examples
 
 
-def prepare(config, workdir: str, model_vocab_size: int | None = None):
+def tokenizer_source(config) -> str:
+    """The tokenizer directory a run uses: data.tokenizer, else init_from's own tokenizer when
+    fine-tuning (a freshly trained vocabulary would mean nothing to pretrained embeddings), else
+    "" (train one on the training split)."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if config.init_from:
+        try:
+            OPTTokenizer.from_pretrained(config.init_from)
+        except FileNotFoundError as e:
+            raise ValueError(
+                f"init_from {config.init_from!r} has no tokenizer: fine-tuning needs the "
+                "checkpoint's own vocabulary, pass --config.data.tokenizer=DIR"
+            ) from e
+        return config.init_from
+    return ""
+
+
+def _fingerprint(config) -> dict:
+    """What the cached tokens depend on; a cache built from anything else is stale."""
+    d = config.data
+    tokenizer = tokenizer_source(config)
+    fp = {"source": d.source, "jsonl_field": d.jsonl_field, "max_files": d.max_files,
+          "eval_fraction": d.eval_fraction, "tokenizer": os.path.abspath(tokenizer) if tokenizer
+          else ""}  # fmt: skip
+    if tokenizer:
+        fp["tokenizer_sha256"] = OPTTokenizer.from_pretrained(tokenizer).fingerprint()
+    else:
+        fp["vocab_size"] = d.vocab_size
+    return fp
+
+
+def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming: bool = False):
     """Loads or builds the tokenizer and the tokenized splits, cached under WORKDIR/data.
+
+    The cache records the data config it was built from (data/meta.json). A cache built from a
+    different config is rebuilt, unless the run is resuming from a checkpoint (its model was
+    trained on the cached tokens): then it is an error naming the changed fields.
 
     Returns:
       (tokenizer, train_tokens, eval_tokens)
     """
     data_dir = os.path.join(workdir, "data")
     tok_dir = os.path.join(data_dir, "tokenizer")
+    meta_path = os.path.join(data_dir, "meta.json")
     train_path, eval_path = (os.path.join(data_dir, f"{s}.npy") for s in ("train", "eval"))
     import jax
 
@@ -159,23 +196,51 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None):
     # Process 0 builds the cache; the others wait for it and read it.
     if jax.process_index() != 0:
         sync("data-prepared")
-    if os.path.isfile(train_path) and os.path.isfile(eval_path) and os.path.isdir(tok_dir):
+    fingerprint = _fingerprint(config)
+    cached = os.path.isfile(train_path) and os.path.isfile(eval_path) and os.path.isdir(tok_dir)
+    if cached and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            built_from = json.load(f)
+        changed = [
+            f"{k}: {built_from.get(k)!r} -> {v!r}"
+            for k, v in fingerprint.items()
+            if built_from.get(k) != v
+        ]
+        if changed and resuming:
+            raise ValueError(
+                f"the data config changed since {workdir} was trained ({'; '.join(changed)}); "
+                "resume with the original data settings or start a new workdir"
+            )
+        if changed:
+            print(f"[data] config changed ({'; '.join(changed)}): rebuilding the cache", flush=True)
+            cached = False
+    elif cached and not resuming:
+        cached = False  # built by an older version that kept no record: rebuild to be sure
+    if cached:
         tokenizer = OPTTokenizer.from_pretrained(tok_dir)
         train_tokens, eval_tokens = np.load(train_path), np.load(eval_path)
-    else:
+    elif jax.process_index() == 0:
         docs = load_documents(config.data.source, config.data.jsonl_field, config.data.max_files)
         train_docs, eval_docs = split_documents(docs, config.data.eval_fraction)
-        if config.data.tokenizer:
-            tokenizer = OPTTokenizer.from_pretrained(config.data.tokenizer)
+        if fingerprint["tokenizer"]:
+            tokenizer = OPTTokenizer.from_pretrained(fingerprint["tokenizer"])
         else:
             tokenizer = train_tokenizer((t for _, t in train_docs), config.data.vocab_size)
         train_tokens = tokenize(tokenizer, [t for _, t in train_docs])
         eval_tokens = tokenize(tokenizer, [t for _, t in eval_docs])
         os.makedirs(data_dir, exist_ok=True)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # the record goes last: a crash mid-build leaves no valid cache
         tokenizer.save(tok_dir)
         for path, array in ((train_path, train_tokens), (eval_path, eval_tokens)):
             np.save(path + ".tmp.npy", array)
             os.replace(path + ".tmp.npy", path)  # never a half-written cache
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(fingerprint, f, indent=2)
+        os.replace(meta_path + ".tmp", meta_path)
+    else:  # pragma: no cover - other processes read what process 0 wrote
+        tokenizer = OPTTokenizer.from_pretrained(tok_dir)
+        train_tokens, eval_tokens = np.load(train_path), np.load(eval_path)
     if jax.process_index() == 0:
         sync("data-prepared")
     if model_vocab_size is not None:

@@ -18,7 +18,9 @@ so it is tested with fake models and exact expected tokens. Prompt length and M 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -131,19 +133,29 @@ def process_logits(cfg: GenerationConfig, scores, tokens, valid, end, num_genera
     return scores
 
 
-def warp_logits(cfg: GenerationConfig, scores):
-    """Sampling warpers in transformers' order: temperature, top-k, top-p, min-p, typical."""
+def warp_logits(cfg: GenerationConfig, scores, min_keep: int = 1):
+    """Sampling warpers in transformers' order: temperature, top-k, top-p, min-p, typical.
+
+    min_keep: tokens each filter must leave (transformers' min_tokens_to_keep: 1 when sampling,
+    len(eos) + 1 in beam sampling so that a beam can continue past EOS).
+    """
     if cfg.temperature != 1.0:
         scores = scores / cfg.temperature
     if cfg.top_k:
-        scores = lp.top_k_filter(scores, cfg.top_k)
+        scores = lp.top_k_filter(scores, cfg.top_k, min_keep)
     if cfg.top_p < 1.0:
-        scores = lp.top_p_filter(scores, cfg.top_p)
+        scores = lp.top_p_filter(scores, cfg.top_p, min_keep)
     if cfg.min_p:
-        scores = lp.min_p_filter(scores, cfg.min_p)
+        scores = lp.min_p_filter(scores, cfg.min_p, min_keep)
     if cfg.typical_p < 1.0:
-        scores = lp.typical_filter(scores, cfg.typical_p)
+        scores = lp.typical_filter(scores, cfg.typical_p, min_keep)
     return scores
+
+
+def beam_min_keep(cfg: GenerationConfig) -> int:
+    """transformers' min_tokens_to_keep for beam sampling: one more than the EOS ids (2 when
+    there are none)."""
+    return len(cfg.eos_token_id) + 1 if cfg.eos_token_id else 2
 
 
 def stop_hit(cfg: GenerationConfig, tokens, valid, end, new_tokens):
@@ -235,6 +247,7 @@ def decode(
     max_new_tokens,
     buffer_length: int,
     stream: Callable | None = None,
+    stream_id: jax.Array | None = None,
 ):
     """Greedy / sampling / contrastive decoding (pure; jit it).
 
@@ -246,6 +259,9 @@ def decode(
       max_new_tokens: scalar (may be traced), at most buffer_length - Tb.
       buffer_length: static L.
       stream: optional host callback(step, tokens [B]) called as tokens are produced.
+      stream_id: optional traced int32 scalar. When given, the callback is called as
+        stream(stream_id, step, tokens) and must return a bool: False ends the loop (every row
+        is marked done), e.g. because nobody listens to that stream any more.
 
     Returns:
       (tokens [B, L], logprobs [B, L - Tb]).
@@ -296,7 +312,12 @@ def decode(
             chosen = jnp.take_along_axis(jax.nn.log_softmax(s.logits), token[:, None], axis=1)
             logprobs = logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, chosen[:, 0]))
         done = s.done | stop_hit(cfg, tokens, valid, end + 1, token)
-        if stream is not None:
+        if stream is not None and stream_id is not None:
+            keep = io_callback(
+                stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, s.step, token, ordered=True
+            )
+            done = done | ~keep
+        elif stream is not None:
             io_callback(stream, None, s.step, token, ordered=True)
         if not cfg.is_contrastive:
             next_logits, _, cache = tokens_to_logits(
@@ -345,21 +366,41 @@ TRACE_COUNT = {"n": 0}
 _JIT_CACHE: dict = {}
 
 
-# The streaming callback of the call in flight: compiled code calls `_stream_dispatch`, which
-# forwards to it, so a new streamer never means a new compilation.
-_STREAMER: list[Callable | None] = [None]
+# The streamers of the calls in flight, by call id. Compiled code calls `_stream_dispatch` with
+# the id as a traced operand, so a new streamer never means a new compilation, and concurrent
+# calls (threads, an abandoned stream_text) each reach only their own streamer.
+_STREAMERS: dict[int, Callable] = {}
+_STREAMERS_LOCK = threading.Lock()
+_STREAM_IDS = itertools.count(1)
 
 
-def _stream_dispatch(step, tokens):
-    if _STREAMER[0] is not None:
-        _STREAMER[0](int(step), np.asarray(tokens))
+def _register_streamer(streamer: Callable) -> int:
+    with _STREAMERS_LOCK:
+        stream_id = next(_STREAM_IDS) % (2**31 - 1)  # fits the int32 operand
+        _STREAMERS[stream_id] = streamer
+    return stream_id
+
+
+def _unregister_streamer(stream_id: int) -> None:
+    with _STREAMERS_LOCK:
+        _STREAMERS.pop(stream_id, None)
+
+
+def _stream_dispatch(stream_id, step, tokens):
+    """Forwards one step's tokens to the streamer of call `stream_id`. Returns False (stop
+    decoding) when that call has no streamer any more or the streamer returned False."""
+    with _STREAMERS_LOCK:
+        streamer = _STREAMERS.get(int(stream_id))
+    if streamer is None:
+        return np.bool_(False)
+    return np.bool_(streamer(int(step), np.asarray(tokens)) is not False)
 
 
 def _compiled(config, cfg: GenerationConfig, streaming: bool):
     key = (config, cfg, streaming)
     if key not in _JIT_CACHE:
 
-        def run(params, prompt, mask, rng, max_new, buffer_length):
+        def run(params, prompt, mask, rng, max_new, stream_id, buffer_length):
             TRACE_COUNT["n"] += 1
             tokens_to_logits = opt_tokens_to_logits(config, params)
             cache = KVCache.init(config, prompt.shape[0], buffer_length)
@@ -371,16 +412,38 @@ def _compiled(config, cfg: GenerationConfig, streaming: bool):
                 )
             stream = _stream_dispatch if streaming else None
             tokens, logprobs = decode(
-                tokens_to_logits, cfg, prompt, mask, cache, rng, max_new, buffer_length, stream
+                tokens_to_logits,
+                cfg,
+                prompt,
+                mask,
+                cache,
+                rng,
+                max_new,
+                buffer_length,
+                stream,
+                stream_id if streaming else None,
             )
             return tokens, logprobs, None
 
-        _JIT_CACHE[key] = jax.jit(run, static_argnums=(5,))
+        _JIT_CACHE[key] = jax.jit(run, static_argnums=(6,))
     return _JIT_CACHE[key]
 
 
+def _integer(name: str, value, *, allow_none: bool = False):
+    """value as a Python int; numpy integers are accepted, floats and bools are not."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _check_options(cfg: GenerationConfig, max_new_tokens: int, vocab_size: int) -> None:
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, (bool, np.bool_))
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if cfg.num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {cfg.num_beams}")
@@ -396,6 +459,11 @@ def _check_options(cfg: GenerationConfig, max_new_tokens: int, vocab_size: int) 
             "num_return_sequences > 1 needs do_sample=True or beam search: greedy decoding "
             "would return identical copies"
         )
+    if cfg.is_beam and cfg.output_logprobs:
+        raise ValueError(
+            "output_logprobs=True is not available with num_beams > 1 (beam search returns "
+            "sequences_scores instead)"
+        )
     if cfg.do_sample and not cfg.temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {cfg.temperature}")
     for name in ("top_p", "typical_p"):
@@ -408,10 +476,31 @@ def _check_options(cfg: GenerationConfig, max_new_tokens: int, vocab_size: int) 
         raise ValueError(f"top_k must be >= 0, got {cfg.top_k}")
     if cfg.penalty_alpha is not None and not 0 <= cfg.penalty_alpha <= 1:
         raise ValueError(f"penalty_alpha must be in [0, 1], got {cfg.penalty_alpha}")
+    if cfg.penalty_alpha:  # > 0: contrastive search
+        if cfg.do_sample or cfg.is_beam:
+            raise ValueError(
+                "penalty_alpha selects contrastive search, which is greedy: it cannot be "
+                f"combined with do_sample=True or num_beams > 1 (got do_sample={cfg.do_sample}, "
+                f"num_beams={cfg.num_beams})"
+            )
+        if (cfg.top_k or 0) < 2:
+            raise ValueError(
+                f"penalty_alpha (contrastive search) needs top_k >= 2 candidates, got "
+                f"top_k={cfg.top_k!r}"
+            )
+        if cfg.top_k > vocab_size:
+            raise ValueError(
+                f"top_k ({cfg.top_k}) must be <= the vocabulary size ({vocab_size}) in "
+                "contrastive search"
+            )
     if cfg.repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
     if cfg.no_repeat_ngram_size < 0 or cfg.min_new_tokens < 0:
         raise ValueError("no_repeat_ngram_size and min_new_tokens must be >= 0")
+    if cfg.min_new_tokens > max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens ({cfg.min_new_tokens}) must be <= max_new_tokens ({max_new_tokens})"
+        )
     if cfg.early_stopping not in (True, False, "never"):
         raise ValueError(
             f"early_stopping must be True, False or 'never', got {cfg.early_stopping!r}"
@@ -423,10 +512,23 @@ def _check_options(cfg: GenerationConfig, max_new_tokens: int, vocab_size: int) 
         raise ValueError(f"token ids {bad} in the generation options are outside [0, {vocab_size})")
     if any(len(seq) == 0 for seq in cfg.bad_words_ids + cfg.stop_sequences):
         raise ValueError("bad_words_ids and stop_sequences must not contain empty sequences")
+    if cfg.vocab_limit is not None:
+        special = max([cfg.pad_token_id, *cfg.eos_token_id])
+        if not cfg.vocab_limit > max(special, 0):
+            raise ValueError(
+                f"vocab_limit must be > 0 and > the EOS and pad ids (largest {special}): it bans "
+                f"every id >= it, got {cfg.vocab_limit}"
+            )
 
 
-def _as_tuples(sequences) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(int(t) for t in seq) for seq in (sequences or ()))
+def _as_tuples(name: str, sequences) -> tuple[tuple[int, ...], ...]:
+    """A list of token-id lists as tuples; a flat list of ids is an error."""
+    out = []
+    for seq in sequences if sequences is not None else ():
+        if isinstance(seq, (str, bytes)) or np.ndim(seq) != 1:
+            raise ValueError(f"{name} expects a list of token-id lists, got {sequences!r}")
+        out.append(tuple(_integer(f"{name} token id", t) for t in seq))
+    return tuple(out)
 
 
 def generate(
@@ -476,7 +578,9 @@ def generate(
       stop_sequences are token-id sequences that end a row like EOS; vocab_limit bans ids >= it
       (pass the tokenizer's vocab_size to mask OPT's padded embedding rows); seed or prng_key
       fix sampling; streamer(step, tokens [B * num_return_sequences]) receives tokens as they
-      are produced (greedy / sampling / contrastive).
+      are produced (greedy / sampling / contrastive), only this call's, even with concurrent
+      calls; if it returns False, generation stops there (the rest of every row is padding).
+      A single-token bad word equal to an EOS id is ignored, as in transformers.
 
     Returns:
       GenerateOutput with sequences [B * num_return_sequences, T + max_new_tokens] int32.
@@ -488,32 +592,39 @@ def generate(
     if not isinstance(model, OPTForCausalLM):
         raise ValueError(f"generate needs an OPTForCausalLM, got {type(model).__name__}")
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = (int(eos),) if np.isscalar(eos) else tuple(int(e) for e in eos)
+    # As transformers' NoBadWordsLogitsProcessor: a single-token bad word equal to an EOS id is
+    # dropped, so EOS stays allowed.
+    bad_words = tuple(
+        seq for seq in _as_tuples("bad_words_ids", bad_words_ids) if seq not in {(e,) for e in eos}
+    )
     cfg = GenerationConfig(
         do_sample=do_sample,
         temperature=float(temperature),
-        top_k=top_k,
+        top_k=_integer("top_k", top_k, allow_none=True),
         top_p=float(top_p),
         min_p=min_p,
         typical_p=float(typical_p),
         repetition_penalty=float(repetition_penalty),
         presence_penalty=float(presence_penalty),
         frequency_penalty=float(frequency_penalty),
-        no_repeat_ngram_size=int(no_repeat_ngram_size),
-        min_new_tokens=int(min_new_tokens),
-        bad_words_ids=_as_tuples(bad_words_ids),
+        no_repeat_ngram_size=_integer("no_repeat_ngram_size", no_repeat_ngram_size),
+        min_new_tokens=_integer("min_new_tokens", min_new_tokens),
+        bad_words_ids=bad_words,
         suppress_tokens=tuple(int(t) for t in (suppress_tokens or ())),
-        stop_sequences=_as_tuples(stop_sequences),
-        num_beams=int(num_beams),
+        stop_sequences=_as_tuples("stop_sequences", stop_sequences),
+        num_beams=_integer("num_beams", num_beams),
         length_penalty=float(length_penalty),
         early_stopping=early_stopping,
-        num_return_sequences=int(num_return_sequences),
+        num_return_sequences=_integer("num_return_sequences", num_return_sequences),
         penalty_alpha=penalty_alpha,
-        eos_token_id=(int(eos),) if np.isscalar(eos) else tuple(int(e) for e in eos),
+        eos_token_id=eos,
         pad_token_id=int(config.pad_token_id if pad_token_id is None else pad_token_id),
-        vocab_limit=vocab_limit,
+        vocab_limit=_integer("vocab_limit", vocab_limit, allow_none=True),
         output_logprobs=output_logprobs,
     )
     _check_options(cfg, max_new_tokens, config.vocab_size)
+    max_new_tokens = int(max_new_tokens)
     ids = validate_token_ids(input_ids, config.vocab_size, attention_mask=attention_mask)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     mask = mask.astype(bool)
@@ -549,14 +660,21 @@ def generate(
         prng_key = jax.random.key(0 if seed is None else seed)
 
     fn = _compiled(config, cfg, streamer is not None)
-    _STREAMER[0] = streamer
+    stream_id = 0 if streamer is None else _register_streamer(streamer)
     try:
         tokens, logprobs, scores = fn(
-            params, jnp.asarray(ids), jnp.asarray(mask), prng_key, max_new_tokens, buffer_length
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            prng_key,
+            max_new_tokens,
+            jnp.asarray(stream_id, jnp.int32),
+            buffer_length,
         )
         tokens = np.asarray(tokens)  # waits for the device, and so for every streamed token
     finally:
-        _STREAMER[0] = None
+        if streamer is not None:
+            _unregister_streamer(stream_id)
     if cfg.is_beam:  # beam_search returns [B, num_return_sequences, L]
         tokens = tokens.reshape(batch * cfg.num_return_sequences, -1)
     sequences = tokens[:, extra : bucket_prompt + max_new_tokens]

@@ -18,6 +18,37 @@ def _multi_host_environment() -> bool:
     return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
+_EXPLICIT = ("coordinator_address", "num_processes", "process_id")
+
+
+def check_explicit(coordinator_address, num_processes, process_id) -> bool:
+    """Whether an explicit multi-process setup is given; all three values or none.
+
+    Raises:
+      ValueError: naming the missing values when only some are given, or a bad value.
+    """
+    values = dict(zip(_EXPLICIT, (coordinator_address, num_processes, process_id)))
+    missing = [name for name, value in values.items() if value is None]
+    if len(missing) == len(values):
+        return False
+    if missing:
+        given = [name for name in values if name not in missing]
+        raise ValueError(
+            f"--coordinator_address, --num_processes and --process_id go together: got "
+            f"{', '.join('--' + n for n in given)} but not {', '.join('--' + n for n in missing)}"
+        )
+    if not coordinator_address:
+        raise ValueError("--coordinator_address must be host:port, got an empty string")
+    if num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--process_id must be in [0, {num_processes}) for --num_processes={num_processes}, "
+            f"got {process_id}"
+        )
+    return True
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -33,10 +64,14 @@ def initialize(
 
     Returns:
       Whether jax.distributed was initialized.
+
+    Raises:
+      ValueError: when only some of coordinator_address, num_processes and process_id are
+        given, or they are out of range.
     """
+    explicit = check_explicit(coordinator_address, num_processes, process_id)
     if local_device_count:
         jax.config.update("jax_num_cpu_devices", local_device_count)
-    explicit = coordinator_address is not None
     if not explicit and not _multi_host_environment():
         return False
     # CPU processes exchange collectives through gloo (no effect on GPU / TPU backends). Not
@@ -60,8 +95,17 @@ def define_flags() -> None:
 
 def initialize_from_flags() -> bool:
     """`initialize` with the values of define_flags' flags. Call before any other JAX use:
-    SLURM and TPU pod slices are detected without flags."""
-    from absl import flags
+    SLURM and TPU pod slices are detected without flags.
+
+    Raises:
+      absl.app.UsageError: when only some of the three flags are given (app.run prints it
+        without a traceback).
+    """
+    from absl import app, flags
 
     f = flags.FLAGS
+    try:
+        check_explicit(f.coordinator_address, f.num_processes, f.process_id)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     return initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -111,9 +111,12 @@ def ban_from(logits, first_unused: int):
 # ---------------------------------------------------------------------------------------------
 # Sampling warpers (applied in transformers' order: temperature, top-k, top-p, min-p, typical)
 # ---------------------------------------------------------------------------------------------
-def top_k_filter(logits, k: int):
-    """Keeps the k highest scores (and anything tied with the k-th), as transformers does."""
-    k = min(k, logits.shape[-1])
+# min_keep is transformers' min_tokens_to_keep: the number of most likely tokens a filter never
+# removes (1 when sampling; len(eos) + 1 in beam sampling).
+def top_k_filter(logits, k: int, min_keep: int = 1):
+    """Keeps the k (at least min_keep) highest scores and anything tied with the last one, as
+    transformers does."""
+    k = min(max(k, min_keep), logits.shape[-1])
     kth = jax.lax.top_k(logits, k)[0][:, -1:]
     return jnp.where(logits < kth, NEG_INF, logits)
 
@@ -124,25 +127,32 @@ def _scatter_sorted(mask_sorted, order):
     return jnp.zeros_like(mask_sorted).at[rows, order].set(mask_sorted)
 
 
-def top_p_filter(logits, top_p: float):
+def top_p_filter(logits, top_p: float, min_keep: int = 1):
     """Nucleus filtering: drops the least likely tokens whose total mass is <= 1 - top_p,
-    always keeping the most likely one."""
+    always keeping the min_keep most likely ones."""
     order = jnp.argsort(logits, axis=-1)  # ascending
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove = (cumulative <= 1 - top_p).at[:, -1].set(False)
+    remove = (cumulative <= 1 - top_p).at[:, -max(min_keep, 1) :].set(False)
     return jnp.where(_scatter_sorted(remove, order), NEG_INF, logits)
 
 
-def min_p_filter(logits, min_p: float):
-    """Drops tokens whose probability is below min_p times the top token's probability."""
+def min_p_filter(logits, min_p: float, min_keep: int = 1):
+    """Drops tokens whose probability is below min_p times the top token's probability, keeping
+    the min_keep most likely ones."""
     probs = jax.nn.softmax(logits, axis=-1)
     threshold = min_p * probs.max(-1, keepdims=True)
-    return jnp.where(probs < threshold, NEG_INF, logits)
+    remove = probs < threshold
+    if min_keep > 1:
+        top = jax.lax.top_k(probs, min(min_keep, probs.shape[-1]))[1]
+        rows = jnp.arange(probs.shape[0])[:, None]
+        remove = remove.at[rows, top].set(False)
+    return jnp.where(remove, NEG_INF, logits)
 
 
-def typical_filter(logits, mass: float):
-    """Locally typical sampling (Meister et al. 2022), transformers' TypicalLogitsWarper."""
+def typical_filter(logits, mass: float, min_keep: int = 1):
+    """Locally typical sampling (Meister et al. 2022), transformers' TypicalLogitsWarper; the
+    min_keep most typical tokens are always kept."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(logp)
     entropy = -jnp.nansum(logp * p, axis=-1, keepdims=True)
@@ -153,5 +163,5 @@ def typical_filter(logits, mass: float):
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     last = jnp.minimum((cumulative < mass).sum(-1, keepdims=True), logits.shape[-1] - 1)
     remove = sorted_shifted > jnp.take_along_axis(sorted_shifted, last, axis=-1)
-    remove = remove.at[:, 0].set(False)
+    remove = remove.at[:, : max(min_keep, 1)].set(False)
     return jnp.where(_scatter_sorted(remove, order), NEG_INF, logits)

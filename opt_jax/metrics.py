@@ -76,6 +76,18 @@ def _duration(seconds: float) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of WORKDIR/metrics.jsonl."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    """The records of WORKDIR/metrics.jsonl.
+
+    Raises:
+      FileNotFoundError: naming the path, when the file does not exist (no training has
+        logged a step in WORKDIR yet, or WORKDIR is not a training workdir).
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        what = "is not a directory" if not os.path.isdir(workdir) else "has no metrics.jsonl"
+        raise FileNotFoundError(
+            f"no metrics at {path}: {workdir} {what} (is it the --workdir of a training run "
+            "that has logged a step?)"
+        )
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -78,13 +78,26 @@ def make_mesh(
     it takes the remaining devices.
 
     Raises:
-      ValueError: when the sizes do not multiply to the device count.
+      ValueError: a size is not an integer >= 1 (or -1 where allowed), naming it; or the
+        sizes do not multiply to the device count.
     """
+    sizes = dict(data=data, fsdp=fsdp, tensor=tensor)
+    dcn_sizes = dict(dcn_data=dcn_data, dcn_fsdp=dcn_fsdp, dcn_tensor=dcn_tensor)
+    for name, size in {**sizes, **dcn_sizes}.items():
+        allowed = name in sizes and size == -1
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
+            raise ValueError(f"mesh size {name} must be an integer, got {size!r}")
+        if size < 1 and not allowed:
+            raise ValueError(
+                f"mesh size {name} must be >= 1"
+                + (" (or -1 for the remaining devices)" if name in sizes else "")
+                + f", got {size}"
+            )
     devices = list(jax.devices() if devices is None else devices)
     dcn = (dcn_data, dcn_fsdp, dcn_tensor)
     ici = [data, fsdp, tensor]
     per_slice, rem = divmod(len(devices), math.prod(dcn))
-    if rem or min(dcn) < 1:
+    if rem:
         raise ValueError(f"{len(devices)} devices cannot be split into dcn mesh {dcn}")
     if ici.count(-1) > 1:
         raise ValueError(

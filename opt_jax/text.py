@@ -43,8 +43,14 @@ def _safe_length(text: str, stop_strings) -> int:
     return safe
 
 
-def _options(tokenizer: OPTTokenizer, stop_strings, kwargs: dict) -> dict:
+def _options(model, tokenizer: OPTTokenizer, stop_strings, kwargs: dict) -> dict:
     """generate()'s options for text: the tokenizer's ids, its stop strings as token sequences."""
+    model_vocab = model.config.vocab_size
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is only "
+            f"{model_vocab}: they do not belong together (pass the model's own tokenizer)"
+        )
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     # Mask the padded embedding rows no tokenizer id maps to (50265-50271 for real OPT).
@@ -71,8 +77,8 @@ def generate_text(
     """
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
+    options = _options(model, tokenizer, stop_strings, kwargs)
     ids, mask = tokenizer.encode_batch(list(prompts))
-    options = _options(tokenizer, stop_strings, kwargs)
     out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, **options)
     new = out.sequences[:, ids.shape[1] :]
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
@@ -93,12 +99,35 @@ def stream_text(
 
     The concatenated pieces equal `generate_text(..., [prompt], ...)[0]`. If `tokens_out` is a
     list, the generated token ids (EOS excluded) are appended to it.
+
+    Closing the generator early (e.g. `break` out of the loop) stops the generation: its
+    remaining tokens go nowhere and the background decoding ends at its next step.
     """
+    if not isinstance(prompt, str):
+        raise ValueError(
+            f"stream_text takes one prompt string, got {type(prompt).__name__}; use "
+            "generate_text for a list of prompts"
+        )
+    options = _options(model, tokenizer, stop_strings, kwargs)
     ids, mask = tokenizer.encode_batch([prompt])
-    options = _options(tokenizer, stop_strings, kwargs)
+    # Bad arguments raise here, at the call; decoding starts with the first iteration.
+    return _stream(
+        model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, tokens_out, options
+    )
+
+
+def _stream(model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, tokens_out, options):
+    """stream_text's generator: decodes in a worker thread, yields text pieces."""
     pieces: queue.Queue = queue.Queue()
     done = object()
     error: list[BaseException] = []
+    closed = threading.Event()
+
+    def push(step, tokens):
+        if closed.is_set():
+            return False  # the consumer went away: stop decoding
+        pieces.put(int(tokens[0]))
+        return None
 
     def worker():
         try:
@@ -108,7 +137,7 @@ def stream_text(
                 ids,
                 mask,
                 max_new_tokens=max_new_tokens,
-                streamer=lambda step, tokens: pieces.put(int(tokens[0])),
+                streamer=push,
                 **options,
             )
         except BaseException as e:  # re-raised in the caller's thread
@@ -118,25 +147,30 @@ def stream_text(
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
-    tokens: list[int] = [] if tokens_out is None else tokens_out
-    shown = ""
-    eos = np.atleast_1d(options["eos_token_id"]).tolist()
-    while (item := pieces.get()) is not done:
-        if item in eos:
-            continue
-        tokens.append(item)
-        text = _cut(tokenizer.decode(tokens), stop_strings)
-        # Hold back an incomplete multi-byte character until its next byte arrives, and any tail
-        # that could still grow into a stop string.
-        if text.endswith("\ufffd"):
-            continue
-        text = text[: _safe_length(text, stop_strings)]
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
-    thread.join()
-    if error:
-        raise error[0]
-    final = _cut(tokenizer.decode(tokens), stop_strings)
-    if len(final) > len(shown):
-        yield final[len(shown) :]
+    try:
+        tokens: list[int] = [] if tokens_out is None else tokens_out
+        shown = ""
+        eos = np.atleast_1d(options["eos_token_id"]).tolist()
+        while (item := pieces.get()) is not done:
+            if item in eos:
+                continue
+            tokens.append(item)
+            text = _cut(tokenizer.decode(tokens), stop_strings)
+            # Hold back an incomplete multi-byte character until its next byte arrives, and any
+            # tail that could still grow into a stop string.
+            if text.endswith("\ufffd"):
+                continue
+            text = text[: _safe_length(text, stop_strings)]
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        thread.join()
+        if error:
+            raise error[0]
+        final = _cut(tokenizer.decode(tokens), stop_strings)
+        if len(final) > len(shown):
+            yield final[len(shown) :]
+    finally:
+        # Reached on normal exit and when the caller closes the generator early (break, or
+        # garbage collection): the worker's remaining tokens are dropped and its loop stops.
+        closed.set()

@@ -8,6 +8,7 @@ tokenizer.json carries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -68,6 +69,10 @@ class OPTTokenizer:
         raise FileNotFoundError(
             f"no tokenizer in {directory}: expected tokenizer.json or vocab.json + merges.txt"
         )
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's full definition (vocabulary, merges, normalisation)."""
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes tokenizer.json, vocab.json, merges.txt and the HF tokenizer configs."""

@@ -19,12 +19,13 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opt_jax import checkpoint, data, sharding
+from opt_jax import checkpoint, data, roofline, sharding
 from opt_jax.config import OPTConfig
 from opt_jax.convert import load_pretrained, stack_layers, unstack_layers
 from opt_jax.losses import causal_lm_loss
@@ -83,9 +84,14 @@ def make_schedule(optim, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+DECAYED = ("kernel", "embedding")  # weight matrices and embedding tables
+
+
 def _decay_mask(params):
-    # No weight decay on biases and LayerNorm parameters (the 1-D tensors).
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    # Weight decay on weight matrices and embeddings only, not on biases or LayerNorm
+    # parameters. Decided by name, not rank: q/k/v biases are [heads, head_dim] and, with
+    # scan_layers, every parameter has a leading layers axis.
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
 
 
 def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
@@ -129,7 +135,9 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
     """
     accum = optim.grad_accum_steps
     step_rng = jax.random.fold_in(rng, state.step)
-    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + accum, ...: every data-parallel device holds an equal share
+    # of each micro-batch (a contiguous split would put micro-batch 0 on the first devices only).
+    micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
     def accumulate(carry, inputs):
@@ -154,7 +162,8 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
     if optim.skip_nonfinite:
         ok &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if optim.spike_factor > 0:
-        warm = state.step < optim.spike_warmup_steps
+        # Warm-up: the first steps, and any step before one has been accepted (no average yet).
+        warm = (state.step < optim.spike_warmup_steps) | (state.step == state.skipped)
         ok &= warm | (loss <= optim.spike_factor * state.loss_avg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -206,12 +215,41 @@ def _requests_architecture(config) -> bool:
     return bool(m.preset) or any(m[f] is not None for f in ARCHITECTURE_FIELDS if f in m)
 
 
+def _check_config_early(config, num_devices: int, workdir: str, latest: int | None) -> None:
+    """Everything checkable before the data is prepared, so a bad flag fails in seconds."""
+    for name in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "keep_checkpoints"):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    if config.optim.grad_accum_steps <= 0:
+        raise ValueError(
+            f"optim.grad_accum_steps must be positive, got {config.optim.grad_accum_steps}"
+        )
+    if config.init_from and latest is not None:  # resuming a fine-tune
+        limit = OPTConfig.from_hf(os.path.join(workdir, "model")).max_position_embeddings
+    elif config.init_from:
+        if not os.path.isdir(config.init_from):
+            raise ValueError(f"init_from {config.init_from!r} is not a directory")
+        limit = OPTConfig.from_hf(config.init_from).max_position_embeddings
+    else:
+        limit = model_config(config, config.data.vocab_size).max_position_embeddings
+    if config.seq_len > limit:
+        raise ValueError(
+            f"seq_len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
+        )
+    data.tokenizer_source(config)  # init_from without a tokenizer is an error now, not later
+    _check_batch(config, num_devices)
+
+
 def _check_config(config, cfg: OPTConfig, num_devices: int) -> None:
     if config.seq_len > cfg.max_position_embeddings:
         raise ValueError(
             f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
             f"{cfg.max_position_embeddings}"
         )
+    _check_batch(config, num_devices)
+
+
+def _check_batch(config, num_devices: int) -> None:
     if config.batch_size % num_devices:
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by the {num_devices} data-parallel "
@@ -222,9 +260,23 @@ def _check_config(config, cfg: OPTConfig, num_devices: int) -> None:
             f"the per-device batch {config.batch_size // num_devices} is not divisible by "
             f"optim.grad_accum_steps {config.optim.grad_accum_steps}"
         )
-    for name in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "keep_checkpoints"):
-        if config[name] <= 0:
-            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+
+
+def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
+    """Whether every process stops after step `done`.
+
+    A preemption signal may reach the processes of a multi-host job at different steps, but the
+    save that follows is collective: one process must not decide alone. So with several
+    processes the flags are all-gathered every `every` steps (log steps, already a host sync)
+    and all stop together if any was signalled.
+    """
+    if jax.process_count() == 1:
+        return signalled
+    if done % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(signalled))))
 
 
 def _sample(cfg, params, tokenizer, config) -> str:
@@ -256,17 +308,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     replicated = NamedSharding(mesh, P())
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
+    # -- Checks that need no data (tokenizing a corpus can take long) -------------------------
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
+    latest = ckpts.latest_step()
+    _check_config_early(config, sharding.data_parallel_size(mesh, rules), workdir, latest)
+
     # -- Data ----------------------------------------------------------------------------------
-    tokenizer, train_tokens, eval_tokens = data.prepare(config, workdir)
+    tokenizer, train_tokens, eval_tokens = data.prepare(
+        config, workdir, resuming=latest is not None
+    )
 
     # -- Model and optimiser ----------------------------------------------------------------
     dtype_fields = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
     init_params = None
-    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
-    latest = ckpts.latest_step()
     if config.init_from and latest is None:
-        if not os.path.isdir(config.init_from):
-            raise ValueError(f"init_from {config.init_from!r} is not a directory")
         init_cfg, init_params = _load_init(config.init_from, dtype_fields)
         cfg = dataclasses.replace(
             init_cfg, **_model_overrides(config), architecture="OPTForCausalLM"
@@ -375,25 +430,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
         previous_handler = None
     writer = MetricsWriter(workdir, start, config.num_train_steps, enabled=is_main)
     tokens_per_step = config.batch_size * config.seq_len
-    last, step_time, timer = {}, 0.0, time.time()
+    # Model FLOPs per step (forward + backward = 3 x forward), per device, for TFLOP/s and MFU.
+    step_flops = 3 * roofline.model_flops_per_token(cfg, config.seq_len) * tokens_per_step
+    device_flops = step_flops / jax.device_count()
+    peaks = roofline.local_device_peaks(cfg.dtype)
+    last, step_time, timer, stopping = {}, 0.0, time.time(), False
     try:
         with sharding.activate(mesh, rules):
             for step in range(start, config.num_train_steps):
                 state, metrics = step_fn(state, global_batch(train_ds, step), rng)
                 done = step + 1
                 final = done == config.num_train_steps
-                if done % config.log_every_steps == 0 or final or stop["signal"]:
+                alone = jax.process_count() == 1
+                if done % config.log_every_steps == 0 or final or (alone and stop["signal"]):
                     metrics = jax.device_get(metrics)
                     step_time = (time.time() - timer) / max(done - last.get("step", start), 1)
                     record = {
                         "loss": float(metrics["loss"]),
-                        "learning_rate": float(schedule(step)),
+                        # The rate of the latest applied update: skipped steps do not advance
+                        # the optimiser's count, so the schedule runs on applied updates.
+                        "learning_rate": float(
+                            schedule(max(done - int(metrics["skipped"]) - 1, 0))
+                        ),
                         "grad_norm": float(metrics["grad_norm"]),
                         "skipped": int(metrics["skipped"]),
                         "tokens_per_s": tokens_per_step / step_time,
                         "step_time": step_time,
+                        "tflops_per_device": device_flops / step_time / 1e12,
                         "epoch": train_ds.epoch_of(done),
                     }
+                    if peaks:  # an accelerator whose data-sheet peak is known
+                        record["mfu"] = device_flops / step_time / peaks["flops"]
                     if config.eval_every_steps and (done % config.eval_every_steps == 0 or final):
                         record.update(evaluate(state.params))
                     if config.sample_every_steps and (
@@ -403,15 +470,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.write(done, record)
                     writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
                     last, timer = {"step": done, **record}, time.time()
-                if done % config.checkpoint_every_steps == 0 or final or stop["signal"]:
+                stopping = _agree_to_stop(stop["signal"] is not None, done, config.log_every_steps)
+                if done % config.checkpoint_every_steps == 0 or final or stopping:
                     save(done)
-                if stop["signal"]:
-                    print(
-                        f"[train] signal {stop['signal']}: saved step {done}, exiting", flush=True
-                    )
+                if stopping:
+                    why = f"signal {stop['signal']}" if stop["signal"] else "a peer's signal"
+                    print(f"[train] {why}: saved step {done}, exiting", flush=True)
                     break
         ckpts.wait()
-        if not stop["signal"]:
+        if not stopping:
             _export(workdir, cfg, state.params, tokenizer, is_main)
     finally:
         ckpts.close()

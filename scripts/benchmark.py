@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 import opt_jax
 from opt_jax import train
+from opt_jax.roofline import decode_bytes_per_step, device_peaks, model_flops_per_token
 from opt_jax.train_config import base_config
 
 flags.DEFINE_string("preset", "125m", "Model shape (random weights).")
@@ -41,16 +42,6 @@ flags.DEFINE_string("measure_load", None, "(internal) see measure_load().")
 flags.DEFINE_bool("scale", False, "Also: compile time vs depth (scan_layers) and load memory.")
 flags.DEFINE_string("out", "benchmark_results", "Output prefix: writes OUT.json and OUT.md.")
 FLAGS = flags.FLAGS
-
-# Dense peak FLOP/s and HBM bandwidth of accelerators (vendor data sheets), for MFU on devices.
-ACCELERATOR_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12, "bandwidth": 3.35e12},  # SXM
-    "H200": {"bfloat16": 989e12, "float32": 67e12, "bandwidth": 4.8e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12, "bandwidth": 2.0e12},  # 80 GB SXM
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4, "bandwidth": 1.2e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4, "bandwidth": 0.82e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4, "bandwidth": 2.76e12},
-}
 
 
 def _peak_rss_mb() -> float:
@@ -74,44 +65,39 @@ def _time(fn, reps):
 # The machine's limits
 # ---------------------------------------------------------------------------------------------
 def machine_limits(dtype: str, smoke: bool) -> dict:
+    """The bounds each workload is measured against.
+
+    Always measured in this run: the matmul peak (a large square matmul) and the memory read
+    bandwidth (a reduction over an array far larger than any cache). On an accelerator listed
+    in roofline.ACCELERATOR_PEAKS the data-sheet peaks are the bounds (MFU and HBM utilisation
+    as usually quoted), with the measured ones reported next to them.
+    """
     device = jax.devices()[0]
-    if device.platform != "cpu":
-        for name, peaks in ACCELERATOR_PEAKS.items():
-            if name.lower() in device.device_kind.lower():
-                return {"flops": peaks[dtype], "bandwidth": peaks["bandwidth"], "source": name}
-    n = 512 if smoke else 2048
+    n = 512 if smoke else (2048 if device.platform == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     matmul = jax.jit(lambda x: x @ x)
     _, seconds = _time(lambda: matmul(a).block_until_ready(), 3 if smoke else 10)
     flops = 2 * n**3 / seconds
-    # Memory read bandwidth: a reduction over an array far larger than the caches.
     big = jnp.ones(((8 if smoke else 64) * 2**20,), jnp.float32)  # 32 / 256 MB
     total = jax.jit(jnp.sum)
     _, seconds = _time(lambda: total(big).block_until_ready(), 3 if smoke else 10)
-    return {"flops": flops, "bandwidth": big.nbytes / seconds, "source": "measured"}
+    measured = {"flops": flops, "bandwidth": big.nbytes / seconds, "source": "measured"}
+    sheet = None if device.platform == "cpu" else device_peaks(device.device_kind, dtype)
+    if sheet is None:
+        return measured
+    return {"flops": sheet["flops"], "bandwidth": sheet["bandwidth"],
+            "source": f"{sheet['name']} data sheet", "measured": measured}  # fmt: skip
+
+
+def _peak_device_mb() -> float | None:
+    """Peak accelerator memory in use so far (None where the backend keeps no statistics)."""
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
 # ---------------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------------
-def model_flops_per_token(config, context: int) -> float:
-    """Forward FLOPs per token: 2 x matmul parameters + attention (PaLM's convention)."""
-    d, f, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-    matmul_params = (
-        layers * (4 * d * d + 2 * d * f) + config.vocab_size * config.word_embed_proj_dim
-    )
-    if config.has_projections:
-        matmul_params += 2 * d * config.word_embed_proj_dim
-    return 2 * matmul_params + 4 * layers * d * context
-
-
-def decode_bytes_per_step(config, batch: int, context: int, itemsize: int) -> float:
-    """Bytes a decode step must read: every weight once, plus the batch's KV cache."""
-    params = sum(x.size for x in jax.tree.leaves(opt_jax.abstract_params(config)))
-    cache = 2 * config.num_hidden_layers * batch * context * config.hidden_size
-    return (params + cache) * itemsize
-
-
 class Ours:
     def __init__(self, config):
         self.config = config
@@ -149,18 +135,28 @@ class HuggingFace:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         self.torch = torch
+        # Same kind of device as ours where torch can reach it (a CUDA build on a GPU machine).
+        on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
         hf_config = transformers.OPTConfig(
             **{k: v for k, v in config.to_hf().items() if k != "dtype"}
         )
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        self.model = transformers.OPTForCausalLM(hf_config).to(dtype).eval()
+        self.model = transformers.OPTForCausalLM(hf_config).to(self.device, dtype).eval()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1
         )
 
+    def _tensor(self, ids):
+        return self.torch.tensor(ids, dtype=self.torch.long, device=self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
     def decode(self, ids, new_tokens):
         with self.torch.no_grad():
-            ids = self.torch.tensor(ids, dtype=self.torch.long)
+            ids = self._tensor(ids)
             out = self.model.generate(
                 ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=1,
@@ -169,17 +165,19 @@ class HuggingFace:
 
     def prefill(self, ids):
         with self.torch.no_grad():
-            self.model(self.torch.tensor(ids, dtype=self.torch.long))
+            self.model(self._tensor(ids))
+        self._sync()
 
     def train_step(self, ids):
         self.model.train()
-        ids = self.torch.tensor(ids, dtype=self.torch.long)
+        ids = self._tensor(ids)
         loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.model.eval()
+        self._sync()
 
 
 def run_workloads(config, peers, smoke, reps, limits):
@@ -210,17 +208,22 @@ def run_workloads(config, peers, smoke, reps, limits):
                 "first_call_s": first,
                 "peak_rss_mb": _peak_rss_mb(),
             }
+            if peer_name == "opt_jax" and _peak_device_mb() is not None:
+                row[peer_name]["peak_device_mb"] = _peak_device_mb()
         ours = row["opt_jax"]["tokens_per_s"]
         if method == "decode":
             batch = shape[0]
             step_bytes = decode_bytes_per_step(config, batch, prompt + new // 2, itemsize)
             bound = batch * limits["bandwidth"] / step_bytes
-            row["bound"] = f"{ours / bound:.0%} of {bound:.0f} tok/s (bandwidth)"
+            row["bandwidth_utilisation"] = ours / bound
+            memory = "HBM" if jax.devices()[0].platform != "cpu" else "memory"
+            row["bound"] = f"{ours / bound:.0%} of {bound:.0f} tok/s ({memory} bandwidth)"
         else:
             context = shape[1]
             factor = 3 if method == "train_step" else 1  # forward + backward = 3 x forward
             flops = factor * model_flops_per_token(config, context) * ours
-            row["bound"] = f"MFU {flops / limits['flops']:.0%}"
+            row["mfu"] = flops / limits["flops"]
+            row["bound"] = f"MFU {row['mfu']:.0%}"
         if "hf" in row:
             row["ratio"] = ours / row["hf"]["tokens_per_s"]
         results.append(row)
@@ -245,9 +248,8 @@ def compile_seconds(config, smoke: bool) -> dict:
     generate = decoding._compiled(config, decoding.GenerationConfig(), False)
     prompt = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     start = time.perf_counter()
-    generate.lower(
-        state.params, prompt, jax.ShapeDtypeStruct((1, 32), bool), jax.random.key(0), 128, 160
-    ).compile()
+    mask, stream_id = jax.ShapeDtypeStruct((1, 32), bool), jax.ShapeDtypeStruct((), jnp.int32)
+    generate.lower(state.params, prompt, mask, jax.random.key(0), 128, stream_id, 160).compile()
     return {"train_step": train_s, "generate": time.perf_counter() - start}
 
 
@@ -351,10 +353,22 @@ def markdown(results, meta) -> str:
     lines.append(
         f"{meta['device']}, {meta['dtype']}, shape {meta['preset']}, {meta['date']}; matmul "
         f"peak {meta['limits']['flops'] / 1e9:.0f} GFLOP/s, memory bandwidth "
-        f"{meta['limits']['bandwidth'] / 1e9:.1f} GB/s ({meta['limits']['source']}). "
-        f"Command: `{meta['command']}`"
+        f"{meta['limits']['bandwidth'] / 1e9:.1f} GB/s ({meta['limits']['source']})"
+        + _measured_note(meta["limits"])
+        + (f"; HF PyTorch on {meta['hf_device']}" if has_hf else "")
+        + f". Command: `{meta['command']}`"
     )
     return "\n".join(lines)
+
+
+def _measured_note(limits: dict) -> str:
+    if "measured" not in limits:
+        return ""
+    m = limits["measured"]
+    return (
+        f"; measured in this run: matmul {m['flops'] / 1e12:.0f} TFLOP/s, memory read "
+        f"{m['bandwidth'] / 1e9:.0f} GB/s"
+    )
 
 
 def main(argv):
@@ -384,6 +398,7 @@ def main(argv):
         "device": f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}",
         "torch_threads": threads,
+        "hf_device": str(peers["hf"].device) if "hf" in peers else None,
         "date": time.strftime("%Y-%m-%d"),
         "limits": limits,
         "command": " ".join(

@@ -12,10 +12,12 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
 import opt_jax
 from opt_jax import checkpoint, distributed
+from opt_jax.validation import validate_token_ids
 
 flags.DEFINE_string("model", None, "HF directory or orbax checkpoint directory.", required=True)
 flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
@@ -38,28 +40,105 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def _load(path, dtype):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path} is not a directory")
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
     if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)):
         return checkpoint.load_params(path, **overrides)
     return opt_jax.load_pretrained(path, **overrides)
 
 
-distributed.define_flags()
+def _load_tokenizer(path, model_path):
+    try:
+        return opt_jax.OPTTokenizer.from_pretrained(path)
+    except FileNotFoundError as e:
+        if path == model_path:
+            raise FileNotFoundError(
+                f"{e}; pass --tokenizer DIR (e.g. the HF directory the checkpoint came from)"
+            ) from e
+        raise FileNotFoundError(f"--tokenizer: {e}") from e
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    f = flags.FLAGS
-    distributed.initialize_from_flags()  # before any other JAX call
+def _read_prompts(f) -> list[str]:
     prompts = list(f.prompt)
     if f.prompt_file:
+        if not os.path.isfile(f.prompt_file):
+            raise FileNotFoundError(f"--prompt_file {f.prompt_file} does not exist")
         with open(f.prompt_file) as file:
             prompts += [line.rstrip("\n") for line in file if line.strip()]
     if not prompts:
-        raise app.UsageError("give --prompt and/or --prompt_file")
+        raise ValueError("give --prompt and/or --prompt_file")
+    return prompts
+
+
+def _check_flags(f) -> None:
+    """What needs no model: checked before anything is loaded."""
+    if f.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {f.max_new_tokens}")
+    if f.num_beams < 1:
+        raise ValueError(f"--num_beams must be >= 1, got {f.num_beams}")
+    if any(not s for s in f.stop):
+        raise ValueError("--stop must be a non-empty string")
+
+
+def _check_prompts(prompts, tokenizer, config, max_new_tokens) -> None:
+    """Encodes every prompt and checks it fits the model before anything is generated.
+
+    Raises:
+      ValueError: one `prompt N: <reason>` line per bad prompt (N counts from 1, --prompt flags
+        first, then the lines of --prompt_file).
+    """
+    limit, problems = config.max_position_embeddings, []
+    for i, prompt in enumerate(prompts, 1):
+        ids = tokenizer.encode(prompt)
+        try:
+            validate_token_ids([ids], config.vocab_size, name="the encoded prompt")
+        except ValueError as e:
+            problems.append(f"prompt {i}: {e} (does --tokenizer match the model?)")
+            continue
+        if len(ids) + max_new_tokens > limit:
+            problems.append(
+                f"prompt {i}: {len(ids)} tokens + --max_new_tokens {max_new_tokens} = "
+                f"{len(ids) + max_new_tokens} exceeds the model's {limit} positions "
+                f"(prompt starts {prompt[:40]!r})"
+            )
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _generate_beams(model, params, tokenizer, prompt, options) -> tuple[str, int]:
+    """generate_text for one prompt with beam search, plus how many tokens it generated."""
+    options = dict(options)
+    stop_strings = options.pop("stop_strings") or ()
+    stop_ids = []
+    for text in stop_strings:  # a string can tokenize differently after a space: stop on both
+        for variant in (text, " " + text.lstrip(" ")):
+            seq = tokenizer.encode(variant, add_prefix=False)
+            if seq not in stop_ids:
+                stop_ids.append(seq)
+    ids, mask = tokenizer.encode_batch([prompt])
+    out = opt_jax.generate(
+        model, params, ids, mask, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size,
+        stop_sequences=stop_ids or None, **options,
+    )  # fmt: skip
+    new = list(np.asarray(out.sequences)[0, ids.shape[1] :])
+    while new and new[-1] == tokenizer.pad_token_id:  # padding after the row finished
+        new.pop()
+    if new and new[-1] == tokenizer.eos_token_id:
+        new.pop()
+    text = tokenizer.decode(new)
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    return (text[: min(cuts)] if cuts else text), len(new)
+
+
+def _run(f) -> None:
+    _check_flags(f)
+    prompts = _read_prompts(f)
+    distributed.initialize_from_flags()  # before any other JAX call
     config, params = _load(f.model, f.dtype)
-    tokenizer = opt_jax.OPTTokenizer.from_pretrained(f.tokenizer or f.model)
+    tokenizer = _load_tokenizer(f.tokenizer or f.model, f.model)
+    _check_prompts(prompts, tokenizer, config, f.max_new_tokens)
     model = opt_jax.OPTForCausalLM(config)
     options = dict(
         max_new_tokens=f.max_new_tokens, do_sample=f.do_sample, temperature=f.temperature,
@@ -70,26 +149,48 @@ def main(argv):
     )  # fmt: skip
     generated, start = 0, time.time()
     for prompt in prompts:
-        sys.stdout.write(prompt)
+        # The prompt is echoed only once its generation has produced something (or finished):
+        # an option error raised by the first call leaves stdout empty.
         if f.num_beams > 1:
-            text = opt_jax.generate_text(model, params, tokenizer, [prompt], **options)[0]
-            sys.stdout.write(text)
-            generated += len(tokenizer.encode(text, add_prefix=False))
+            text, count = _generate_beams(model, params, tokenizer, prompt, options)
+            sys.stdout.write(prompt + text)
+            generated += count
         else:
-            tokens = []
+            tokens, echoed = [], False
             for piece in opt_jax.stream_text(
                 model, params, tokenizer, prompt, tokens_out=tokens, **options
             ):
+                if not echoed:
+                    sys.stdout.write(prompt)
+                    echoed = True
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+            if not echoed:
+                sys.stdout.write(prompt)
             generated += len(tokens)
         sys.stdout.write("\n\n")
+        sys.stdout.flush()
     elapsed = time.time() - start
     print(
         f"[generate] {generated} tokens in {elapsed:.1f}s: {generated / elapsed:.1f} tokens/s "
         "(first call includes compilation)",
         file=sys.stderr,
     )
+
+
+distributed.define_flags()
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+        _run(flags.FLAGS)
+    except (ValueError, FileNotFoundError, app.UsageError) as e:  # CheckpointError: a ValueError
+        sys.stdout.flush()
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ shardings); activations follow Korthikanti et al. 2022; tests check the totals a
 compiled.memory_analysis() on shapes that compile here.
 """
 
+import sys
+
 from absl import app, flags
 
 import opt_jax
@@ -56,6 +58,40 @@ HEADER = (
 )
 
 
+def _parse_mesh(text: str) -> tuple[int, int, int]:
+    """--mesh "data,fsdp,tensor" -> three positive sizes."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        sizes = tuple(int(part) for part in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(
+            f"--mesh expects three positive sizes data,fsdp,tensor (e.g. 1,64,8), got {text!r}"
+        )
+    return sizes
+
+
+def _check(f, data: int, fsdp: int) -> None:
+    """Flag values the planner would otherwise turn into a crash or a meaningless plan."""
+    for name in ("batch", "seq_len", "grad_accum"):
+        if getattr(f, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(f, name)}")
+    config = opt_jax.preset(f.preset)  # an unknown preset is a ValueError naming the choices
+    if f.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq_len {f.seq_len} exceeds the {f.preset} model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    if f.batch % (data * fsdp):
+        raise ValueError(f"--batch {f.batch} is not divisible by data x fsdp = {data * fsdp}")
+    if (f.batch // (data * fsdp)) % f.grad_accum:
+        raise ValueError(
+            f"--batch {f.batch} over data x fsdp = {data * fsdp} is {f.batch // (data * fsdp)} "
+            f"per shard, which --grad_accum {f.grad_accum} does not divide"
+        )
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -68,19 +104,24 @@ def main(argv):
             "`python scripts/plan_memory.py --table`"
         )
         return
-    data, fsdp, tensor = (int(x) for x in f.mesh.split(","))
-    p, row = _row(
-        f.preset,
-        data,
-        fsdp,
-        tensor,
-        f.batch,
-        f.seq_len,
-        f.dtype,
-        f.param_dtype,
-        f.remat,
-        f.grad_accum,
-    )
+    try:
+        data, fsdp, tensor = _parse_mesh(f.mesh)
+        _check(f, data, fsdp)
+        p, row = _row(
+            f.preset,
+            data,
+            fsdp,
+            tensor,
+            f.batch,
+            f.seq_len,
+            f.dtype,
+            f.param_dtype,
+            f.remat,
+            f.grad_accum,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for key, value in p.items():
         print(f"{key:>16}: {_gib(value):>8} GiB")
     print(HEADER)

@@ -4,6 +4,7 @@ python scripts/plot_metrics.py --workdir demo_out   # writes demo_out/metrics.pn
 """
 
 import os
+import sys
 
 import matplotlib
 
@@ -20,9 +21,14 @@ flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/metrics.png).")
 def main(argv):
     del argv
     workdir = flags.FLAGS.workdir
-    records = read_metrics(workdir)
+    try:
+        records = read_metrics(workdir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not records:
-        raise app.UsageError(f"{workdir}/metrics.jsonl has no records yet")
+        print(f"error: {workdir}/metrics.jsonl has no records yet", file=sys.stderr)
+        sys.exit(2)
     steps = [r["step"] for r in records]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))

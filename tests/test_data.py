@@ -48,3 +48,60 @@ def test_packing_determinism_and_process_slices():
         ds.batch(0, 0, 3)
     with pytest.raises(ValueError, match="not one sequence of seq_len 2000"):
         data.PackedDataset(tokens, 2000, 8, 0)
+
+
+def _corpus(tmp_path, n=12):
+    for i in range(n):
+        lines = [
+            f"def func_{i}_{j}(alpha_{j}, beta):\n    return alpha_{j} * {i + j}\n"
+            for j in range(60)
+        ]
+        (tmp_path / f"doc{i}.py").write_text("".join(lines))
+    return str(tmp_path / "*.py")
+
+
+def test_cache_is_rebuilt_when_the_data_config_changes(tmp_path):
+    from train_helpers import tiny_train_config
+
+    source = _corpus(tmp_path)
+    workdir = tmp_path / "run"
+    config = tiny_train_config(
+        **{"data.source": source, "data.vocab_size": 280, "data.eval_fraction": 0.5}
+    )
+    tok, train_a, _ = data.prepare(config, workdir)
+    assert tok.vocab_size == 280 and (workdir / "data" / "meta.json").exists()
+    # Same config: the cache is read back, not rebuilt.
+    mtime = (workdir / "data" / "train.npy").stat().st_mtime_ns
+    data.prepare(config, workdir)
+    assert (workdir / "data" / "train.npy").stat().st_mtime_ns == mtime
+    # A changed data config before any checkpoint: rebuilt with the new settings.
+    changed = tiny_train_config(
+        **{"data.source": source, "data.vocab_size": 320, "data.eval_fraction": 0.5}
+    )
+    tok, train_b, _ = data.prepare(changed, workdir)
+    assert tok.vocab_size == 320
+    assert data.OPTTokenizer.from_pretrained(workdir / "data" / "tokenizer").vocab_size == 320
+    # Resuming a run trained on the cached tokens with other settings is refused, named.
+    with pytest.raises(ValueError, match=r"data config changed .*vocab_size: 320 -> 280"):
+        data.prepare(config, workdir, resuming=True)
+
+
+def test_fine_tuning_defaults_to_the_checkpoints_tokenizer(tmp_path):
+    from train_helpers import tiny_train_config
+
+    source = _corpus(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    opt_jax.train_tokenizer(["some text to learn from " * 30], 270).save(ckpt)
+    config = tiny_train_config(
+        init_from=str(ckpt), **{"data.source": source, "data.eval_fraction": 0.5}
+    )
+    assert data.tokenizer_source(config) == str(ckpt)
+    tok, _, _ = data.prepare(config, tmp_path / "run")
+    assert tok.vocab_size == 270  # the checkpoint's vocabulary, not a freshly trained one
+    other = tmp_path / "other"
+    opt_jax.train_tokenizer(["different words entirely " * 30], 260).save(other)
+    explicit = tiny_train_config(init_from=str(ckpt), **{"data.tokenizer": str(other)})
+    assert data.tokenizer_source(explicit) == str(other)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        data.tokenizer_source(tiny_train_config(init_from=str(tmp_path / "bare")))

@@ -252,3 +252,89 @@ def test_generation_does_not_depend_on_implementation_options(impl, strategy):
         opt_jax.OPTForCausalLM(config), params, ids, mask, max_new_tokens=8, **strategy
     )
     np.testing.assert_array_equal(out.sequences, ref)
+
+
+def test_concurrent_streams_each_get_their_own_tokens():
+    import threading
+
+    prompts = {"a": np.array([[5, 6, 7]]), "b": np.array([[9, 10, 11, 12]])}
+    kwargs = dict(max_new_tokens=20, eos_token_id=[])
+    expected = {
+        name: opt_jax.generate(MODEL, PARAMS, ids, **kwargs).sequences[0, ids.shape[1] :].tolist()
+        for name, ids in prompts.items()
+    }
+    opt_jax.generate(MODEL, PARAMS, prompts["a"], streamer=lambda step, tokens: None, **kwargs)
+    both_started = threading.Barrier(2, timeout=30)  # makes the two calls overlap
+    streamed = {name: [] for name in prompts}
+    results, errors = {}, []
+
+    def run(name):
+        def streamer(step, tokens):
+            if step == 0:
+                both_started.wait()
+            streamed[name].append(int(tokens[0]))
+
+        try:
+            out = opt_jax.generate(MODEL, PARAMS, prompts[name], streamer=streamer, **kwargs)
+            results[name] = out.sequences[0, prompts[name].shape[1] :].tolist()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert expected["a"] != expected["b"]
+    for name in prompts:
+        assert results[name] == expected[name]
+        assert streamed[name] == expected[name], name
+
+
+def test_streamer_returning_false_stops_generation():
+    steps = []
+
+    def streamer(step, tokens):
+        steps.append(step)
+        return False if step == 2 else None
+
+    out = opt_jax.generate(
+        MODEL, PARAMS, np.array([[5, 6, 7]]), max_new_tokens=20, eos_token_id=[], streamer=streamer
+    )
+    assert steps == [0, 1, 2]
+    full = opt_jax.generate(
+        MODEL, PARAMS, np.array([[5, 6, 7]]), max_new_tokens=20, eos_token_id=[]
+    )
+    np.testing.assert_array_equal(out.sequences[0, :6], full.sequences[0, :6])
+    assert (out.sequences[0, 6:] == CONFIG.pad_token_id).all()
+
+
+def _text_model():
+    config, _, _ = _tiny(max_positions=64)
+    config = config.replace(vocab_size=288)
+    return opt_jax.OPTForCausalLM(config), opt_jax.init_params(config, 3)
+
+
+def test_abandoned_stream_does_not_leak_into_the_next(tokenizer):
+    model, params = _text_model()
+    options = dict(max_new_tokens=50, eos_token_id=[], do_sample=True, seed=0, temperature=2.0)
+    expected = opt_jax.generate_text(model, params, tokenizer, ["print("], **options)[0]
+    for _ in opt_jax.stream_text(model, params, tokenizer, "def add(a, b):", **options):
+        break  # the user stops reading while its worker thread is still decoding
+    second = "".join(opt_jax.stream_text(model, params, tokenizer, "print(", **options))
+    assert second == expected
+
+
+def test_text_api_checks_tokenizer_and_prompt_types(tokenizer):
+    model, params = _text_model()
+    small = opt_jax.OPTForCausalLM(model.config.replace(vocab_size=200))
+    for call in (
+        lambda: opt_jax.generate_text(small, params, tokenizer, ["print("], max_new_tokens=2),
+        lambda: opt_jax.stream_text(small, params, tokenizer, "print(", max_new_tokens=2),
+    ):
+        message = rf"tokenizer has {tokenizer.vocab_size} ids .* vocab_size is only 200"
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match="stream_text takes one prompt string, got list"):
+        opt_jax.stream_text(model, params, tokenizer, ["print("], max_new_tokens=2)

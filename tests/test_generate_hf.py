@@ -22,17 +22,22 @@ def models(tmp_path_factory):
     return out
 
 
-def _frequent_token(hf, ids, mask):
-    """A token greedy decoding emits mid-way in some rows: used as EOS so rows stop early."""
+def _hf_generate(hf, ids, mask, **kwargs) -> np.ndarray:
+    """transformers' greedy/beam generate on a left-padded batch, MAX_NEW tokens, pad id 1."""
     with torch.no_grad():
-        ref = hf.generate(
+        return hf.generate(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
             max_new_tokens=MAX_NEW,
             do_sample=False,
             pad_token_id=1,
-            eos_token_id=None,
-        ).numpy()[:, ids.shape[1] :]
+            **kwargs,
+        ).numpy()
+
+
+def _frequent_token(hf, ids, mask):
+    """A token greedy decoding emits mid-way in some rows: used as EOS so rows stop early."""
+    ref = _hf_generate(hf, ids, mask, eos_token_id=None)[:, ids.shape[1] :]
     values, counts = np.unique(ref[:, 2:8], return_counts=True)
     return int(values[np.argmax(counts)])
 
@@ -63,16 +68,7 @@ def test_token_identical_to_transformers(models, variant, case, stop):
     out = opt_jax.generate(
         model, params, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, **kwargs
     )
-    with torch.no_grad():
-        ref = hf.generate(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=MAX_NEW,
-            do_sample=False,
-            pad_token_id=1,
-            eos_token_id=eos,
-            **kwargs,
-        ).numpy()
+    ref = _hf_generate(hf, ids, mask, eos_token_id=eos, **kwargs)
     rows = ids.shape[0] * kwargs.get("num_return_sequences", 1)
     assert out.sequences.shape == (rows, ids.shape[1] + MAX_NEW)
     assert out.sequences.dtype == np.int32
@@ -80,3 +76,23 @@ def test_token_identical_to_transformers(models, variant, case, stop):
     np.testing.assert_array_equal(out.sequences, ref)
     if stop == "eos" and case == "greedy":
         assert (out.sequences[:, 8:] == eos).any()  # the EOS path was exercised
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_single_token_bad_words_equal_to_eos_are_dropped_as_in_transformers(models, num_beams):
+    # transformers' NoBadWordsLogitsProcessor drops bad words [e] for EOS ids e (EOS stays
+    # allowed); longer bad words ending in EOS are still banned.
+    hf, model, params = models["pre_ln"]
+    ids, mask = ragged_batch(length=8)
+    eos = _frequent_token(hf, ids, mask)
+    kwargs = dict(
+        eos_token_id=[eos, 3],
+        bad_words_ids=[[eos], [3], [5], [7, eos]],
+        suppress_tokens=[1],
+        num_beams=num_beams,
+    )
+    out = opt_jax.generate(model, params, ids, mask, max_new_tokens=MAX_NEW, **kwargs)
+    ref = _hf_generate(hf, ids, mask, **kwargs)
+    ref = np.pad(ref, ((0, 0), (0, out.sequences.shape[1] - ref.shape[1])), constant_values=1)
+    np.testing.assert_array_equal(out.sequences, ref)
+    assert (out.sequences[:, 8:] == eos).any()  # EOS was not banned

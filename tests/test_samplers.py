@@ -89,3 +89,36 @@ def test_seed_reproducibility():
     cfg = CONFIGS["plain"]
     np.testing.assert_array_equal(sample(cfg, seed=3), sample(cfg, seed=3))
     assert (sample(cfg, seed=3) != sample(cfg, seed=4)).any()
+
+
+@pytest.mark.parametrize("min_keep", [1, 2, 3])
+def test_filters_min_keep_match_transformers_warpers(min_keep):
+    """Beam sampling builds transformers' warpers with min_tokens_to_keep = len(eos) + 1."""
+    import torch
+    from transformers.generation import logits_process as hf
+
+    from opt_jax import logits_processing as lp
+
+    rng = np.random.RandomState(0)
+    x = (rng.randn(6, 50) * 3).astype(np.float32)
+    x[0, :10] = -np.inf  # already banned entries
+    x[2, 5:] = -np.inf
+    x[3] *= 10  # one dominant token
+    ids = torch.zeros((6, 1), dtype=torch.long)
+    cases = [
+        (lp.top_k_filter, hf.TopKLogitsWarper, 1),
+        (lp.top_k_filter, hf.TopKLogitsWarper, 4),
+        (lp.top_p_filter, hf.TopPLogitsWarper, 0.1),
+        (lp.top_p_filter, hf.TopPLogitsWarper, 0.9),
+        (lp.min_p_filter, hf.MinPLogitsWarper, 0.9),
+        (lp.typical_filter, hf.TypicalLogitsWarper, 0.1),
+        (lp.typical_filter, hf.TypicalLogitsWarper, 0.7),
+    ]
+    for ours, theirs, value in cases:
+        got = np.asarray(ours(jnp.asarray(x), value, min_keep))
+        want = theirs(value, min_tokens_to_keep=min_keep)(ids, torch.tensor(x)).numpy()
+        name = f"{theirs.__name__}({value})"
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+        if min_keep > 1:
+            assert (np.isfinite(got).sum(-1) >= min_keep).all()

@@ -76,17 +76,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "mesh",
-    [{"mesh.data": 2, "mesh.fsdp": 4}, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.dcn_data": 2}],
-    ids=["data2_fsdp4", "fsdp4_x_dcn_data2"],
-)
-def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
-    overrides = json.dumps({"batch_size": 8, "num_train_steps": 4, "checkpoint_every_steps": 2,
-                            "eval_every_steps": 2, **mesh})  # fmt: skip
+def _two_processes(tmp_path, workdir, overrides: str, flags: list[str], timeout=420):
+    """Runs train_helpers.py as a two-process job on localhost: (exit codes, outputs)."""
     helper = str(HERE / "train_helpers.py")
-    _python(helper, str(tmp_path / "one"), overrides, "--devices", "8")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
     env.pop("XLA_FLAGS", None)
     port = str(_free_port())
@@ -96,10 +88,9 @@ def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
             [
                 sys.executable,
                 helper,
-                str(tmp_path / "two"),
+                str(workdir),
                 overrides,
-                "--devices",
-                "4",
+                *flags,
                 "--distributed",
                 port,
                 "2",
@@ -112,18 +103,36 @@ def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
         for i in range(2)
     ]
     try:
-        codes = [p.wait(timeout=420) for p in procs]
+        codes = [p.wait(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    return codes, outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh",
+    [{"mesh.data": 2, "mesh.fsdp": 4}, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.dcn_data": 2}],
+    ids=["data2_fsdp4", "fsdp4_x_dcn_data2"],
+)
+def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
+    overrides = json.dumps({"batch_size": 8, "num_train_steps": 4, "checkpoint_every_steps": 2,
+                            "eval_every_steps": 2, **mesh})  # fmt: skip
+    helper = str(HERE / "train_helpers.py")
+    _python(helper, str(tmp_path / "one"), overrides, "--devices", "8")
+    codes, outputs = _two_processes(tmp_path, tmp_path / "two", overrides, ["--devices", "4"])
     if codes != [0, 0]:
-        for log in logs:
-            log.seek(0)
         pytest.fail(
-            f"processes ended with {codes}:\n" + "\n----\n".join(log.read()[-3000:] for log in logs)
+            f"processes ended with {codes}:\n" + "\n----\n".join(o[-3000:] for o in outputs)
         )
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # process 0 alone writes the log
@@ -155,6 +164,24 @@ def test_indivisible_dimension_names_parameter_dimension_and_axis():
         sharding.make_mesh(-1, -1, 1)
 
 
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        (dict(dcn_data=0), r"mesh size dcn_data must be >= 1, got 0"),
+        (dict(dcn_tensor=-1), r"mesh size dcn_tensor must be >= 1, got -1"),
+        (
+            dict(tensor=0),
+            r"mesh size tensor must be >= 1 \(or -1 for the remaining devices\), got 0",
+        ),
+        (dict(data=-2), r"mesh size data must be >= 1 .*, got -2"),
+        (dict(fsdp=1.5), r"mesh size fsdp must be an integer, got 1.5"),
+    ],
+)
+def test_mesh_sizes_are_checked_before_any_arithmetic(sizes, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.make_mesh(**sizes)
+
+
 @pytest.mark.parametrize("name", opt_jax.PRESETS)
 def test_preset_per_device_parameter_bytes_on_large_meshes(name):
     """eval_shape of every preset, sharded on abstract meshes of up to 2048 devices."""
@@ -171,3 +198,21 @@ def test_preset_per_device_parameter_bytes_on_large_meshes(name):
         ideal = total / (fsdp * tp)
         # Only the small q/k/v biases ([heads, head_dim]) stay whole along fsdp.
         assert ideal <= per_device <= 1.01 * ideal + 2**20, (fsdp, tp, per_device, ideal)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Preemption seen by one host: both processes save the same step and exit cleanly (a lone
+    process saving would hang the collective save), and a restart resumes from that step."""
+    overrides = json.dumps({"batch_size": 8, "num_train_steps": 8, "checkpoint_every_steps": 8,
+                            "eval_every_steps": 0, "log_every_steps": 2})  # fmt: skip
+    flags = ["--devices", "2", "--sigterm-at", "2", "--sigterm-process", "1"]
+    codes, outputs = _two_processes(tmp_path, tmp_path / "run", overrides, flags)
+    assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    # Process 1 alone got SIGTERM while logging step 2; both agree there and save step 2.
+    assert "[train] signal 15: saved step 2, exiting" in outputs[1]
+    assert "[train] a peer's signal: saved step 2, exiting" in outputs[0]
+    ckpts = checkpoint.TrainCheckpoints(tmp_path / "run", keep=2)
+    assert ckpts.latest_step() == 2
+    ckpts.close()
+    assert not (tmp_path / "run" / "export").exists()

@@ -18,12 +18,12 @@ import torch
 from train_helpers import tiny_train_config
 
 import opt_jax
-from opt_jax import checkpoint, train
+from opt_jax import checkpoint, roofline, train
 from opt_jax.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "train_helpers.py"
-TIMING = {"tokens_per_s", "step_time", "sample"}
+TIMING = {"tokens_per_s", "step_time", "tflops_per_device", "sample"}
 
 
 def _run_trainer(workdir, overrides=None, *flags, expect_kill=False):
@@ -103,6 +103,13 @@ def test_metrics_and_outputs(reference_run):
     records = read_metrics(reference_run)
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "skipped"):
         assert all(key in r for r in records), key
+    # Model TFLOP/s per device = 3 x forward FLOPs per token x tokens/s / devices (one here).
+    model_config, _ = checkpoint.load_params(reference_run / "export")
+    seq_len = json.loads((reference_run / "train_config.json").read_text())["seq_len"]
+    per_token = 3 * roofline.model_flops_per_token(model_config, seq_len)
+    for r in records:
+        assert r["tflops_per_device"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12)
+    assert "mfu" not in records[0]  # only on accelerators whose peak is known
     assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
     assert records[-1]["loss"] < records[0]["loss"]
     assert (reference_run / "train_config.json").exists()
@@ -154,14 +161,16 @@ def test_adamw_step_matches_torch():
     optim = tiny_train_config().optim
     optim.schedule, optim.warmup_steps, optim.grad_clip = "constant", 0, 0.0
     rng = np.random.RandomState(0)
-    params = {"w": rng.randn(4, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32)}
+    params = {
+        "kernel": rng.randn(4, 3).astype(np.float32), "bias": rng.randn(3).astype(np.float32)
+    }  # fmt: skip
     grads = [
         {k: rng.randn(*v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)
     ]
     tx = train.make_optimizer(optim, 10)
     ours, opt_state = jax.tree.map(jnp.asarray, params), None
     opt_state = tx.init(ours)
-    w, b = (torch.tensor(params[k], requires_grad=True) for k in ("w", "b"))
+    w, b = (torch.tensor(params[k], requires_grad=True) for k in ("kernel", "bias"))
     torch_opt = torch.optim.AdamW(
         [{"params": [w], "weight_decay": optim.weight_decay}, {"params": [b], "weight_decay": 0.0}],
         lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
@@ -169,10 +178,10 @@ def test_adamw_step_matches_torch():
     for g in grads:
         updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, ours)
         ours = optax.apply_updates(ours, updates)
-        w.grad, b.grad = torch.tensor(g["w"]), torch.tensor(g["b"])
+        w.grad, b.grad = torch.tensor(g["kernel"]), torch.tensor(g["bias"])
         torch_opt.step()
-    np.testing.assert_allclose(ours["w"], w.detach().numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ours["b"], b.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours["kernel"], w.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours["bias"], b.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_bad_training_inputs(tmp_path):
@@ -189,6 +198,7 @@ def test_bad_training_inputs(tmp_path):
         ValueError, match="seq_len 128 exceeds the model's max_position_embeddings 64"
     ):
         train.train_and_evaluate(tiny_train_config(seq_len=128), tmp_path / "c")
+    assert not (tmp_path / "c" / "data").exists()  # refused before any tokenizing
     with pytest.raises(
         ValueError, match="batch_size 3 is not divisible by the 2 data-parallel devices"
     ):
@@ -201,7 +211,14 @@ def test_init_from_and_workdir_mismatches(tmp_path):
     config = opt_jax.OPTConfig(vocab_size=304, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
     opt_jax.save_pretrained(tmp_path / "hf", config, opt_jax.init_params(config, 0))
-    with pytest.raises(ValueError, match=r"does not match the model config: hidden_size: 32 vs 16"):
+    # Fine-tuning uses the checkpoint's own tokenizer; a checkpoint without one is refused.
+    with pytest.raises(ValueError, match="has no tokenizer: .*--config.data.tokenizer"):
+        train.train_and_evaluate(tiny_train_config(init_from=str(tmp_path / "hf")), tmp_path / "w0")
+    assert not (tmp_path / "w0" / "data").exists()
+    opt_jax.train_tokenizer(["def f(x):\n    return x\n" * 50], 300).save(tmp_path / "hf")
+    with pytest.raises(
+        ValueError, match=r"does not match the model config: .*hidden_size: 32 vs 16"
+    ):
         train.train_and_evaluate(tiny_train_config(init_from=str(tmp_path / "hf")), tmp_path / "w1")
     with pytest.raises(ValueError, match="is not a directory"):
         train.train_and_evaluate(
@@ -214,6 +231,46 @@ def test_init_from_and_workdir_mismatches(tmp_path):
         ValueError, match=r"holds a checkpoint of a different model: ffn_dim: 48 vs 64"
     ):
         train.train_and_evaluate(wider, tmp_path / "w3")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_only_on_matrices_and_embeddings(scan):
+    """Biases (q/k/v's are [heads, head_dim]) and LayerNorms are never decayed, scanned or not."""
+    config = opt_jax.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                               num_attention_heads=2, scan_layers=scan)  # fmt: skip
+    params = opt_jax.abstract_params(config)
+    mask = train._decay_mask(params)
+    for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
+        leaf = path[-1].key
+        assert decayed == (leaf in ("kernel", "embedding")), jax.tree_util.keystr(path)
+    assert sum(jax.tree.leaves(mask)) == 2 + 6 * (1 if scan else 2)  # 2 embeddings, 6 kernels
+
+
+def test_spike_detection_without_warmup_accepts_the_first_step():
+    optim = tiny_train_config().optim
+    optim.spike_factor, optim.spike_warmup_steps = 3.0, 0
+    state, batch, step = _tiny_state(optim)
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert int(state.skipped) == 0 and float(state.loss_avg) > 0
+
+
+def test_skipped_steps_do_not_advance_the_schedule_and_the_log_says_so(tmp_path):
+    """After two accepted steps every update spikes (factor 1e-6): the optimiser's count stays
+    at 2, and the logged learning rate is the one the last applied update used."""
+    config = tiny_train_config(
+        num_train_steps=4, eval_every_steps=0, checkpoint_every_steps=4,
+        **{"optim.spike_factor": 1e-6, "optim.spike_warmup_steps": 2, "optim.warmup_steps": 3},
+    )  # fmt: skip
+    train.train_and_evaluate(config, tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["skipped"] for r in records] == [0, 0, 1, 2]
+    schedule = train.make_schedule(config.optim, config.num_train_steps)
+    want = [schedule(0), schedule(1), schedule(1), schedule(1)]
+    assert [r["learning_rate"] for r in records] == pytest.approx([float(x) for x in want])
+    _, state = _final_state(tmp_path, step=4)
+    counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0]
+    assert counts and all(c == 2 for c in counts)
 
 
 def test_grad_accumulation_matches_one_big_batch():
@@ -283,7 +340,9 @@ def test_train_cli_locks_config(tmp_path):
          "--workdir", str(tmp_path), "--config.optim.lr=0.1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode != 0 and "lr" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: --config.optim.lr: optim has no field 'lr'" in proc.stderr
+    assert "learning_rate" in proc.stderr  # the fields it does have are listed
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -4,7 +4,8 @@ Run as a script:
   python train_helpers.py WORKDIR OVERRIDES_JSON [--kill-after-save STEP] [--sigterm-at STEP]
       [--devices N] [--distributed PORT NUM_PROCESSES PROCESS_ID]
 --kill-after-save SIGKILLs the trainer right after the (asynchronous) save of STEP has started,
-i.e. while it is being written; --sigterm-at sends SIGTERM after STEP; --devices emulates N CPU
+i.e. while it is being written; --sigterm-at sends SIGTERM after STEP (to process K only with
+--sigterm-process K); --devices emulates N CPU
 devices; --distributed joins a multi-process job on localhost.
 """
 
@@ -61,6 +62,8 @@ def main():
         distributed.initialize(f"127.0.0.1:{port}", int(count), int(index), devices)
     elif devices:
         distributed.initialize(local_device_count=devices)
+    import jax
+
     from opt_jax import checkpoint, metrics, train
 
     if "--kill-after-save" in args:
@@ -77,9 +80,12 @@ def main():
         term_step = int(args[args.index("--sigterm-at") + 1])
         original_write = metrics.MetricsWriter.write
 
+        # --sigterm-process K: only process K is signalled (a preemption seen by one host).
+        only = args[args.index("--sigterm-process") + 1] if "--sigterm-process" in args else None
+
         def write_then_term(self, step, record):
             original_write(self, step, record)
-            if step == term_step:
+            if step == term_step and only in (None, str(jax.process_index())):
                 os.kill(os.getpid(), signal.SIGTERM)
 
         metrics.MetricsWriter.write = write_then_term

@@ -1,0 +1,188 @@
+"""Loads OPT checkpoints in metaseq's own layout (the codebase OPT was trained and released in).
+
+A consolidated metaseq checkpoint (one file, as metaseq's `convert_to_singleton` script writes
+it, often named `restored.pt`) is `torch.save({"model": state_dict, "cfg": ..., ...})`. Its
+state dict differs from Hugging Face's in four ways (the facts behind transformers' own
+`convert_opt_original_pytorch_checkpoint_to_pytorch.py`):
+
+- attention q/k/v are one fused `self_attn.qkv_proj` whose output rows are K, then V, then Q
+  (not Q, K, V: metaseq's sequence-parallel block splits them in that order);
+- opt-350m's projections are `decoder.project_in_dim` / `decoder.project_out_dim`;
+- the final LayerNorm is `decoder.layer_norm`;
+- `decoder.output_projection.weight` (the tied LM head) and `decoder.version` are extra.
+
+Unconsolidated checkpoints (FSDP shards holding `flat_param_*`, or model-parallel parts named
+`*model_part-K*.pt`) must be consolidated with metaseq's scripts first; this module says so
+rather than guessing at their partitioning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from opt_jax import torch_reader
+from opt_jax.config import PRESETS, OPTConfig, preset
+from opt_jax.convert import (
+    TIED_LM_HEAD,
+    CheckpointError,
+    _assemble,
+    _canonical_key,
+)
+
+_RENAMES = {
+    "decoder.project_in_dim.weight": "decoder.project_in.weight",
+    "decoder.project_out_dim.weight": "decoder.project_out.weight",
+    "decoder.layer_norm.weight": "decoder.final_layer_norm.weight",
+    "decoder.layer_norm.bias": "decoder.final_layer_norm.bias",
+}
+_BOOKKEEPING = {"decoder.version", "_float_tensor"}  # not weights
+_MODEL_PART = re.compile(r"model_part-\d+")
+
+
+def _checkpoint_file(path: str) -> str:
+    if os.path.isfile(path):
+        if _MODEL_PART.search(os.path.basename(path)):
+            raise CheckpointError(_unconsolidated(path, "a model-parallel part"))
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no metaseq checkpoint at {path}")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+    if any(_MODEL_PART.search(f) for f in files):
+        raise CheckpointError(_unconsolidated(path, f"model-parallel parts {files}"))
+    if len(files) != 1:
+        raise CheckpointError(
+            f"{path} should hold exactly one consolidated .pt file, found {files or 'none'}; "
+            "pass the file itself"
+        )
+    return os.path.join(path, files[0])
+
+
+def _unconsolidated(path: str, what: str) -> str:
+    return (
+        f"{path} is {what} of an unconsolidated metaseq checkpoint; merge it into one file with "
+        "metaseq's scripts (reshard_fsdp, then convert_to_singleton) and load that"
+    )
+
+
+def _state_dict(path: str) -> dict:
+    try:
+        obj = torch_reader.load(path)
+    except torch_reader.TorchFileError as e:
+        raise CheckpointError(str(e)) from e
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a metaseq state dict")
+    if any(key.startswith("flat_param") or ".flat_param" in key for key in state):
+        raise CheckpointError(_unconsolidated(path, "an FSDP shard (flat_param_* tensors)"))
+    if not any(key.startswith("decoder.") for key in state):
+        raise CheckpointError(
+            f"{path} has no decoder.* tensors: not a metaseq OPT checkpoint (keys: "
+            f"{sorted(state)[:5]}...)"
+        )
+    return state
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], path: str) -> OPTConfig:
+    """The preset whose shapes a metaseq state dict has ({key: shape}); heads and LayerNorm
+    placement cannot be read from shapes, so nothing but a preset match is accepted."""
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("decoder.layers.")})
+    vocab, proj_dim = shapes.get("decoder.embed_tokens.weight", (None, None))
+    fc1 = shapes.get("decoder.layers.0.fc1.weight", (None, None))
+    positions = shapes.get("decoder.embed_positions.weight", (None,))[0]
+    found = (layers, fc1[1], fc1[0], vocab, proj_dim, positions)
+    for name in PRESETS:
+        c = preset(name)
+        want = (c.num_hidden_layers, c.hidden_size, c.ffn_dim, c.vocab_size,
+                c.word_embed_proj_dim, c.max_position_embeddings + 2)  # fmt: skip
+        if found == want:
+            return c
+    raise CheckpointError(
+        f"{path}: (layers, hidden, ffn, vocab, embed dim, position rows) = {found} match no OPT "
+        "preset, and attention heads / LayerNorm placement cannot be read from shapes: pass "
+        "config=OPTConfig(...) or a preset name"
+    )
+
+
+def _hf_tensors(state: dict, path: str, root_is_decoder: bool):
+    """Yields (HF name, metaseq key, array) one tensor at a time, q/k/v split out of qkv_proj."""
+    for key in list(state):
+        ref = state.pop(key)
+        if key in _BOOKKEEPING:
+            continue
+        if not isinstance(ref, torch_reader.TensorRef):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({ref!r})")
+        if key == "decoder.output_projection.weight":
+            yield TIED_LM_HEAD, key, ref.read()  # shape-checked against embed_tokens, then dropped
+            continue
+        if ".self_attn.qkv_proj." in key:
+            fused = ref.read()
+            if fused.shape[0] % 3:
+                raise CheckpointError(
+                    f"{path}: {key} has {fused.shape[0]} rows, not a multiple of 3 (K, V, Q)"
+                )
+            k, v, q = np.split(fused, 3, axis=0)
+            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                name = key.replace(".qkv_proj.", f".{proj}.")
+                yield _canonical_key(name, root_is_decoder), key, np.ascontiguousarray(part)
+            del fused, k, v, q
+            continue
+        name = _RENAMES.get(key, key)
+        yield _canonical_key(name, root_is_decoder), key, ref.read()
+
+
+def _named_config(name: str) -> OPTConfig:
+    if name in PRESETS:
+        return preset(name)
+    if os.path.exists(name):  # an HF config.json, or a directory holding one
+        return OPTConfig.from_hf(os.path.dirname(name) if os.path.isfile(name) else name)
+    raise ValueError(
+        f"config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an HF config path"
+    )
+
+
+def load_metaseq(
+    path: str | os.PathLike,
+    config: OPTConfig | str | None = None,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    architecture: str = "OPTForCausalLM",
+    shardings=None,
+    **config_overrides,
+) -> tuple[OPTConfig, dict]:
+    """Loads a consolidated metaseq OPT checkpoint (numpy only, no pickled code run).
+
+    Args:
+      path: the consolidated `.pt` file, or a directory holding exactly one.
+      config: an OPTConfig, a preset name ("125m" ... "175b"), or the path of an HF
+        config.json (or its directory); by default the preset whose shapes the checkpoint has.
+      dtype, param_dtype: compute and storage dtypes (default: the checkpoint's, usually
+        float16).
+      architecture: "OPTForCausalLM" (default) or "OPTModel".
+      shardings: optional target shardings (unrolled layout), as for load_pretrained.
+      config_overrides: other OPTConfig fields (scan_layers, remat_policy, attention_impl, ...).
+
+    Returns:
+      (config, params), as load_pretrained.
+    """
+    path = os.fspath(path)
+    file = _checkpoint_file(path)
+    state = _state_dict(file)
+    if config is None:
+        shapes = {k: v.shape for k, v in state.items() if isinstance(v, torch_reader.TensorRef)}
+        config = infer_config(shapes, file)
+    elif isinstance(config, (str, os.PathLike)):
+        config = _named_config(os.fspath(config))
+    embed = state.get("decoder.embed_tokens.weight")
+    stored = str(embed.dtype) if isinstance(embed, torch_reader.TensorRef) else "float32"
+    config = config.replace(
+        dtype=dtype or stored,
+        param_dtype=param_dtype or dtype or stored,
+        architecture=architecture,
+        **config_overrides,
+    )
+    tensors = _hf_tensors(state, file, config.architecture == "OPTModel")
+    return config, _assemble(config, tensors, shardings, file)

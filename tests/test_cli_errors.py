@@ -1,0 +1,243 @@
+"""The command-line scripts report bad input as one clear line (no traceback), before any slow
+work, and the library raises named errors for the same mistakes."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import opt_jax
+from opt_jax import checkpoint, distributed
+from opt_jax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n"] * 20
+
+
+def _run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _fails(*args, match: str) -> tuple[str, str]:
+    """Runs a script that must fail with a clean `error: ...` matching `match`."""
+    rc, out, err = _run(*args)
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err, err
+    assert err.startswith("error: "), err
+    assert re.search(match, err), err
+    return out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny random HF directory with a tokenizer and 64 positions."""
+    directory = tmp_path_factory.mktemp("tiny") / "hf"
+    tokenizer = opt_jax.train_tokenizer(TEXTS, vocab_size=300)
+    config = opt_jax.OPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    # Seed 1 generates byte tokens that decode to U+FFFD, so re-encoding the text miscounts.
+    opt_jax.save_pretrained(directory, config, opt_jax.init_params(config, 1))
+    tokenizer.save(directory)
+    return str(directory)
+
+
+# -- distributed --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "given, missing",
+    [
+        (dict(num_processes=2, process_id=1), "--coordinator_address"),
+        (dict(coordinator_address="localhost:1234"), "--num_processes, --process_id"),
+        (dict(coordinator_address="localhost:1234", num_processes=2), "--process_id"),
+    ],
+)
+def test_partial_multi_process_arguments_are_an_error(given, missing):
+    with pytest.raises(ValueError, match=f"go together: .* but not {missing}$"):
+        distributed.initialize(**given)
+
+
+def test_multi_process_argument_values_are_checked():
+    with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\)"):
+        distributed.initialize("localhost:1234", 2, 2)
+    with pytest.raises(ValueError, match="--num_processes must be >= 1"):
+        distributed.initialize("localhost:1234", 0, 0)
+
+
+def test_no_multi_process_arguments_is_single_process(monkeypatch):
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False
+
+
+def test_scripts_report_partial_multi_process_flags(tiny_hf, tmp_path):
+    _fails(
+        "scripts/generate.py", "--model", tiny_hf, "--prompt", "hi", "--max_new_tokens", "2",
+        "--num_processes=2", "--process_id=1",
+        match="go together: got --num_processes, --process_id but not --coordinator_address",
+    )  # fmt: skip
+    # train.py (absl's usage error: help text, then the message, no traceback).
+    rc, _, err = _run(
+        "scripts/train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+        "--coordinator_address=localhost:1234",
+    )  # fmt: skip
+    assert rc != 0 and "Traceback" not in err, err
+    assert "but not --num_processes, --process_id" in err, err
+    assert not (tmp_path / "w").exists()
+
+
+# -- generate.py -------------------------------------------------------------------------------
+def test_generate_checks_every_prompt_before_generating(tiny_hf, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n" + "x " * 100 + "\nimport os\n")
+    out, err = _fails(
+        "scripts/generate.py", "--model", tiny_hf, "--prompt_file", str(prompts),
+        "--max_new_tokens", "4",
+        match=r"^error: prompt 2: \d+ tokens \+ --max_new_tokens 4 = \d+ exceeds the model's 64 "
+        "positions",
+    )  # fmt: skip
+    assert out == ""  # nothing generated, no prompt echoed
+    assert "prompt 1" not in err and "prompt 3" not in err
+
+
+def test_generate_echoes_no_prompt_when_an_option_is_bad(tiny_hf):
+    out, _ = _fails(
+        "scripts/generate.py", "--model", tiny_hf, "--prompt", "def f(x):", "--top_p", "1.5",
+        "--max_new_tokens", "4",
+        match="top_p must be in",
+    )  # fmt: skip
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file .* does not exist"),
+        (["--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
+        (["--prompt", "hi", "--stop="], "--stop must be a non-empty string"),
+        ([], "give --prompt and/or --prompt_file"),
+    ],
+)
+def test_generate_flag_errors_are_one_line(tiny_hf, args, match):
+    _, err = _fails("scripts/generate.py", "--model", tiny_hf, *args, match=match)
+    assert err.count("\n") == 1, err
+
+
+def test_generate_missing_model_and_tokenizer(tiny_hf, tmp_path):
+    _fails(
+        "scripts/generate.py", "--model", str(tmp_path / "nope"), "--prompt", "hi",
+        match="--model .*nope is not a directory",
+    )  # fmt: skip
+    config, params = opt_jax.load_pretrained(tiny_hf)
+    checkpoint.save_params(tmp_path / "ck", config, params)  # no tokenizer files
+    _fails(
+        "scripts/generate.py", "--model", str(tmp_path / "ck"), "--prompt", "hi",
+        match="no tokenizer in .*; pass --tokenizer",
+    )  # fmt: skip
+
+
+def test_generate_beam_search_counts_generated_tokens(tiny_hf):
+    rc, out, err = _run(
+        "scripts/generate.py", "--model", tiny_hf, "--prompt", "def f(x):", "--num_beams", "2",
+        "--max_new_tokens", "7",
+    )  # fmt: skip
+    assert rc == 0, err
+    config, params = opt_jax.load_pretrained(tiny_hf)
+    tok = opt_jax.OPTTokenizer.from_pretrained(tiny_hf)
+    ids, mask = tok.encode_batch(["def f(x):"])
+    sequences = opt_jax.generate(
+        opt_jax.OPTForCausalLM(config), params, ids, mask, max_new_tokens=7, num_beams=2,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_limit=tok.vocab_size,
+    ).sequences  # fmt: skip
+    new = [int(t) for t in sequences[0, ids.shape[1] :]]
+    expected = len([t for t in new if t not in (tok.eos_token_id, tok.pad_token_id)])
+    assert len(tok.encode(tok.decode(new), add_prefix=False)) != expected  # the old count
+    assert f"[generate] {expected} tokens in" in err, err
+    assert out == "def f(x):" + tok.decode(new) + "\n\n"
+
+
+# -- convert.py --------------------------------------------------------------------------------
+def test_convert_checks_destination_before_loading(tiny_hf, tmp_path):
+    (tmp_path / "ck" / "params").mkdir(parents=True)
+    out, _ = _fails(
+        "scripts/convert.py", "--to", "orbax", "--src", tiny_hf, "--dst", str(tmp_path / "ck"),
+        match="already holds an orbax checkpoint",
+    )  # fmt: skip
+    assert "parameters" not in out  # the source was not loaded
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    _fails(
+        "scripts/convert.py", "--to", "hf", "--src", str(tmp_path / "ck"), "--dst",
+        str(tmp_path / "hf"), match="already holds a checkpoint",
+    )  # fmt: skip
+
+
+def test_convert_suggests_the_other_direction(tiny_hf, tmp_path):
+    _fails(
+        "scripts/convert.py", "--to", "hf", "--src", tiny_hf, "--dst", str(tmp_path / "out"),
+        match="did you mean --to orbax",
+    )  # fmt: skip
+    _fails(
+        "scripts/convert.py", "--to", "orbax", "--src", str(tmp_path / "nope"), "--dst",
+        str(tmp_path / "out"), match="--src .*nope is not a directory",
+    )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_orbax_copies_the_tokenizer(tiny_hf, tmp_path):
+    rc, out, err = _run(
+        "scripts/convert.py", "--to", "orbax", "--src", tiny_hf, "--dst", str(tmp_path / "ck")
+    )
+    assert rc == 0, out + err
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "ck" / name).read_bytes() == (Path(tiny_hf) / name).read_bytes()
+    tok = opt_jax.OPTTokenizer.from_pretrained(tmp_path / "ck")
+    assert tok.encode("def f(x):") == opt_jax.OPTTokenizer.from_pretrained(tiny_hf).encode(
+        "def f(x):"
+    )
+
+
+# -- plan_memory.py ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--mesh", "1,64"], r"--mesh expects three positive sizes data,fsdp,tensor .* '1,64'"),
+        (["--mesh", "1,x,1"], "--mesh expects three positive sizes data,fsdp,tensor"),
+        (["--mesh", "1,0,1"], "--mesh expects three positive sizes data,fsdp,tensor"),
+        (["--grad_accum", "0"], "--grad_accum must be >= 1, got 0"),
+        (["--batch", "8", "--grad_accum", "3"], "--grad_accum 3 does not divide"),
+        (
+            ["--preset", "125m", "--seq_len", "4096"],
+            "--seq_len 4096 exceeds the 125m model's max_position_embeddings 2048",
+        ),
+    ],
+)
+def test_plan_memory_input_errors(args, match):
+    _fails("scripts/plan_memory.py", *args, match=match)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def test_missing_metrics_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "metrics.jsonl"))):
+        read_metrics(str(tmp_path))
+    _fails(
+        "scripts/plot_metrics.py", "--workdir", str(tmp_path),
+        match=re.escape(f"no metrics at {tmp_path / 'metrics.jsonl'}"),
+    )  # fmt: skip
+
+
+def test_checkpoint_docstring_describes_train_checkpoints():
+    assert "will live here" not in checkpoint.__doc__
+    assert "TrainCheckpoints" in checkpoint.__doc__
