@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import math
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -341,20 +342,52 @@ def decode(
 # ---------------------------------------------------------------------------------------------
 # The OPT adapter and the public entry point
 # ---------------------------------------------------------------------------------------------
-def opt_tokens_to_logits(config, params):
+def opt_tokens_to_logits(config, params, head=None):
     """tokens_to_logits for an OPTForCausalLM: runs the decoder with the cache and computes the
-    tied-head logits for the last position only (the prefill needs no others)."""
+    tied-head logits for the last position only (the prefill needs no others).
+
+    head: optional [P, V] copy of the embedding (see lm_head_copy) used for the LM head matmul.
+    """
     decoder = OPTModel(config)
 
     def tokens_to_logits(tokens, mask, cache):
         out = decoder.apply({"params": params["model"]}, tokens, mask, cache=cache)
         hidden = out.last_hidden_state  # [B, T, P]
-        embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]
         last = hidden[:, -1].astype(config.compute_dtype)
-        logits = jnp.einsum("bp,vp->bv", last, embedding.astype(config.compute_dtype))
+        if head is None:
+            embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            logits = jnp.einsum("bp,vp->bv", last, embedding.astype(config.compute_dtype))
+        else:
+            logits = jnp.einsum("bp,pv->bv", last, head.astype(config.compute_dtype))
         return logits.astype(jnp.float32), hidden, out.cache
 
     return tokens_to_logits
+
+
+# On CPU, XLA's matmul with a few rows on the left streams a [P, V] right-hand side much faster
+# than the [V, P] embedding table itself (125m, batch 8: 5.9 -> 4.0 ms per decode step for the
+# LM head; experiments/perf/README.md). So CPU decoding uses a transposed copy, made once per
+# embedding array and kept while that array lives. Accelerators take either layout at full
+# speed, and sharded tables are left alone.
+_HEAD_COPIES: dict[int, tuple[weakref.ref, jax.Array]] = {}
+_transposed = jax.jit(lambda table: table.T)
+
+
+def lm_head_copy(params) -> jax.Array | None:
+    """The [P, V] LM-head copy to decode with, or None (use the embedding as it is)."""
+    table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+    if not isinstance(table, jax.Array) or len(table.sharding.device_set) != 1:
+        return None
+    if next(iter(table.sharding.device_set)).platform != "cpu":
+        return None
+    for key, (ref, _) in list(_HEAD_COPIES.items()):  # forget copies of arrays that are gone
+        if ref() is None:
+            del _HEAD_COPIES[key]
+    entry = _HEAD_COPIES.get(id(table))
+    if entry is None or entry[0]() is not table:
+        entry = (weakref.ref(table), _transposed(table))
+        _HEAD_COPIES[id(table)] = entry
+    return entry[1]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -400,9 +433,9 @@ def _compiled(config, cfg: GenerationConfig, streaming: bool):
     key = (config, cfg, streaming)
     if key not in _JIT_CACHE:
 
-        def run(params, prompt, mask, rng, max_new, stream_id, buffer_length):
+        def run(params, head, prompt, mask, rng, max_new, stream_id, buffer_length):
             TRACE_COUNT["n"] += 1
-            tokens_to_logits = opt_tokens_to_logits(config, params)
+            tokens_to_logits = opt_tokens_to_logits(config, params, head)
             cache = KVCache.init(config, prompt.shape[0], buffer_length)
             if cfg.is_beam:
                 from opt_jax.beam_search import beam_search
@@ -425,7 +458,7 @@ def _compiled(config, cfg: GenerationConfig, streaming: bool):
             )
             return tokens, logprobs, None
 
-        _JIT_CACHE[key] = jax.jit(run, static_argnums=(6,))
+        _JIT_CACHE[key] = jax.jit(run, static_argnums=(7,))
     return _JIT_CACHE[key]
 
 
@@ -664,6 +697,7 @@ def generate(
     try:
         tokens, logprobs, scores = fn(
             params,
+            lm_head_copy(params),
             jnp.asarray(ids),
             jnp.asarray(mask),
             prng_key,

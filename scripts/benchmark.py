@@ -249,7 +249,10 @@ def compile_seconds(config, smoke: bool) -> dict:
     prompt = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     start = time.perf_counter()
     mask, stream_id = jax.ShapeDtypeStruct((1, 32), bool), jax.ShapeDtypeStruct((), jnp.int32)
-    generate.lower(state.params, prompt, mask, jax.random.key(0), 128, stream_id, 160).compile()
+    head = jax.ShapeDtypeStruct((config.word_embed_proj_dim, config.vocab_size), config.dtype)
+    generate.lower(
+        state.params, head, prompt, mask, jax.random.key(0), 128, stream_id, 160
+    ).compile()
     return {"train_step": train_s, "generate": time.perf_counter() - start}
 
 

@@ -338,3 +338,29 @@ def test_text_api_checks_tokenizer_and_prompt_types(tokenizer):
             call()
     with pytest.raises(ValueError, match="stream_text takes one prompt string, got list"):
         opt_jax.stream_text(model, params, tokenizer, ["print("], max_new_tokens=2)
+
+
+def test_cpu_lm_head_copy_is_cached_and_changes_no_token(monkeypatch):
+    """CPU decoding uses a [P, V] copy of the embedding for the LM head: made once per array,
+    equal to the transpose, dropped with the array, and generating the same tokens."""
+    params = jax.tree.map(jnp.array, PARAMS)  # arrays of our own, so the cache sees them die
+    table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+    head = decoding.lm_head_copy(params)
+    np.testing.assert_array_equal(head, table.T)
+    assert decoding.lm_head_copy(params) is head  # cached
+    assert decoding.lm_head_copy(jax.tree.map(np.asarray, params)) is None  # not device arrays
+    ids, mask = ragged_batch(length=8)
+    kwargs = dict(max_new_tokens=10, output_logprobs=True)
+    with_copy = opt_jax.generate(MODEL, params, ids, mask, **kwargs)
+    monkeypatch.setattr(decoding, "lm_head_copy", lambda p: None)
+    without = opt_jax.generate(MODEL, params, ids, mask, **kwargs)
+    np.testing.assert_array_equal(with_copy.sequences, without.sequences)
+    np.testing.assert_allclose(with_copy.logprobs, without.logprobs, atol=1e-5)
+    monkeypatch.undo()
+    key = id(table)
+    del params, table, head
+    import gc
+
+    gc.collect()
+    decoding.lm_head_copy(PARAMS)  # any call forgets copies of arrays that are gone
+    assert key not in decoding._HEAD_COPIES or decoding._HEAD_COPIES[key][0]() is not None
