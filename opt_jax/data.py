@@ -161,18 +161,83 @@ def tokenizer_source(config) -> str:
     return ""
 
 
-def _fingerprint(config) -> dict:
-    """What the cached tokens depend on; a cache built from anything else is stale."""
+def _fingerprint(config, resuming: bool) -> dict:
+    """What the cached tokens depend on; a cache built from anything else is stale. The
+    tokenizer counts by content (sha256), its path is kept for information only. When resuming
+    and the tokenizer can no longer be found (a moved init_from), it is left out: the cache's
+    own copy is what the run uses."""
     d = config.data
-    tokenizer = tokenizer_source(config)
     fp = {"source": d.source, "jsonl_field": d.jsonl_field, "max_files": d.max_files,
-          "eval_fraction": d.eval_fraction, "tokenizer": os.path.abspath(tokenizer) if tokenizer
-          else ""}  # fmt: skip
+          "eval_fraction": d.eval_fraction}  # fmt: skip
+    try:
+        tokenizer = tokenizer_source(config)
+    except ValueError:
+        if not resuming:
+            raise
+        return fp
     if tokenizer:
+        fp["tokenizer"] = os.path.abspath(tokenizer)
         fp["tokenizer_sha256"] = OPTTokenizer.from_pretrained(tokenizer).fingerprint()
     else:
         fp["vocab_size"] = d.vocab_size
     return fp
+
+
+_INFORMATIONAL = ("tokenizer",)  # recorded, never compared
+
+
+def _build_or_check(config, data_dir: str, workdir: str, resuming: bool) -> None:
+    """(Process 0.) Leaves a complete cache in data_dir that matches the config."""
+    tok_dir, meta_path = os.path.join(data_dir, "tokenizer"), os.path.join(data_dir, "meta.json")
+    marker = os.path.join(data_dir, "BUILDING")  # present while a build is under way
+    arrays = [os.path.join(data_dir, f"{s}.npy") for s in ("train", "eval")]
+    fingerprint = _fingerprint(config, resuming)
+    complete = all(map(os.path.isfile, arrays)) and os.path.isdir(tok_dir)
+    complete = complete and not os.path.exists(marker)
+    if complete and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            built_from = json.load(f)
+        changed = [
+            f"{k}: {built_from.get(k)!r} -> {v!r}"
+            for k, v in fingerprint.items()
+            if k not in _INFORMATIONAL and built_from.get(k) != v
+        ]
+        if not changed:
+            return
+        if resuming:
+            raise ValueError(
+                f"the data config changed since {workdir} was trained ({'; '.join(changed)}); "
+                "resume with the original data settings or start a new workdir"
+            )
+        print(f"[data] config changed ({'; '.join(changed)}): rebuilding the cache", flush=True)
+    elif complete and resuming:
+        return  # built by an older version that kept no record: the checkpoint was trained on it
+    if "tokenizer_sha256" not in fingerprint and "vocab_size" not in fingerprint:
+        raise ValueError(
+            f"the data cache in {data_dir} is incomplete and its tokenizer cannot be found: "
+            "pass --config.data.tokenizer"
+        )
+    docs = load_documents(config.data.source, config.data.jsonl_field, config.data.max_files)
+    train_docs, eval_docs = split_documents(docs, config.data.eval_fraction)
+    if "tokenizer" in fingerprint:
+        tokenizer = OPTTokenizer.from_pretrained(fingerprint["tokenizer"])
+    else:
+        tokenizer = train_tokenizer((t for _, t in train_docs), config.data.vocab_size)
+    train_tokens = tokenize(tokenizer, [t for _, t in train_docs])
+    eval_tokens = tokenize(tokenizer, [t for _, t in eval_docs])
+    os.makedirs(data_dir, exist_ok=True)
+    # A crash from here on leaves the marker behind, so the half-built cache is never taken.
+    open(marker, "w").close()
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    tokenizer.save(tok_dir)
+    for path, array in zip(arrays, (train_tokens, eval_tokens)):
+        np.save(path + ".tmp.npy", array)
+        os.replace(path + ".tmp.npy", path)
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(fingerprint, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+    os.remove(marker)
 
 
 def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming: bool = False):
@@ -180,69 +245,36 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming:
 
     The cache records the data config it was built from (data/meta.json). A cache built from a
     different config is rebuilt, unless the run is resuming from a checkpoint (its model was
-    trained on the cached tokens): then it is an error naming the changed fields.
+    trained on the cached tokens): then it is an error naming the changed fields. Process 0
+    checks and builds; every process then reads the cache (a shared filesystem).
 
     Returns:
       (tokenizer, train_tokens, eval_tokens)
     """
-    data_dir = os.path.join(workdir, "data")
-    tok_dir = os.path.join(data_dir, "tokenizer")
-    meta_path = os.path.join(data_dir, "meta.json")
-    train_path, eval_path = (os.path.join(data_dir, f"{s}.npy") for s in ("train", "eval"))
     import jax
 
     from opt_jax.sharding import sync
 
-    # Process 0 builds the cache; the others wait for it and read it.
-    if jax.process_index() != 0:
-        sync("data-prepared")
-    fingerprint = _fingerprint(config)
-    cached = os.path.isfile(train_path) and os.path.isfile(eval_path) and os.path.isdir(tok_dir)
-    if cached and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            built_from = json.load(f)
-        changed = [
-            f"{k}: {built_from.get(k)!r} -> {v!r}"
-            for k, v in fingerprint.items()
-            if built_from.get(k) != v
-        ]
-        if changed and resuming:
-            raise ValueError(
-                f"the data config changed since {workdir} was trained ({'; '.join(changed)}); "
-                "resume with the original data settings or start a new workdir"
-            )
-        if changed:
-            print(f"[data] config changed ({'; '.join(changed)}): rebuilding the cache", flush=True)
-            cached = False
-    elif cached and not resuming:
-        cached = False  # built by an older version that kept no record: rebuild to be sure
-    if cached:
-        tokenizer = OPTTokenizer.from_pretrained(tok_dir)
-        train_tokens, eval_tokens = np.load(train_path), np.load(eval_path)
-    elif jax.process_index() == 0:
-        docs = load_documents(config.data.source, config.data.jsonl_field, config.data.max_files)
-        train_docs, eval_docs = split_documents(docs, config.data.eval_fraction)
-        if fingerprint["tokenizer"]:
-            tokenizer = OPTTokenizer.from_pretrained(fingerprint["tokenizer"])
-        else:
-            tokenizer = train_tokenizer((t for _, t in train_docs), config.data.vocab_size)
-        train_tokens = tokenize(tokenizer, [t for _, t in train_docs])
-        eval_tokens = tokenize(tokenizer, [t for _, t in eval_docs])
-        os.makedirs(data_dir, exist_ok=True)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # the record goes last: a crash mid-build leaves no valid cache
-        tokenizer.save(tok_dir)
-        for path, array in ((train_path, train_tokens), (eval_path, eval_tokens)):
-            np.save(path + ".tmp.npy", array)
-            os.replace(path + ".tmp.npy", path)  # never a half-written cache
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(fingerprint, f, indent=2)
-        os.replace(meta_path + ".tmp", meta_path)
-    else:  # pragma: no cover - other processes read what process 0 wrote
-        tokenizer = OPTTokenizer.from_pretrained(tok_dir)
-        train_tokens, eval_tokens = np.load(train_path), np.load(eval_path)
+    data_dir = os.path.join(workdir, "data")
+    failure = None
     if jax.process_index() == 0:
-        sync("data-prepared")
+        try:
+            _build_or_check(config, data_dir, workdir, resuming)
+        except Exception as e:  # reported after the barrier, which every process must reach
+            failure = e
+    sync("data-prepared")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+        if not ok and failure is None:
+            raise RuntimeError("process 0 failed to prepare the training data (see its log)")
+    if failure is not None:
+        raise failure
+    tokenizer = OPTTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer"))
+    train_tokens, eval_tokens = (
+        np.load(os.path.join(data_dir, f"{s}.npy")) for s in ("train", "eval")
+    )
     if model_vocab_size is not None:
         for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
             validate_token_ids(tokens[None, :], model_vocab_size, name=f"{name} tokens")

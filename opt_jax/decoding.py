@@ -369,7 +369,8 @@ def opt_tokens_to_logits(config, params, head=None):
 # LM head; experiments/perf/README.md). So CPU decoding uses a transposed copy, made once per
 # embedding array and kept while that array lives. Accelerators take either layout at full
 # speed, and sharded tables are left alone.
-_HEAD_COPIES: dict[int, tuple[weakref.ref, jax.Array]] = {}
+_HEAD_COPIES: dict[int, jax.Array] = {}  # id(embedding array) -> its [P, V] copy
+_HEAD_LOCK = threading.Lock()
 _transposed = jax.jit(lambda table: table.T)
 
 
@@ -380,14 +381,14 @@ def lm_head_copy(params) -> jax.Array | None:
         return None
     if next(iter(table.sharding.device_set)).platform != "cpu":
         return None
-    for key, (ref, _) in list(_HEAD_COPIES.items()):  # forget copies of arrays that are gone
-        if ref() is None:
-            del _HEAD_COPIES[key]
-    entry = _HEAD_COPIES.get(id(table))
-    if entry is None or entry[0]() is not table:
-        entry = (weakref.ref(table), _transposed(table))
-        _HEAD_COPIES[id(table)] = entry
-    return entry[1]
+    key = id(table)
+    with _HEAD_LOCK:
+        head = _HEAD_COPIES.get(key)
+        if head is None:
+            head = _HEAD_COPIES[key] = _transposed(table)
+            # Dropped the moment the table is collected (before its id can be reused).
+            weakref.finalize(table, _HEAD_COPIES.pop, key, None)
+    return head
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -38,7 +38,7 @@ _RENAMES = {
     "decoder.layer_norm.weight": "decoder.final_layer_norm.weight",
     "decoder.layer_norm.bias": "decoder.final_layer_norm.bias",
 }
-_BOOKKEEPING = {"decoder.version", "_float_tensor"}  # not weights
+_BOOKKEEPING = ("decoder.version", "._float_tensor")  # suffixes of keys that are not weights
 _MODEL_PART = re.compile(r"model_part-\d+")
 
 
@@ -110,7 +110,7 @@ def _hf_tensors(state: dict, path: str, root_is_decoder: bool):
     """Yields (HF name, metaseq key, array) one tensor at a time, q/k/v split out of qkv_proj."""
     for key in list(state):
         ref = state.pop(key)
-        if key in _BOOKKEEPING:
+        if key.endswith(_BOOKKEEPING):
             continue
         if not isinstance(ref, torch_reader.TensorRef):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({ref!r})")
@@ -137,7 +137,7 @@ def _named_config(name: str) -> OPTConfig:
     if name in PRESETS:
         return preset(name)
     if os.path.exists(name):  # an HF config.json, or a directory holding one
-        return OPTConfig.from_hf(os.path.dirname(name) if os.path.isfile(name) else name)
+        return OPTConfig.from_hf(name)
     raise ValueError(
         f"config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an HF config path"
     )

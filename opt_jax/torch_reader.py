@@ -60,17 +60,47 @@ class Opaque:
         return f"Opaque({type(self).__qualname__})"
 
 
-class _StorageRef:
+class _Sealed:
+    """Built only by the unpickler's own code: a BUILD opcode in the file must not rewrite the
+    geometry that was checked (pickle would otherwise update the instance's attributes)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise TorchFileError(f"the file tries to modify a {type(self).__name__} after building it")
+
+
+class _StorageRef(_Sealed):
+    __slots__ = ("key", "dtype", "numel")
+
     def __init__(self, key: str, dtype: np.dtype, numel: int):
-        self.key, self.dtype, self.numel = key, np.dtype(dtype), numel
+        self.key, self.dtype, self.numel = key, np.dtype(dtype), int(numel)
 
 
-class TensorRef:
+class TensorRef(_Sealed):
     """A tensor not read yet: `read()` returns it as a fresh numpy array."""
+
+    __slots__ = ("_reader", "_storage", "offset", "shape", "stride")
 
     def __init__(self, reader: TorchFile, storage: _StorageRef, offset: int, shape, stride):
         self._reader, self._storage = reader, storage
-        self.offset, self.shape, self.stride = int(offset), tuple(shape), tuple(stride)
+        try:
+            self.offset = int(offset)
+            self.shape = tuple(int(n) for n in shape)
+            self.stride = tuple(int(n) for n in stride)
+        except (TypeError, ValueError) as e:
+            raise TorchFileError(f"{reader.path}: malformed tensor view {shape} / {stride}") from e
+        self._check()
+
+    def _check(self) -> None:
+        # Views are rebuilt with as_strided: only in-bounds, non-negative geometry may pass.
+        path = self._reader.path
+        if not isinstance(self._storage, _StorageRef):
+            raise TorchFileError(f"{path}: a tensor without a storage")
+        if len(self.shape) != len(self.stride) or self.offset < 0:
+            raise TorchFileError(f"{path}: malformed tensor view {self.shape} / {self.stride}")
+        if any(n < 0 for n in self.shape) or any(n < 0 for n in self.stride):
+            raise TorchFileError(f"{path}: negative size or stride in {self.shape} / {self.stride}")
 
     @property
     def dtype(self) -> np.dtype:
@@ -82,6 +112,7 @@ class TensorRef:
 
     def read(self) -> np.ndarray:
         """The tensor's values in a new C-contiguous array."""
+        self._check()  # again, right before memory is touched
         if self.size == 0:
             return np.zeros(self.shape, self.dtype)
         # Elements of the storage this view touches: [offset, offset + span).
@@ -129,7 +160,12 @@ class TorchFile:
 
     def load(self) -> Any:
         data = self._read_entry(self._entries[self._prefix + "data.pkl"])
-        return _Unpickler(io.BytesIO(data), self).load()
+        try:
+            return _Unpickler(io.BytesIO(data), self).load()
+        except TorchFileError:
+            raise
+        except Exception as e:  # a malformed pickle: say which file, whatever broke
+            raise TorchFileError(f"{self.path}: unreadable pickle ({type(e).__name__}: {e})") from e
 
     def read_storage(self, storage: _StorageRef, offset: int, count: int) -> np.ndarray:
         """Elements [offset, offset + count) of a storage, read into a fresh buffer."""
@@ -177,7 +213,7 @@ class _Unpickler(pickle.Unpickler):
         ):
             return _rebuild_parameter
         if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):  # tensor subclasses
-            return lambda func, new_type, args, state: func(*args)
+            return self._rebuild_from_type
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ("torch", "Size"):
@@ -190,12 +226,20 @@ class _Unpickler(pickle.Unpickler):
             raise TorchFileError(f"{self._reader.path}: a tensor without a storage")
         return TensorRef(self._reader, storage, storage_offset, size, stride)
 
+    def _rebuild_from_type(self, func, new_type, args, state=None):
+        # Only our own tensor rebuilders may be called here, never a callable from the file.
+        if func not in (self._rebuild_tensor, _rebuild_parameter):
+            raise TorchFileError(f"{self._reader.path}: unsupported tensor rebuild {func!r}")
+        return func(*args)
+
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) >= 5):
             raise TorchFileError(f"{self._reader.path}: unknown persistent id {pid!r}")
         _, dtype, key, _location, numel = pid[:5]
         if not isinstance(dtype, type) or not issubclass(dtype, np.generic):
             raise TorchFileError(f"{self._reader.path}: unsupported storage type {dtype!r}")
+        if int(numel) < 0:
+            raise TorchFileError(f"{self._reader.path}: storage {key} has negative size {numel}")
         return _StorageRef(str(key), dtype, int(numel))
 
 

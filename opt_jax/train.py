@@ -217,7 +217,8 @@ def _requests_architecture(config) -> bool:
 
 def _check_config_early(config, num_devices: int, workdir: str, latest: int | None) -> None:
     """Everything checkable before the data is prepared, so a bad flag fails in seconds."""
-    for name in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "keep_checkpoints"):
+    for name in ("num_train_steps", "batch_size", "seq_len", "log_every_steps",
+                 "keep_checkpoints", "stop_check_every_steps"):  # fmt: skip
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
     if config.optim.grad_accum_steps <= 0:
@@ -236,7 +237,8 @@ def _check_config_early(config, num_devices: int, workdir: str, latest: int | No
         raise ValueError(
             f"seq_len {config.seq_len} exceeds the model's max_position_embeddings {limit}"
         )
-    data.tokenizer_source(config)  # init_from without a tokenizer is an error now, not later
+    if latest is None:
+        data.tokenizer_source(config)  # init_from without a tokenizer: an error now, not later
     _check_batch(config, num_devices)
 
 
@@ -267,7 +269,7 @@ def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
 
     A preemption signal may reach the processes of a multi-host job at different steps, but the
     save that follows is collective: one process must not decide alone. So with several
-    processes the flags are all-gathered every `every` steps (log steps, already a host sync)
+    processes the flags are all-gathered every `every` steps (config.stop_check_every_steps)
     and all stop together if any was signalled.
     """
     if jax.process_count() == 1:
@@ -470,7 +472,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.write(done, record)
                     writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
                     last, timer = {"step": done, **record}, time.time()
-                stopping = _agree_to_stop(stop["signal"] is not None, done, config.log_every_steps)
+                stopping = _agree_to_stop(
+                    stop["signal"] is not None, done, config.stop_check_every_steps
+                )
                 if done % config.checkpoint_every_steps == 0 or final or stopping:
                     save(done)
                 if stopping:

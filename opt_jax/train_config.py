@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 200  # held-out loss cadence (and at the last step)
     c.eval_batches = 4  # batches per evaluation
     c.checkpoint_every_steps = 200  # orbax save cadence (and at the last step / SIGTERM)
+    # Multi-host: how often the processes agree whether one got SIGTERM (a tiny all-gather
+    # that waits for the step). Keep it well inside the preemption notice (often ~30 s).
+    c.stop_check_every_steps = 5
     c.keep_checkpoints = 2  # how many recent checkpoints to keep
     c.seed = 0  # parameter init, data order and dropout
     c.init_from = ""  # an HF directory or orbax params checkpoint to start from

@@ -105,3 +105,30 @@ def test_fine_tuning_defaults_to_the_checkpoints_tokenizer(tmp_path):
     (tmp_path / "bare").mkdir()
     with pytest.raises(ValueError, match="has no tokenizer"):
         data.tokenizer_source(tiny_train_config(init_from=str(tmp_path / "bare")))
+
+
+def test_cache_identity_is_the_tokenizer_content_and_half_builds_are_never_taken(tmp_path):
+    import shutil
+
+    from train_helpers import tiny_train_config
+
+    source = _corpus(tmp_path)
+    first = tmp_path / "tok_a"
+    opt_jax.train_tokenizer(["some text to learn from " * 30], 270).save(first)
+    fields = {"data.source": source, "data.eval_fraction": 0.5}
+    workdir = tmp_path / "run"
+    data.prepare(tiny_train_config(**fields, **{"data.tokenizer": str(first)}), workdir)
+    # The same tokenizer at another path (a moved directory, another host's mount) is the same
+    # cache, also when resuming.
+    moved = tmp_path / "tok_b"
+    shutil.copytree(first, moved)
+    same = tiny_train_config(**fields, **{"data.tokenizer": str(moved)})
+    meta = (workdir / "data" / "meta.json").read_text()
+    data.prepare(same, workdir, resuming=True)
+    assert (workdir / "data" / "meta.json").read_text() == meta  # not rebuilt
+    # A build that died half-way leaves its marker: that cache is rebuilt, even on resume.
+    (workdir / "data" / "BUILDING").touch()
+    (workdir / "data" / "eval.npy").unlink()
+    np.save(workdir / "data" / "eval.npy", np.zeros(3, np.int32))
+    _, _, eval_tokens = data.prepare(same, workdir, resuming=True)
+    assert not (workdir / "data" / "BUILDING").exists() and eval_tokens.size > 3

@@ -358,9 +358,9 @@ def test_cpu_lm_head_copy_is_cached_and_changes_no_token(monkeypatch):
     np.testing.assert_allclose(with_copy.logprobs, without.logprobs, atol=1e-5)
     monkeypatch.undo()
     key = id(table)
+    assert key in decoding._HEAD_COPIES
     del params, table, head
     import gc
 
     gc.collect()
-    decoding.lm_head_copy(PARAMS)  # any call forgets copies of arrays that are gone
-    assert key not in decoding._HEAD_COPIES or decoding._HEAD_COPIES[key][0]() is not None
+    assert key not in decoding._HEAD_COPIES  # freed with the embedding it was made from

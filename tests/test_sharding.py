@@ -205,7 +205,8 @@ def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """Preemption seen by one host: both processes save the same step and exit cleanly (a lone
     process saving would hang the collective save), and a restart resumes from that step."""
     overrides = json.dumps({"batch_size": 8, "num_train_steps": 8, "checkpoint_every_steps": 8,
-                            "eval_every_steps": 0, "log_every_steps": 2})  # fmt: skip
+                            "eval_every_steps": 0, "log_every_steps": 2,
+                            "stop_check_every_steps": 2})  # fmt: skip
     flags = ["--devices", "2", "--sigterm-at", "2", "--sigterm-process", "1"]
     codes, outputs = _two_processes(tmp_path, tmp_path / "run", overrides, flags)
     assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)

@@ -151,11 +151,12 @@ def test_metaseq_checkpoint_matches_transformers(tmp_path, variant):
     hf_dir = tmp_path / "hf"
     hf_model.save_pretrained(hf_dir)
     _, hf_params = opt_jax.load_pretrained(hf_dir)
+    assert jax.tree.structure(params) == jax.tree.structure(hf_params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(hf_params)):
         np.testing.assert_array_equal(a, b)
     # A directory holding the one file works too; the bare decoder as well.
     config, params = load_metaseq(tmp_path, ours_config, architecture="OPTModel")
-    assert "lm_head" not in str(list(params))
+    assert config.architecture == "OPTModel" and list(params) == ["decoder"]
 
 
 def _save_config(hf_model, tmp_path):
@@ -230,7 +231,9 @@ def test_convert_script_turns_a_metaseq_file_into_an_hf_directory(tmp_path):
     proc = convert()  # a tiny shape is no preset: the config must be given
     assert proc.returncode == 2 and "match no OPT preset" in proc.stderr
     assert not (tmp_path / "out").exists()
-    proc = convert("--model_config", str(config_dir / "config.json"))
+    renamed = tmp_path / "my_opt.json"  # a config file under any name
+    renamed.write_text((config_dir / "config.json").read_text())
+    proc = convert("--model_config", str(renamed))
     assert proc.returncode == 0, proc.stderr[-2000:]
     reloaded = transformers.OPTForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids, mask = ragged_batch()
@@ -238,3 +241,52 @@ def test_convert_script_turns_a_metaseq_file_into_an_hf_directory(tmp_path):
         a = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         b = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_views_that_could_leave_their_storage_are_refused(tmp_path):
+    torch.save({"w": torch.ones(4)}, tmp_path / "w.pt")
+    reader = torch_reader.TorchFile(tmp_path / "w.pt")
+    storage = torch_reader._StorageRef("0", np.float32, 4)
+    for offset, shape, stride in ((0, (4,), (-1,)), (0, (-2,), (1,)), (-1, (2,), (1,)),
+                                  (0, (2, 2), (1,))):  # fmt: skip
+        with pytest.raises(torch_reader.TorchFileError, match="tensor view|negative"):
+            torch_reader.TensorRef(reader, storage, offset, shape, stride)
+    with pytest.raises(torch_reader.TorchFileError, match="reaches past the end"):
+        torch_reader.TensorRef(reader, storage, 2, (4,), (1,)).read()
+
+
+def _hand_made_torch_file(path, pickle_bytes):
+    """A torch zip file with the given data.pkl and one storage of 8 float32 (0..7)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", pickle_bytes)
+        zf.writestr("archive/data/0", np.arange(8, dtype=np.float32).tobytes())
+
+
+def _rebuild_tensor_pickle(shape_stride: bytes, then: bytes = b"") -> bytes:
+    """Protocol-2 opcodes for _rebuild_tensor_v2(<storage 0: 8 floats>, 0, shape, stride, False,
+    {}), followed by `then`."""
+    storage = (b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000"
+               b"X\x03\x00\x00\x00cpuK\x08tQ")  # fmt: skip
+    call = b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"K\x00" + shape_stride
+    return b"\x80\x02" + call + b"\x89}tR" + then + b"."
+
+
+def test_a_pickle_cannot_rewrite_a_checked_view(tmp_path):
+    """A BUILD opcode after the tensor is rebuilt could set a stride that reads outside the
+    buffer (as_strided); it is refused, as is such a stride given directly."""
+    ok = b"K\x02K\x04\x86K\x04K\x01\x86"  # shape (2, 4), stride (4, 1)
+    _hand_made_torch_file(tmp_path / "ok.pt", _rebuild_tensor_pickle(ok))
+    np.testing.assert_array_equal(
+        torch_reader.load(tmp_path / "ok.pt").read(), np.arange(8).reshape(2, 4)
+    )
+    build = b"}X\x06\x00\x00\x00strideK\x14J\xff\xff\xff\xff\x86sb"  # {"stride": (20, -1)}
+    _hand_made_torch_file(tmp_path / "build.pt", _rebuild_tensor_pickle(ok, build))
+    with pytest.raises(torch_reader.TorchFileError, match="modify a TensorRef"):
+        torch_reader.load(tmp_path / "build.pt")
+    bad = b"K\x02K\x04\x86K\x04J\xff\xff\xff\xff\x86"  # stride (4, -1)
+    _hand_made_torch_file(tmp_path / "bad.pt", _rebuild_tensor_pickle(bad))
+    with pytest.raises(torch_reader.TorchFileError, match="negative size or stride"):
+        torch_reader.load(tmp_path / "bad.pt")
+    _hand_made_torch_file(tmp_path / "junk.pt", b"\x80\x02(garbage")
+    with pytest.raises(torch_reader.TorchFileError, match="junk.pt: unreadable pickle"):
+        torch_reader.load(tmp_path / "junk.pt")
