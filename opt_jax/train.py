@@ -155,7 +155,10 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
     )
     count = jnp.maximum(count, 1.0)
     loss = loss_sum / count
-    grads = jax.tree.map(lambda g: g / count, grads)
+    # Back in each parameter's dtype: dividing by the float32 count would otherwise promote
+    # bfloat16 gradients, and with them the Adam moments, changing the state's types after the
+    # first step (a recompilation, and a restore that casts the moments back).
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
 
     ok = jnp.ones((), bool)

@@ -377,6 +377,28 @@ def test_bf16_compute_keeps_float32_master_weights():
     )
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_train_state_keeps_its_types_with_bfloat16_parameters(accum):
+    """Pure bfloat16 parameters: a step returns a state of exactly the input's types (else the
+    second step recompiles and a restore casts the Adam moments)."""
+    optim = tiny_train_config().optim
+    optim.grad_accum_steps = accum
+    config = opt_jax.OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, dtype="bfloat16", param_dtype="bfloat16",
+    )  # fmt: skip
+    model = opt_jax.OPTForCausalLM(config)
+    tx = train.make_optimizer(optim, 100)
+    state = train._fresh_state(opt_jax.init_params(config, 0), tx)
+    batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
+    step = jax.jit(lambda s: train.train_step(s, batch, jax.random.key(0), model=model, tx=tx,
+                                              optim=optim)[0])  # fmt: skip
+    before = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    after = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(step, state))
+    assert after == before
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_scan_and_remat_training_runs_and_resumes(tmp_path):
     overrides = {"model.scan_layers": True, "model.remat_policy": "save_dots", "num_train_steps": 4,
                  "checkpoint_every_steps": 2, "eval_every_steps": 4}  # fmt: skip
