@@ -615,6 +615,7 @@ def generate(
       are produced (greedy / sampling / contrastive), only this call's, even with concurrent
       calls; if it returns False, generation stops there (the rest of every row is padding).
       A single-token bad word equal to an EOS id is ignored, as in transformers.
+      eos_token_id None means the config's EOS (2 for OPT); pass [] to never stop early.
 
     Returns:
       GenerateOutput with sequences [B * num_return_sequences, T + max_new_tokens] int32.
