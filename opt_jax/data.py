@@ -161,11 +161,15 @@ def tokenizer_source(config) -> str:
     return ""
 
 
-def _fingerprint(config, resuming: bool) -> dict:
+def _fingerprint(config, resuming: bool) -> tuple[dict, OPTTokenizer | None]:
     """What the cached tokens depend on; a cache built from anything else is stale. The
     tokenizer counts by content (sha256), its path is kept for information only. When resuming
     and the tokenizer can no longer be found (a moved init_from), it is left out: the cache's
-    own copy is what the run uses."""
+    own copy is what the run uses.
+
+    Returns:
+      (fingerprint, the named tokenizer or None when one is to be trained or is unknown)
+    """
     d = config.data
     fp = {"source": d.source, "jsonl_field": d.jsonl_field, "max_files": d.max_files,
           "eval_fraction": d.eval_fraction}  # fmt: skip
@@ -174,13 +178,14 @@ def _fingerprint(config, resuming: bool) -> dict:
     except ValueError:
         if not resuming:
             raise
-        return fp
-    if tokenizer:
-        fp["tokenizer"] = os.path.abspath(tokenizer)
-        fp["tokenizer_sha256"] = OPTTokenizer.from_pretrained(tokenizer).fingerprint()
-    else:
+        return fp, None
+    if not tokenizer:
         fp["vocab_size"] = d.vocab_size
-    return fp
+        return fp, None
+    loaded = OPTTokenizer.from_pretrained(tokenizer)
+    fp["tokenizer"] = os.path.abspath(tokenizer)
+    fp["tokenizer_sha256"] = loaded.fingerprint()
+    return fp, loaded
 
 
 _INFORMATIONAL = ("tokenizer",)  # recorded, never compared
@@ -191,7 +196,7 @@ def _build_or_check(config, data_dir: str, workdir: str, resuming: bool) -> None
     tok_dir, meta_path = os.path.join(data_dir, "tokenizer"), os.path.join(data_dir, "meta.json")
     marker = os.path.join(data_dir, "BUILDING")  # present while a build is under way
     arrays = [os.path.join(data_dir, f"{s}.npy") for s in ("train", "eval")]
-    fingerprint = _fingerprint(config, resuming)
+    fingerprint, named_tokenizer = _fingerprint(config, resuming)
     complete = all(map(os.path.isfile, arrays)) and os.path.isdir(tok_dir)
     complete = complete and not os.path.exists(marker)
     if complete and os.path.isfile(meta_path):
@@ -219,10 +224,9 @@ def _build_or_check(config, data_dir: str, workdir: str, resuming: bool) -> None
         )
     docs = load_documents(config.data.source, config.data.jsonl_field, config.data.max_files)
     train_docs, eval_docs = split_documents(docs, config.data.eval_fraction)
-    if "tokenizer" in fingerprint:
-        tokenizer = OPTTokenizer.from_pretrained(fingerprint["tokenizer"])
-    else:
-        tokenizer = train_tokenizer((t for _, t in train_docs), config.data.vocab_size)
+    tokenizer = named_tokenizer or train_tokenizer(
+        (t for _, t in train_docs), config.data.vocab_size
+    )
     train_tokens = tokenize(tokenizer, [t for _, t in train_docs])
     eval_tokens = tokenize(tokenizer, [t for _, t in eval_docs])
     os.makedirs(data_dir, exist_ok=True)

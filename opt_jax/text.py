@@ -67,6 +67,7 @@ def generate_text(
     *,
     max_new_tokens: int,
     stop_strings: Sequence[str] | None = None,
+    tokens_out: list | None = None,
     **kwargs,
 ) -> list[str]:
     """Generates a continuation for each prompt; returns the new text only.
@@ -74,6 +75,8 @@ def generate_text(
     Prompts get OPT's `</s>` prefix and are left-padded; decoding stops at EOS or any of
     `stop_strings` (excluded from the result). Other keyword arguments are `generate`'s.
     With num_return_sequences > 1 the result has that many entries per prompt, in order.
+    If `tokens_out` is a list, each result's generated token ids (EOS excluded) are appended
+    to it, one list per result.
     """
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
@@ -81,7 +84,19 @@ def generate_text(
     ids, mask = tokenizer.encode_batch(list(prompts))
     out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, **options)
     new = out.sequences[:, ids.shape[1] :]
+    if tokens_out is not None:
+        tokens_out.extend(_generated_ids(row, options) for row in new)
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
+
+
+def _generated_ids(row, options: dict) -> list[int]:
+    """A result row's generated ids: without the padding after it finished and its EOS."""
+    ids = [int(t) for t in row]
+    while ids and ids[-1] == options["pad_token_id"]:
+        ids.pop()
+    if ids and ids[-1] in np.atleast_1d(options["eos_token_id"]).tolist():
+        ids.pop()
+    return ids
 
 
 def stream_text(

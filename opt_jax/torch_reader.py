@@ -222,8 +222,6 @@ class _Unpickler(pickle.Unpickler):
         return type(name, (Opaque,), {"__module__": f"opaque.{module}"})
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, *unused):
-        if not isinstance(storage, _StorageRef):
-            raise TorchFileError(f"{self._reader.path}: a tensor without a storage")
         return TensorRef(self._reader, storage, storage_offset, size, stride)
 
     def _rebuild_from_type(self, func, new_type, args, state=None):

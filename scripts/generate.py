@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import app, flags, logging
 
 import opt_jax
@@ -108,28 +107,11 @@ def _check_prompts(prompts, tokenizer, config, max_new_tokens) -> None:
 
 def _generate_beams(model, params, tokenizer, prompt, options) -> tuple[str, int]:
     """generate_text for one prompt with beam search, plus how many tokens it generated."""
-    options = dict(options)
-    stop_strings = options.pop("stop_strings") or ()
-    stop_ids = []
-    for text in stop_strings:  # a string can tokenize differently after a space: stop on both
-        for variant in (text, " " + text.lstrip(" ")):
-            seq = tokenizer.encode(variant, add_prefix=False)
-            if seq not in stop_ids:
-                stop_ids.append(seq)
-    ids, mask = tokenizer.encode_batch([prompt])
-    out = opt_jax.generate(
-        model, params, ids, mask, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size,
-        stop_sequences=stop_ids or None, **options,
-    )  # fmt: skip
-    new = list(np.asarray(out.sequences)[0, ids.shape[1] :])
-    while new and new[-1] == tokenizer.pad_token_id:  # padding after the row finished
-        new.pop()
-    if new and new[-1] == tokenizer.eos_token_id:
-        new.pop()
-    text = tokenizer.decode(new)
-    cuts = [text.find(s) for s in stop_strings if s in text]
-    return (text[: min(cuts)] if cuts else text), len(new)
+    generated: list[list[int]] = []
+    [text] = opt_jax.generate_text(
+        model, params, tokenizer, [prompt], tokens_out=generated, **options
+    )
+    return text, len(generated[0])
 
 
 def _run(f) -> None:
