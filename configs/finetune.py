@@ -7,7 +7,7 @@ The architecture comes from the checkpoint (config.json); `model.dropout` and th
 overridden. Resuming the workdir later continues from its own checkpoints.
 """
 
-from opt_jax.train_config import base_config
+from opt_jax.training.experiment import base_config
 
 
 def get_config():

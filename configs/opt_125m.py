@@ -4,7 +4,7 @@
       --config.data.source='/data/corpus/*.jsonl' --config.data.tokenizer=/path/to/opt-tokenizer
 """
 
-from opt_jax.train_config import pretrain_config
+from opt_jax.training.experiment import pretrain_config
 
 
 def get_config():

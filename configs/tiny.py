@@ -3,7 +3,7 @@
 python scripts/train.py --config configs/tiny.py --workdir demo_out
 """
 
-from opt_jax.train_config import base_config
+from opt_jax.training.experiment import base_config
 
 
 def get_config():

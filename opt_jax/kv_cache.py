@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax import sharding
 from opt_jax.config import OPTConfig
+from opt_jax.parallel import sharding
 
 # Logical axis names of one layer's cache array [B, N, S, H], for sharding rules.
 KV_AXES = (sharding.BATCH, sharding.HEADS, sharding.CACHE_LENGTH, sharding.HEAD_DIM)
@@ -96,6 +96,20 @@ class KVCache:
                 "not fit"
             )
 
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of rows `rows` [R] int (repeat, reorder or select beams / candidates)."""
+        if isinstance(self.key, tuple):
+            key, value = tuple(k[rows] for k in self.key), tuple(v[rows] for v in self.value)
+        else:  # stacked [L, B, ...] (scan_layers)
+            key, value = self.key[:, rows], self.value[:, rows]
+        return KVCache(
+            key=key,
+            value=value,
+            slot_mask=self.slot_mask[rows],
+            index=self.index[rows],
+            position=self.position[rows],
+        )
+
     @property
     def max_length(self) -> int:
         return self.slot_mask.shape[1]
@@ -120,3 +134,10 @@ def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int
         return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), starts)
 
     return jax.vmap(one_row)(buffer, update, index)
+
+
+def take_rows(cache, rows: jax.Array):
+    """Rows `rows` of a decoding cache: a KVCache, or any batch-major pytree (fake models)."""
+    if isinstance(cache, KVCache):
+        return cache.take_rows(rows)
+    return jax.tree.map(lambda x: x[rows], cache)

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax import sharding as ax
 from opt_jax.config import OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
+from opt_jax.parallel import sharding as ax
 
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2

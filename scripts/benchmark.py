@@ -28,9 +28,9 @@ import numpy as np
 from absl import app, flags, logging
 
 import opt_jax
-from opt_jax import train
-from opt_jax.roofline import decode_bytes_per_step, device_peaks, model_flops_per_token
-from opt_jax.train_config import base_config
+from opt_jax.parallel.roofline import decode_bytes_per_step, device_peaks, model_flops_per_token
+from opt_jax.training import train
+from opt_jax.training.experiment import base_config
 
 flags.DEFINE_string("preset", "125m", "Model shape (random weights).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype.")
@@ -233,7 +233,7 @@ def run_workloads(config, peers, smoke, reps, limits):
 
 def compile_seconds(config, smoke: bool) -> dict:
     """Lower + compile time of the training step and of generation, from shapes only."""
-    from opt_jax import decoding
+    from opt_jax.generation import api
 
     model = opt_jax.OPTForCausalLM(config)
     optim = base_config().optim
@@ -245,13 +245,15 @@ def compile_seconds(config, smoke: bool) -> dict:
     start = time.perf_counter()
     step.lower(state, {"input_ids": tokens, "attention_mask": tokens}, jax.random.key(0)).compile()
     train_s = time.perf_counter() - start
-    generate = decoding._compiled(config, decoding.GenerationConfig(), False)
+    cfg = opt_jax.GenerationConfig(max_new_tokens=128).for_model(config)
+    generate = api._compiled(config, cfg.program(), False)
+    values = {name: jnp.float32(v) for name, v in cfg.values().items()}
     prompt = jax.ShapeDtypeStruct((1, 32), jnp.int32)
     start = time.perf_counter()
     mask, stream_id = jax.ShapeDtypeStruct((1, 32), bool), jax.ShapeDtypeStruct((), jnp.int32)
     head = jax.ShapeDtypeStruct((config.word_embed_proj_dim, config.vocab_size), config.dtype)
     generate.lower(
-        state.params, head, prompt, mask, jax.random.key(0), 128, stream_id, 160
+        state.params, head, prompt, mask, jax.random.key(0), values, 128, stream_id, 160
     ).compile()
     return {"train_step": train_s, "generate": time.perf_counter() - start}
 
@@ -291,7 +293,7 @@ def _rss_mb() -> float:
 def measure_load(directory: str) -> None:
     """(Run in a subprocess with 8 CPU devices.) Loads an HF checkpoint straight into an
     fsdp=8 sharding and prints peak host memory growth relative to the checkpoint's size."""
-    from opt_jax import sharding
+    from opt_jax.parallel import sharding
 
     config = opt_jax.OPTConfig.from_hf(directory)
     mesh = sharding.make_mesh(1, len(jax.devices()), 1)

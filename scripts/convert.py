@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 
 import opt_jax
-from opt_jax import checkpoint
+from opt_jax.checkpoints import orbax_io as checkpoint
 
 flags.DEFINE_enum("to", None, ["orbax", "hf"], "Direction of the conversion.", required=True)
 flags.DEFINE_string("src", None, "Source directory.", required=True)

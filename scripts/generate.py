@@ -15,7 +15,8 @@ import time
 from absl import app, flags, logging
 
 import opt_jax
-from opt_jax import checkpoint, distributed
+from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.parallel import distributed
 from opt_jax.validation import validate_token_ids
 
 flags.DEFINE_string("model", None, "HF directory or orbax checkpoint directory.", required=True)

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from opt_jax.metrics import read_metrics  # noqa: E402
+from opt_jax.training.metrics import read_metrics  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/metrics.png).")

@@ -15,7 +15,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from opt_jax import distributed, train
+from opt_jax.parallel import distributed
+from opt_jax.training import train
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.", required=True)

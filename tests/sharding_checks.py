@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 import opt_jax  # noqa: E402
 from opt_jax import sharding, train  # noqa: E402
-from opt_jax.train_config import base_config  # noqa: E402
+from opt_jax.training.experiment import base_config  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
 
@@ -146,7 +146,7 @@ def restore_on_another_mesh(workdir):
     sys.path.insert(0, os.path.dirname(__file__))
     from train_helpers import tiny_train_config
 
-    from opt_jax import checkpoint
+    from opt_jax.checkpoints import orbax_io as checkpoint
 
     overrides = {"model.num_attention_heads": 4, "model.dropout": 0.0, "batch_size": 8}
     first = tiny_train_config(num_train_steps=2, checkpoint_every_steps=2, **overrides)

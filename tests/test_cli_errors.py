@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import opt_jax
-from opt_jax import checkpoint, distributed
-from opt_jax.metrics import read_metrics
+from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.parallel import distributed
+from opt_jax.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n"] * 20

@@ -12,7 +12,7 @@ from conftest import BASE, ragged_batch
 from safetensors.numpy import load_file, save_file
 
 import opt_jax
-from opt_jax.convert import CheckpointError
+from opt_jax.checkpoints.hf import CheckpointError
 
 
 def _logits(directory, ids, mask):

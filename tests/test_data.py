@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import opt_jax
-from opt_jax import data
+from opt_jax.training import data
 
 
 def test_sources_globs_and_jsonl(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opt_jax.decoding import GenerationConfig, decode
+from opt_jax.generation import GenerationConfig, decode
 
 V = 10
 PAD, EOS = 1, 2
@@ -31,6 +31,10 @@ def chain_model(successor: dict[int, int]):
 
 
 def run(model, prompt, mask, cfg, max_new, length=16, stream=None):
+    cfg = cfg.replace(
+        eos_token_id=EOS if cfg.eos_token_id is None else cfg.eos_token_id,
+        pad_token_id=PAD if cfg.pad_token_id is None else cfg.pad_token_id,
+    )
     batch = prompt.shape[0]
     cache = {"last": jnp.zeros(batch, jnp.int32), "calls": jnp.zeros(batch, jnp.int32)}
     fn = jax.jit(

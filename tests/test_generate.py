@@ -8,7 +8,7 @@ import pytest
 from conftest import ragged_batch, random_tiny_model
 
 import opt_jax
-from opt_jax import decoding
+from opt_jax.generation import api
 
 
 def _tiny(max_positions=64, **overrides):
@@ -49,10 +49,10 @@ CONFIG, MODEL, PARAMS = _tiny()
 )
 def test_bad_options_fail_before_tracing(kwargs, message):
     ids, mask = ragged_batch(length=8)
-    before = decoding.TRACE_COUNT["n"]
+    before = api.TRACE_COUNT["n"]
     with pytest.raises(ValueError, match=message):
         opt_jax.generate(MODEL, PARAMS, ids, mask, **kwargs)
-    assert decoding.TRACE_COUNT["n"] == before
+    assert api.TRACE_COUNT["n"] == before
 
 
 @pytest.mark.parametrize(
@@ -67,21 +67,21 @@ def test_bad_options_fail_before_tracing(kwargs, message):
     ],
 )
 def test_bad_inputs_fail_before_tracing(ids, mask, message):
-    before = decoding.TRACE_COUNT["n"]
+    before = api.TRACE_COUNT["n"]
     with pytest.raises(ValueError, match=message):
         opt_jax.generate(MODEL, PARAMS, ids, mask, max_new_tokens=3)
-    assert decoding.TRACE_COUNT["n"] == before
+    assert api.TRACE_COUNT["n"] == before
 
 
 def test_same_buckets_trace_and_compile_once():
     config, model, params = _tiny(max_positions=70)  # a config no other test compiles
-    before = decoding.TRACE_COUNT["n"]
+    before = api.TRACE_COUNT["n"]
     a = opt_jax.generate(model, params, np.arange(3, 8)[None], max_new_tokens=5)
     b = opt_jax.generate(model, params, np.arange(3, 12)[None], max_new_tokens=9)
-    assert decoding.TRACE_COUNT["n"] == before + 1
+    assert api.TRACE_COUNT["n"] == before + 1
     assert a.sequences.shape == (1, 10) and b.sequences.shape == (1, 18)
     opt_jax.generate(model, params, np.arange(3, 40)[None], max_new_tokens=5)  # next bucket
-    assert decoding.TRACE_COUNT["n"] == before + 2
+    assert api.TRACE_COUNT["n"] == before + 2
 
 
 def test_kv_cache_overrun_is_rejected():
@@ -242,7 +242,7 @@ def test_text_api_and_stop_strings(tokenizer):
 )
 @pytest.mark.parametrize("strategy", [{}, dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
 def test_generation_does_not_depend_on_implementation_options(impl, strategy):
-    from opt_jax.convert import stack_layers
+    from opt_jax.checkpoints.hf import stack_layers
 
     config = CONFIG.replace(**impl)
     params = stack_layers(PARAMS, CONFIG.num_hidden_layers) if config.scan_layers else PARAMS
@@ -345,22 +345,29 @@ def test_cpu_lm_head_copy_is_cached_and_changes_no_token(monkeypatch):
     equal to the transpose, dropped with the array, and generating the same tokens."""
     params = jax.tree.map(jnp.array, PARAMS)  # arrays of our own, so the cache sees them die
     table = params["model"]["decoder"]["embed_tokens"]["embedding"]
-    head = decoding.lm_head_copy(params)
+    head = api.lm_head_copy(params)
     np.testing.assert_array_equal(head, table.T)
-    assert decoding.lm_head_copy(params) is head  # cached
-    assert decoding.lm_head_copy(jax.tree.map(np.asarray, params)) is None  # not device arrays
+    assert api.lm_head_copy(params) is head  # cached
+    assert api.lm_head_copy(jax.tree.map(np.asarray, params)) is None  # not device arrays
     ids, mask = ragged_batch(length=8)
     kwargs = dict(max_new_tokens=10, output_logprobs=True)
     with_copy = opt_jax.generate(MODEL, params, ids, mask, **kwargs)
-    monkeypatch.setattr(decoding, "lm_head_copy", lambda p: None)
+    monkeypatch.setattr(api, "lm_head_copy", lambda p: None)
     without = opt_jax.generate(MODEL, params, ids, mask, **kwargs)
     np.testing.assert_array_equal(with_copy.sequences, without.sequences)
     np.testing.assert_allclose(with_copy.logprobs, without.logprobs, atol=1e-5)
     monkeypatch.undo()
     key = id(table)
-    assert key in decoding._HEAD_COPIES
+    assert key in api._HEAD_COPIES
     del params, table, head
     import gc
 
     gc.collect()
-    assert key not in decoding._HEAD_COPIES  # freed with the embedding it was made from
+    assert key not in api._HEAD_COPIES  # freed with the embedding it was made from
+
+
+def test_stream_text_refuses_several_continuations(tokenizer):
+    model, params = _text_model()
+    for options in (dict(do_sample=True, num_return_sequences=2), dict(num_beams=2)):
+        with pytest.raises(ValueError, match="stream_text streams one continuation"):
+            opt_jax.stream_text(model, params, tokenizer, "print(", max_new_tokens=2, **options)

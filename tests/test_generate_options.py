@@ -7,7 +7,7 @@ import pytest
 from conftest import ragged_batch, random_tiny_model
 
 import opt_jax
-from opt_jax import decoding
+from opt_jax.generation import api
 
 CONFIG, MODEL, PARAMS = random_tiny_model(init_std=0.3, noise_seed=7, max_position_embeddings=64)
 V = CONFIG.vocab_size  # 99
@@ -64,10 +64,10 @@ V = CONFIG.vocab_size  # 99
 def test_bad_options_fail_before_tracing(kwargs, message):
     ids, mask = ragged_batch(length=8)
     kwargs = dict(dict(max_new_tokens=4), **kwargs)
-    before = decoding.TRACE_COUNT["n"]
+    before = api.TRACE_COUNT["n"]
     with pytest.raises(ValueError, match=message):
         opt_jax.generate(MODEL, PARAMS, ids, mask, **kwargs)
-    assert decoding.TRACE_COUNT["n"] == before
+    assert api.TRACE_COUNT["n"] == before
 
 
 def test_numpy_integers_and_accepted_combinations_run():

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import pytest
 
 import opt_jax
-from opt_jax import memory, train
-from opt_jax.train_config import base_config
+from opt_jax.parallel import memory
+from opt_jax.training import train
+from opt_jax.training.experiment import base_config
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "save_dots"])

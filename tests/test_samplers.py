@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opt_jax.decoding import GenerationConfig, decode
+from opt_jax.generation import GenerationConfig, decode
 
 V = 12
 LOGITS = np.array([2.0, 1.5, 1.4, 1.0, 0.7, 0.5, 0.2, 0.0, -0.3, -1.0, -2.0, -3.0], np.float32)
@@ -48,6 +48,7 @@ def reference(cfg: GenerationConfig) -> np.ndarray:
 
 
 def sample(cfg: GenerationConfig, seed=0) -> np.ndarray:
+    cfg = cfg.replace(eos_token_id=[], pad_token_id=0)
     logits = jnp.asarray(LOGITS)
 
     def fixed(tokens, mask, cache):
@@ -97,7 +98,7 @@ def test_filters_min_keep_match_transformers_warpers(min_keep):
     import torch
     from transformers.generation import logits_process as hf
 
-    from opt_jax import logits_processing as lp
+    from opt_jax.generation import processors as lp
 
     rng = np.random.RandomState(0)
     x = (rng.randn(6, 50) * 3).astype(np.float32)

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import opt_jax
-from opt_jax import checkpoint
+from opt_jax.checkpoints import orbax_io as checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,9 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import opt_jax
-from opt_jax import checkpoint, sharding
-from opt_jax.metrics import read_metrics
+from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.parallel import sharding
+from opt_jax.training.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
 

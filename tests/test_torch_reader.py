@@ -14,8 +14,8 @@ import torch
 from conftest import make_hf_model, max_rel_diff, ragged_batch
 
 import opt_jax
-from opt_jax import torch_reader
-from opt_jax.metaseq import infer_config, load_metaseq
+from opt_jax.checkpoints import torch_reader
+from opt_jax.checkpoints.metaseq import infer_config, load_metaseq
 
 
 def _numpy(t):

@@ -18,8 +18,10 @@ import torch
 from train_helpers import tiny_train_config
 
 import opt_jax
-from opt_jax import checkpoint, roofline, train
-from opt_jax.metrics import read_metrics
+from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.parallel import roofline
+from opt_jax.training import train
+from opt_jax.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "train_helpers.py"

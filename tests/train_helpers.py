@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from opt_jax.train_config import base_config
+from opt_jax.training.experiment import base_config
 
 
 def tiny_train_config(**overrides):
@@ -53,7 +53,7 @@ def tiny_train_config(**overrides):
 def main():
     workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
     args = sys.argv[3:]
-    from opt_jax import distributed
+    from opt_jax.parallel import distributed
 
     # Before anything else touches JAX: emulated devices, and joining a multi-process job.
     devices = int(args[args.index("--devices") + 1]) if "--devices" in args else None
@@ -64,7 +64,8 @@ def main():
         distributed.initialize(local_device_count=devices)
     import jax
 
-    from opt_jax import checkpoint, metrics, train
+    from opt_jax.checkpoints import orbax_io as checkpoint
+    from opt_jax.training import metrics, train
 
     if "--kill-after-save" in args:
         kill_step = int(args[args.index("--kill-after-save") + 1])

@@ -12,7 +12,7 @@ import dataclasses
 import ml_collections
 
 from opt_jax.config import OPTConfig, preset
-from opt_jax.sharding import DEFAULT_RULES
+from opt_jax.parallel.sharding import DEFAULT_RULES
 
 # Peak learning rate and batch size (tokens) of each size: OPT paper (Zhang et al. 2022,
 # arXiv:2205.01068) Table 1. All were trained on 2048-token sequences.

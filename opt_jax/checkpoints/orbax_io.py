@@ -22,7 +22,7 @@ PARAMS_DIR = "params"
 def save_params(directory: str | os.PathLike, config: OPTConfig, params) -> None:
     """Writes the params (orbax) and their config.json. Orbax commits atomically: an
     interrupted save leaves no `params/` directory that looks complete."""
-    from opt_jax.sharding import sync
+    from opt_jax.parallel.sharding import sync
 
     directory = os.path.abspath(os.fspath(directory))  # orbax requires absolute paths
     target = os.path.join(directory, PARAMS_DIR)

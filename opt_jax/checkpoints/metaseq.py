@@ -23,14 +23,14 @@ import re
 
 import numpy as np
 
-from opt_jax import torch_reader
-from opt_jax.config import PRESETS, OPTConfig, preset
-from opt_jax.convert import (
+from opt_jax.checkpoints import torch_reader
+from opt_jax.checkpoints.hf import (
     TIED_LM_HEAD,
     CheckpointError,
     _assemble,
     _canonical_key,
 )
+from opt_jax.config import PRESETS, OPTConfig, preset
 
 _RENAMES = {
     "decoder.project_in_dim.weight": "decoder.project_in.weight",

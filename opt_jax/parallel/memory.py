@@ -14,9 +14,9 @@ import math
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from opt_jax import sharding
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params, param_logical_axes
+from opt_jax.parallel import sharding
 
 GiB = 2**30
 # Usable memory per device (GiB): vendor capacities.

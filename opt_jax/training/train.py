@@ -25,13 +25,15 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opt_jax import checkpoint, data, roofline, sharding
+from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.checkpoints.hf import load_pretrained, stack_layers, unstack_layers
 from opt_jax.config import OPTConfig
-from opt_jax.convert import load_pretrained, stack_layers, unstack_layers
 from opt_jax.losses import causal_lm_loss
-from opt_jax.metrics import MetricsWriter
 from opt_jax.model import OPTForCausalLM, param_logical_axes
-from opt_jax.train_config import model_config
+from opt_jax.parallel import roofline, sharding
+from opt_jax.training import data
+from opt_jax.training.experiment import model_config
+from opt_jax.training.metrics import MetricsWriter
 from opt_jax.validation import validate_token_ids
 
 # Fields that define the architecture: a checkpoint must agree on all of them.
@@ -285,7 +287,7 @@ def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
 
 
 def _sample(cfg, params, tokenizer, config) -> str:
-    from opt_jax.text import generate_text
+    from opt_jax.generation.text import generate_text
 
     model = OPTForCausalLM(cfg)
     room = cfg.max_position_embeddings - len(tokenizer.encode(config.sample_prompt))

@@ -6,10 +6,12 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
-from opt_jax.decoding import generate
+from opt_jax.generation.api import generate
+from opt_jax.generation.config import GenerationConfig
 from opt_jax.tokenizer import OPTTokenizer
+
+# generate()'s keyword arguments that are not GenerationConfig options.
+_CALL_ARGUMENTS = ("seed", "prng_key", "streamer")
 
 
 def _stop_sequences(tokenizer: OPTTokenizer, stop_strings) -> list[list[int]]:
@@ -43,20 +45,29 @@ def _safe_length(text: str, stop_strings) -> int:
     return safe
 
 
-def _options(model, tokenizer: OPTTokenizer, stop_strings, kwargs: dict) -> dict:
-    """generate()'s options for text: the tokenizer's ids, its stop strings as token sequences."""
+def _options(model, tokenizer: OPTTokenizer, stop_strings, kwargs: dict):
+    """(GenerationConfig, generate()'s other arguments) for text: the tokenizer's EOS / pad ids
+    where the caller set none, its stop strings as token sequences, and its vocabulary size as
+    vocab_limit (masking the padded embedding rows no tokenizer id maps to, 50265-50271 for
+    real OPT)."""
     model_vocab = model.config.vocab_size
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is only "
             f"{model_vocab}: they do not belong together (pass the model's own tokenizer)"
         )
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    # Mask the padded embedding rows no tokenizer id maps to (50265-50271 for real OPT).
-    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
-    kwargs["stop_sequences"] = _stop_sequences(tokenizer, stop_strings) or None
-    return kwargs
+    call = {k: kwargs.pop(k) for k in _CALL_ARGUMENTS if k in kwargs}
+    cfg = (kwargs.pop("generation_config", None) or GenerationConfig()).replace(**kwargs)
+    defaults = dict(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_limit=tokenizer.vocab_size,
+    )
+    cfg = cfg.replace(
+        **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
+        stop_sequences=_stop_sequences(tokenizer, stop_strings),
+    )
+    return cfg, call
 
 
 def generate_text(
@@ -80,21 +91,23 @@ def generate_text(
     """
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
-    options = _options(model, tokenizer, stop_strings, kwargs)
+    cfg, call = _options(model, tokenizer, stop_strings, kwargs)
     ids, mask = tokenizer.encode_batch(list(prompts))
-    out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, **options)
+    out = generate(
+        model, params, ids, mask, generation_config=cfg, max_new_tokens=max_new_tokens, **call
+    )
     new = out.sequences[:, ids.shape[1] :]
     if tokens_out is not None:
-        tokens_out.extend(_generated_ids(row, options) for row in new)
+        tokens_out.extend(_generated_ids(row, cfg) for row in new)
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
 
 
-def _generated_ids(row, options: dict) -> list[int]:
+def _generated_ids(row, cfg: GenerationConfig) -> list[int]:
     """A result row's generated ids: without the padding after it finished and its EOS."""
     ids = [int(t) for t in row]
-    while ids and ids[-1] == options["pad_token_id"]:
+    while ids and ids[-1] == cfg.pad_token_id:
         ids.pop()
-    if ids and ids[-1] in np.atleast_1d(options["eos_token_id"]).tolist():
+    if ids and ids[-1] in cfg.eos_token_id:
         ids.pop()
     return ids
 
@@ -123,15 +136,21 @@ def stream_text(
             f"stream_text takes one prompt string, got {type(prompt).__name__}; use "
             "generate_text for a list of prompts"
         )
-    options = _options(model, tokenizer, stop_strings, kwargs)
-    ids, mask = tokenizer.encode_batch([prompt])
+    cfg, call = _options(model, tokenizer, stop_strings, kwargs)
     # Bad arguments raise here, at the call; decoding starts with the first iteration.
-    return _stream(
-        model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, tokens_out, options
-    )
+    cfg = cfg.replace(max_new_tokens=max_new_tokens).for_model(model.config)
+    if cfg.num_return_sequences > 1 or cfg.is_beam:
+        raise ValueError(
+            "stream_text streams one continuation: num_return_sequences and num_beams must be 1 "
+            "(use generate_text for several continuations or beam search)"
+        )
+    if "streamer" in call:
+        raise ValueError("stream_text is the streamer: pass no streamer= to it")
+    ids, mask = tokenizer.encode_batch([prompt])
+    return _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens_out)
 
 
-def _stream(model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, tokens_out, options):
+def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens_out):
     """stream_text's generator: decodes in a worker thread, yields text pieces."""
     pieces: queue.Queue = queue.Queue()
     done = object()
@@ -146,15 +165,7 @@ def _stream(model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, t
 
     def worker():
         try:
-            generate(
-                model,
-                params,
-                ids,
-                mask,
-                max_new_tokens=max_new_tokens,
-                streamer=push,
-                **options,
-            )
+            generate(model, params, ids, mask, generation_config=cfg, streamer=push, **call)
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
         finally:
@@ -165,9 +176,8 @@ def _stream(model, params, tokenizer, ids, mask, max_new_tokens, stop_strings, t
     try:
         tokens: list[int] = [] if tokens_out is None else tokens_out
         shown = ""
-        eos = np.atleast_1d(options["eos_token_id"]).tolist()
         while (item := pieces.get()) is not done:
-            if item in eos:
+            if item in cfg.eos_token_id:
                 continue
             tokens.append(item)
             text = _cut(tokenizer.decode(tokens), stop_strings)

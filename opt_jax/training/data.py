@@ -257,7 +257,7 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming:
     """
     import jax
 
-    from opt_jax.sharding import sync
+    from opt_jax.parallel.sharding import sync
 
     data_dir = os.path.join(workdir, "data")
     failure = None

@@ -16,14 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax.decoding import (
-    GenerationConfig,
-    beam_min_keep,
-    process_logits,
-    take_rows,
-    warp_logits,
-)
-from opt_jax.logits_processing import ends_with
+from opt_jax.generation.config import GenerationConfig
+from opt_jax.generation.decoding import _check_resolved
+from opt_jax.generation.processors import ends_with, process_logits, warp_logits
+from opt_jax.kv_cache import take_rows
 
 # transformers marks impossible beams with this finite score.
 LOW = -1.0e9
@@ -62,16 +58,21 @@ def beam_search(
     max_new_tokens,
     buffer_length: int,
     rng=None,
+    values: dict | None = None,
 ):
     """Beam search (beam sampling when cfg.do_sample) over a prompt repeated K times per row.
 
     Args:
       prompt, prompt_mask: [N, Tb] with each row's prompt repeated num_beams times.
       cache: empty cache for N rows and buffer_length slots.
+      values: the traced options (see decoding.decode); None takes them from cfg.
 
     Returns:
       (tokens [B, num_return_sequences, L], None, scores [B, num_return_sequences]).
     """
+    _check_resolved(cfg)
+    values = cfg.values() if values is None else values
+    length_penalty = values["length_penalty"]
     k = cfg.num_beams
     n, prompt_len = prompt.shape
     batch = n // k
@@ -106,6 +107,7 @@ def beam_search(
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
         log_probs = process_logits(
             cfg,
+            values,
             log_probs,
             s.running.reshape(n, length),
             valid.reshape(n, length),
@@ -115,7 +117,7 @@ def beam_search(
         )
         if cfg.do_sample:
             # As transformers: each warper keeps len(eos) + 1 tokens so a beam can go on.
-            log_probs = warp_logits(cfg, log_probs, beam_min_keep(cfg))
+            log_probs = warp_logits(cfg, values, log_probs, cfg.beam_min_keep)
         vocab = log_probs.shape[-1]
         scores = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(
             batch, k * vocab
@@ -153,7 +155,7 @@ def beam_search(
 
         # Candidates among the top K that stopped compete for the finished list.
         just_finished = hits & top_k_mask[None, :]
-        final_scores = cand_scores / ((s.step + 1).astype(jnp.float32) ** cfg.length_penalty)
+        final_scores = cand_scores / ((s.step + 1).astype(jnp.float32) ** length_penalty)
         if cfg.early_stopping is True:
             final_scores += s.is_finished.all(-1, keepdims=True) * LOW
         final_scores += (~s.can_improve) * LOW
@@ -172,11 +174,11 @@ def beam_search(
 
         # transformers' early-stop heuristic: can a running beam still beat the worst finished?
         generated_len = (s.step + 1).astype(jnp.float32)
-        if cfg.early_stopping == "never" and cfg.length_penalty > 0:
-            best_len = jnp.asarray(max_new_tokens, jnp.float32)
-        else:
-            best_len = generated_len
-        best_running = running_scores[:, :1] / best_len**cfg.length_penalty
+        best_len = generated_len
+        if cfg.early_stopping == "never":
+            longest = jnp.asarray(max_new_tokens, jnp.float32)
+            best_len = jnp.where(length_penalty > 0, longest, generated_len)
+        best_running = running_scores[:, :1] / best_len**length_penalty
         worst_finished = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), LOW)
         can_improve = s.can_improve & (best_running > worst_finished).any(-1, keepdims=True)
         go_on = can_improve.any() & ~hits.all()

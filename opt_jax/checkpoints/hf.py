@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from opt_jax import torch_reader
+from opt_jax.checkpoints import torch_reader
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params
 

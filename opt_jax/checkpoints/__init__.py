@@ -1,0 +1,1 @@
+"""Checkpoints: HF directories, PyTorch/metaseq files and orbax, in and out."""

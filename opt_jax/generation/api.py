@@ -1,0 +1,275 @@
+"""generate(): OPT wired to the decode loops, with host-side checks, shape buckets and a bounded
+cache of compiled programs.
+
+A call: check the options (GenerationConfig) and the prompt on the host, pad the prompt and the
+buffer to bucketed lengths, then run one jitted program (prefill + `lax.while_loop`) that takes
+the traced option values as arguments. So new prompt lengths rarely, and new temperatures or
+top_p values never, mean a new compilation.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import threading
+import weakref
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from opt_jax.generation.beam_search import beam_search
+from opt_jax.generation.config import GenerationConfig
+from opt_jax.generation.decoding import decode
+from opt_jax.kv_cache import KVCache
+from opt_jax.model import OPTForCausalLM, OPTModel
+from opt_jax.validation import validate_token_ids
+
+# Prompt and new-token lengths are rounded up to multiples of this for static shapes.
+BUCKET = 32
+# Compiled generation programs kept (least recently used dropped first). Each one is a
+# (model config, static options, streaming) triple holding its executables for the shapes
+# it has seen; a notebook sweeping traced values (temperature, top_p, ...) reuses one entry.
+COMPILE_CACHE_SIZE = 16
+
+
+@struct.dataclass
+class GenerateOutput:
+    """sequences: [B * num_return_sequences, prompt_length + max_new_tokens] int32 (prompt as
+    given, then new tokens, pad after EOS); logprobs: [same rows, max_new_tokens] float32 model
+    log-probabilities of the chosen tokens (0 after EOS), when requested."""
+
+    sequences: np.ndarray
+    logprobs: np.ndarray | None = None
+    # Beam search: final (length-penalised) score of each returned sequence.
+    sequences_scores: np.ndarray | None = None
+
+
+def generate(
+    model,
+    params,
+    input_ids,
+    attention_mask=None,
+    *,
+    generation_config: GenerationConfig | None = None,
+    seed: int | None = None,
+    prng_key: jax.Array | None = None,
+    streamer: Callable[[int, np.ndarray], bool | None] | None = None,
+    **options,
+) -> GenerateOutput:
+    """Generates continuations of left-padded prompts with an OPTForCausalLM.
+
+    Args:
+      model: an `OPTForCausalLM` (its config is read; params are passed separately).
+      params: its parameters (plain or as flax's `model.init` returns them, boxed).
+      input_ids: [B, T] int prompt ids, left-padded (as OPTTokenizer.encode_batch returns).
+      attention_mask: [B, T], 1 for real tokens; None means no padding.
+      generation_config: a GenerationConfig; `options` (any of its fields by name, e.g.
+        `max_new_tokens=20, do_sample=True, top_p=0.9`) override it. `max_new_tokens` is
+        required; prompt length + max_new_tokens must fit max_position_embeddings.
+      seed, prng_key: fix sampling (default: seed 0).
+      streamer: callback(step, tokens [B * num_return_sequences]) receiving tokens as they are
+        produced (greedy / sampling / contrastive), only this call's, even with concurrent
+        calls; returning False stops generation there (the rest of every row is padding).
+
+    Returns:
+      GenerateOutput with sequences [B * num_return_sequences, T + max_new_tokens] int32.
+
+    Raises:
+      ValueError: bad options or inputs, before anything is traced or compiled.
+    """
+    if not isinstance(model, OPTForCausalLM):
+        raise ValueError(f"generate needs an OPTForCausalLM, got {type(model).__name__}")
+    config = model.config
+    cfg = (generation_config or GenerationConfig()).replace(**options).for_model(config)
+    if cfg.max_new_tokens is None:
+        raise ValueError("max_new_tokens is required (pass max_new_tokens=N)")
+    if streamer is not None and cfg.is_beam:
+        raise ValueError("streaming is not available for beam search (beams are reordered)")
+    ids, mask = _check_prompt(input_ids, attention_mask, config, cfg.max_new_tokens)
+
+    # Static shapes: bucket the prompt (extra left padding is harmless: positions come from the
+    # mask) and the buffer, capped so that every slot has a position embedding.
+    batch, prompt_len = ids.shape
+    limit = config.max_position_embeddings
+    bucket_prompt = min(_round_up(prompt_len, BUCKET), limit - cfg.max_new_tokens)
+    buffer_length = min(bucket_prompt + _round_up(cfg.max_new_tokens, BUCKET), limit)
+    extra = bucket_prompt - prompt_len
+    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
+    mask = np.pad(mask, ((0, 0), (extra, 0)))
+    copies = cfg.num_beams if cfg.is_beam else cfg.num_return_sequences
+    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
+
+    params = nn.unbox(params)
+    program = _compiled(config, cfg.program(), streamer is not None)
+    values = {name: jnp.float32(v) for name, v in cfg.values().items()}
+    stream_id = 0 if streamer is None else _register_streamer(streamer)
+    try:
+        tokens, logprobs, scores = program(
+            params, lm_head_copy(params), jnp.asarray(ids), jnp.asarray(mask), prng_key,
+            values, cfg.max_new_tokens, jnp.int32(stream_id), buffer_length,
+        )  # fmt: skip
+        tokens = np.asarray(tokens)  # waits for the device, and so for every streamed token
+    finally:
+        if streamer is not None:
+            _unregister_streamer(stream_id)
+    if cfg.is_beam:  # beam_search returns [B, num_return_sequences, L]
+        tokens = tokens.reshape(batch * cfg.num_return_sequences, -1)
+    return GenerateOutput(
+        sequences=tokens[:, extra : bucket_prompt + cfg.max_new_tokens].astype(np.int32),
+        logprobs=np.asarray(logprobs)[:, : cfg.max_new_tokens] if cfg.output_logprobs else None,
+        sequences_scores=None if scores is None else np.asarray(scores).reshape(-1),
+    )
+
+
+def _check_prompt(input_ids, attention_mask, config, max_new_tokens: int):
+    """(ids [B, T] int32, mask [B, T] bool) after the host-side checks jitted code cannot do."""
+    ids = validate_token_ids(input_ids, config.vocab_size, attention_mask=attention_mask)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    mask = mask.astype(bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"prompt rows {empty.tolist()} are empty (no real token in the mask)")
+    if not mask[:, -1].all():
+        raise ValueError(
+            "prompts must be left-padded (every row's last token real): rows "
+            f"{np.flatnonzero(~mask[:, -1]).tolist()} end in padding"
+        )
+    total = ids.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
+    return ids, mask
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled programs
+# ---------------------------------------------------------------------------------------------
+# Counts traces of the jitted generation programs (the compile-once tests read it).
+TRACE_COUNT = {"n": 0}
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def _compiled(config, program: GenerationConfig, streaming: bool):
+    """The jitted program for (model config, static options, streaming), LRU-cached."""
+    key = (config, program, streaming)
+    with _PROGRAMS_LOCK:
+        if key in _PROGRAMS:
+            _PROGRAMS.move_to_end(key)
+            return _PROGRAMS[key]
+
+    def run(params, head, prompt, mask, rng, values, max_new, stream_id, buffer_length):
+        TRACE_COUNT["n"] += 1
+        tokens_to_logits = opt_tokens_to_logits(config, params, head)
+        cache = KVCache.init(config, prompt.shape[0], buffer_length)
+        if program.is_beam:
+            return beam_search(
+                tokens_to_logits, program, prompt, mask, cache, max_new, buffer_length, rng, values
+            )
+        tokens, logprobs = decode(
+            tokens_to_logits, program, prompt, mask, cache, rng, max_new, buffer_length,
+            _stream_dispatch if streaming else None, stream_id if streaming else None, values,
+        )  # fmt: skip
+        return tokens, logprobs, None
+
+    fn = jax.jit(run, static_argnums=(8,))
+    with _PROGRAMS_LOCK:
+        fn = _PROGRAMS.setdefault(key, fn)
+        _PROGRAMS.move_to_end(key)
+        while len(_PROGRAMS) > COMPILE_CACHE_SIZE:
+            _PROGRAMS.popitem(last=False)
+    return fn
+
+
+def opt_tokens_to_logits(config, params, head=None):
+    """tokens_to_logits for an OPTForCausalLM: runs the decoder with the cache and computes the
+    tied-head logits for the last position only (the prefill needs no others).
+
+    head: optional [P, V] copy of the embedding (see lm_head_copy) used for the LM head matmul.
+    """
+    decoder = OPTModel(config)
+
+    def tokens_to_logits(tokens, mask, cache):
+        out = decoder.apply({"params": params["model"]}, tokens, mask, cache=cache)
+        hidden = out.last_hidden_state  # [B, T, P]
+        last = hidden[:, -1].astype(config.compute_dtype)
+        if head is None:
+            embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            logits = jnp.einsum("bp,vp->bv", last, embedding.astype(config.compute_dtype))
+        else:
+            logits = jnp.einsum("bp,pv->bv", last, head.astype(config.compute_dtype))
+        return logits.astype(jnp.float32), hidden, out.cache
+
+    return tokens_to_logits
+
+
+# On CPU, XLA's matmul with a few rows on the left streams a [P, V] right-hand side much faster
+# than the [V, P] embedding table itself (125m, batch 8: 5.9 -> 4.0 ms per decode step for the
+# LM head; experiments/perf/README.md). So CPU decoding uses a transposed copy, made once per
+# embedding array and kept while that array lives. Accelerators take either layout at full
+# speed, and sharded tables are left alone.
+_HEAD_COPIES: dict[int, jax.Array] = {}  # id(embedding array) -> its [P, V] copy
+_HEAD_LOCK = threading.Lock()
+_transposed = jax.jit(lambda table: table.T)
+
+
+def lm_head_copy(params) -> jax.Array | None:
+    """The [P, V] LM-head copy to decode with, or None (use the embedding as it is)."""
+    table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+    if not isinstance(table, jax.Array) or len(table.sharding.device_set) != 1:
+        return None
+    if next(iter(table.sharding.device_set)).platform != "cpu":
+        return None
+    key = id(table)
+    with _HEAD_LOCK:
+        head = _HEAD_COPIES.get(key)
+        if head is None:
+            head = _HEAD_COPIES[key] = _transposed(table)
+            # Dropped the moment the table is collected (before its id can be reused).
+            weakref.finalize(table, _HEAD_COPIES.pop, key, None)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+# The streamers of the calls in flight, by call id. Compiled code calls `_stream_dispatch` with
+# the id as a traced operand, so a new streamer never means a new compilation, and concurrent
+# calls (threads, an abandoned stream_text) each reach only their own streamer.
+_STREAMERS: dict[int, Callable] = {}
+_STREAMERS_LOCK = threading.Lock()
+_STREAM_IDS = itertools.count(1)
+
+
+def _register_streamer(streamer: Callable) -> int:
+    with _STREAMERS_LOCK:
+        stream_id = next(_STREAM_IDS) % (2**31 - 1)  # fits the int32 operand
+        _STREAMERS[stream_id] = streamer
+    return stream_id
+
+
+def _unregister_streamer(stream_id: int) -> None:
+    with _STREAMERS_LOCK:
+        _STREAMERS.pop(stream_id, None)
+
+
+def _stream_dispatch(stream_id, step, tokens):
+    """Forwards one step's tokens to the streamer of call `stream_id`. Returns False (stop
+    decoding) when that call has no streamer any more or the streamer returned False."""
+    with _STREAMERS_LOCK:
+        streamer = _STREAMERS.get(int(stream_id))
+    if streamer is None:
+        return np.bool_(False)
+    return np.bool_(streamer(int(step), np.asarray(tokens)) is not False)

@@ -1,0 +1,1 @@
+"""Scale-out: logical sharding rules and meshes, multi-host start-up, memory and speed bounds."""
