@@ -16,6 +16,7 @@ from absl import app, flags, logging
 
 import opt_jax
 from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.generation.config import flag_specs
 from opt_jax.parallel import distributed
 from opt_jax.validation import validate_token_ids
 
@@ -23,20 +24,40 @@ flags.DEFINE_string("model", None, "HF directory or orbax checkpoint directory."
 flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute and param dtype.")
-flags.DEFINE_bool("do_sample", False, "Sample instead of greedy decoding.")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-flags.DEFINE_integer("top_k", 50, "Top-k filter (0 disables) / contrastive candidates.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus filter.")
-flags.DEFINE_float("min_p", None, "Min-p filter.")
-flags.DEFINE_float("typical_p", 1.0, "Typical-p filter.")
-flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty.")
-flags.DEFINE_integer("no_repeat_ngram_size", 0, "Ban repeated n-grams of this size.")
-flags.DEFINE_integer("num_beams", 1, "Beam search width (no streaming when > 1).")
-flags.DEFINE_float("penalty_alpha", None, "Contrastive search degeneration penalty.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+# One flag per GenerationConfig option, derived from its field (name, default, help).
+SCRIPT_DEFAULTS = {"max_new_tokens": 64}
+_DEFINE = {
+    "bool": flags.DEFINE_bool,
+    "int": flags.DEFINE_integer,
+    "int?": flags.DEFINE_integer,
+    "count?": flags.DEFINE_integer,
+    "float": flags.DEFINE_float,
+    "float?": flags.DEFINE_float,
+}
+for _spec in flag_specs():
+    _name, _kind, _help = _spec["name"], _spec["kind"], _spec["help"]
+    if _kind == "early_stopping":
+        flags.DEFINE_enum(_name, str(_spec["default"]), ["True", "False", "never"], _help)
+    elif _kind.startswith("ids"):
+        flags.DEFINE_multi_integer(_name, None, _help)
+    else:
+        _DEFINE[_kind](_name, SCRIPT_DEFAULTS.get(_name, _spec["default"]), _help)
+
+
+def _generation_options(f) -> dict:
+    """The GenerationConfig options given on the command line (unset ones keep their default)."""
+    options = {}
+    for spec in flag_specs():
+        value = f[spec["name"]].value
+        if spec["kind"] == "early_stopping":
+            value = {"True": True, "False": False}.get(value, value)
+        if value is not None:
+            options[spec["name"]] = value
+    return options
 
 
 def _load(path, dtype):
@@ -71,14 +92,14 @@ def _read_prompts(f) -> list[str]:
     return prompts
 
 
-def _check_flags(f) -> None:
-    """What needs no model: checked before anything is loaded."""
-    if f.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {f.max_new_tokens}")
-    if f.num_beams < 1:
-        raise ValueError(f"--num_beams must be >= 1, got {f.num_beams}")
+def _check_flags(f) -> opt_jax.GenerationConfig:
+    """What needs no model, checked before anything is loaded: the generation options."""
     if any(not s for s in f.stop):
         raise ValueError("--stop must be a non-empty string")
+    try:
+        return opt_jax.GenerationConfig(**_generation_options(f))
+    except ValueError as e:
+        raise ValueError(f"--{e}") from e
 
 
 def _check_prompts(prompts, tokenizer, config, max_new_tokens) -> None:
@@ -106,36 +127,36 @@ def _check_prompts(prompts, tokenizer, config, max_new_tokens) -> None:
         raise ValueError("\n".join(problems))
 
 
-def _generate_beams(model, params, tokenizer, prompt, options) -> tuple[str, int]:
-    """generate_text for one prompt with beam search, plus how many tokens it generated."""
+def _generate_whole(model, params, tokenizer, prompt, options) -> tuple[str, int]:
+    """generate_text for one prompt (beam search, or several continuations, which do not stream),
+    plus how many tokens it generated. Several continuations are printed one after another."""
     generated: list[list[int]] = []
-    [text] = opt_jax.generate_text(
+    texts = opt_jax.generate_text(
         model, params, tokenizer, [prompt], tokens_out=generated, **options
     )
-    return text, len(generated[0])
+    return f"\n---\n{prompt}".join(texts), sum(len(g) for g in generated)
 
 
 def _run(f) -> None:
-    _check_flags(f)
+    cfg = _check_flags(f)
     prompts = _read_prompts(f)
     distributed.initialize_from_flags()  # before any other JAX call
     config, params = _load(f.model, f.dtype)
     tokenizer = _load_tokenizer(f.tokenizer or f.model, f.model)
-    _check_prompts(prompts, tokenizer, config, f.max_new_tokens)
+    _check_prompts(prompts, tokenizer, config, cfg.max_new_tokens)
     model = opt_jax.OPTForCausalLM(config)
     options = dict(
-        max_new_tokens=f.max_new_tokens, do_sample=f.do_sample, temperature=f.temperature,
-        top_k=f.top_k or None, top_p=f.top_p, min_p=f.min_p, typical_p=f.typical_p,
-        repetition_penalty=f.repetition_penalty, no_repeat_ngram_size=f.no_repeat_ngram_size,
-        num_beams=f.num_beams, penalty_alpha=f.penalty_alpha, stop_strings=f.stop or None,
+        generation_config=cfg,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_strings=f.stop or None,
         seed=f.seed,
-    )  # fmt: skip
+    )
     generated, start = 0, time.time()
     for prompt in prompts:
         # The prompt is echoed only once its generation has produced something (or finished):
         # an option error raised by the first call leaves stdout empty.
-        if f.num_beams > 1:
-            text, count = _generate_beams(model, params, tokenizer, prompt, options)
+        if cfg.is_beam or cfg.num_return_sequences > 1:
+            text, count = _generate_whole(model, params, tokenizer, prompt, options)
             sys.stdout.write(prompt + text)
             generated += count
         else:

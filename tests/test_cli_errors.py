@@ -125,8 +125,9 @@ def test_generate_echoes_no_prompt_when_an_option_is_bad(tiny_hf):
     "args, match",
     [
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file .* does not exist"),
-        (["--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
+        (["--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens must be a positive integer, got 0"),
         (["--prompt", "hi", "--stop="], "--stop must be a non-empty string"),
+        (["--prompt", "hi", "--num_beams", "2", "--output_logprobs"], "--output_logprobs=True"),
         ([], "give --prompt and/or --prompt_file"),
     ],
 )
@@ -238,7 +239,3 @@ def test_missing_metrics_name_the_path(tmp_path):
         match=re.escape(f"no metrics at {tmp_path / 'metrics.jsonl'}"),
     )  # fmt: skip
 
-
-def test_checkpoint_docstring_describes_train_checkpoints():
-    assert "will live here" not in checkpoint.__doc__
-    assert "TrainCheckpoints" in checkpoint.__doc__
