@@ -6,14 +6,20 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test lint format clean
 
+# pip's output (and setuptools' notes on editable installs) goes to a log, shown on failure.
+INSTALL = $(PY) -m pip install -q
+LOG = $(VENV)/install.log
+
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	@echo "installing opt_jax into $(VENV) (log: $(LOG))"
+	@$(INSTALL) --upgrade pip > $(LOG) 2>&1 || (cat $(LOG); exit 1)
+	@$(INSTALL) -e . >> $(LOG) 2>&1 || (cat $(LOG); exit 1)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[test]"
+	@echo "installing the test dependencies (log: $(LOG))"
+	@$(INSTALL) -e ".[test]" >> $(LOG) 2>&1 || (cat $(LOG); exit 1)
 	touch $@
 
 # The main job: train a small OPT on the standard library's sources (a few minutes on 2 CPU

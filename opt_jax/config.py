@@ -11,21 +11,22 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-# Activations transformers' ACT2FN offers that OPT configs may name; model.py implements each.
-ACTIVATIONS = (
-    "relu",
-    "gelu",
-    "gelu_new",
-    "gelu_fast",
-    "gelu_pytorch_tanh",
-    "quick_gelu",
-    "silu",
-    "swish",
-    "tanh",
-    "sigmoid",
-)
+# Activations transformers' ACT2FN offers that OPT configs may name, and what each computes.
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
 # The heads we implement, under the class names HF writes into config.json's `architectures`.
 ARCHITECTURES = (
     "OPTModel",
@@ -34,7 +35,13 @@ ARCHITECTURES = (
     "OPTForQuestionAnswering",
 )
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+# remat_policy -> what a layer's backward pass may keep from its forward ("none": no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
 
 
@@ -156,7 +163,8 @@ class OPTConfig:
             )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
-                f"OPTConfig.remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"
+                f"OPTConfig.remat_policy {self.remat_policy!r} is not one of "
+                f"{tuple(REMAT_POLICIES)}"
             )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(

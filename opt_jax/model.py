@@ -11,14 +11,12 @@ and the activations at block boundaries carry logical axis names (see sharding.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax.config import OPTConfig
+from opt_jax.config import ACTIVATIONS, REMAT_POLICIES, OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
 from opt_jax.parallel import sharding as ax
 
@@ -30,25 +28,6 @@ FLASH_BLOCK = 128
 # Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
 # masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # transformers' "gelu" is the erf form
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": nn.sigmoid,
-}
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ class OPTTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        for token, expected in zip(SPECIAL_TOKENS, range(4)):
+        for token, expected in zip(SPECIAL_TOKENS, range(4), strict=True):
             if ids[token] != expected:
                 raise ValueError(
                     f"not an OPT tokenizer: special token {token} has id {ids[token]}, "

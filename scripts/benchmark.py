@@ -274,7 +274,7 @@ def scale_results(smoke: bool) -> list[dict]:
         for kind in ("train_step", "generate"):
             row = {
                 "workload": f"compile {kind}, {'scan' if scan else 'unrolled'}",
-                "seconds": {str(d): t[kind] for d, t in zip(depths, times)},
+                "seconds": {str(d): t[kind] for d, t in zip(depths, times, strict=True)},
                 "ratio_deep_to_shallow": times[1][kind] / times[0][kind],
             }
             rows.append(row)

@@ -34,7 +34,7 @@ def main(argv):
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(steps, [r["loss"] for r in records], label="train loss")
     if evals:
-        ax_loss.plot(*zip(*evals), "o-", label="held-out loss")
+        ax_loss.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_loss.legend()

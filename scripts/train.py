@@ -1,17 +1,17 @@
 """Trains OPT from a config file.
 
   python scripts/train.py --config configs/tiny.py --workdir runs/tiny
-  python scripts/train.py --config configs/opt_125m.py --workdir runs/125m \
+  python scripts/train.py --config configs/opt.py:125m --workdir runs/125m \
       --config.data.source='~/corpus/*.jsonl' --config.optim.learning_rate=3e-4
 
-Running again with the same --workdir resumes from its latest checkpoint.
+Running again with the same --workdir resumes from its latest checkpoint. The run prints a short
+summary; the whole resolved config is written to WORKDIR/train_config.json.
 """
 
 import difflib
 import importlib.util
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,8 +31,6 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     f = flags.FLAGS
     distributed.initialize_from_flags()  # before any other JAX call
-    if jax.process_index() == 0:
-        print(f.config)
     train.train_and_evaluate(f.config, f.workdir)
 
 
@@ -43,10 +41,11 @@ def _unknown_override(argv) -> str | None:
         path = argv[argv.index("--config") + 1]
     if path is None:
         return None
-    spec = importlib.util.spec_from_file_location("_config_file", path.split(":")[0])
+    path, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_config_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
     for arg in argv:
         if not arg.startswith("--config."):
             continue

@@ -63,7 +63,9 @@ def random_tiny_model(init_std=0.25, noise_seed=1, **overrides):
     params = opt_jax.init_params(config, 0)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(noise_seed), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    leaves = [
+        x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
     return config, opt_jax.OPTForCausalLM(config), jax.tree.unflatten(tree, leaves)
 
 
@@ -103,3 +105,19 @@ def max_rel_diff(ours, ref, where=None):
     if where is not None:
         ours, ref = ours[where], ref[where]
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def assert_trees_equal(a, b, **tolerances):
+    """Asserts two pytrees hold the same leaves under the same paths: a missing, extra or
+    renamed leaf fails (jax.tree.map requires equal structures). Bitwise unless tolerances
+    (rtol / atol) are given."""
+    import jax
+
+    def check(path, x, y):
+        where = jax.tree_util.keystr(path)
+        if tolerances:
+            np.testing.assert_allclose(x, y, err_msg=where, **tolerances)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=where)
+
+    jax.tree_util.tree_map_with_path(check, a, b)

@@ -30,7 +30,7 @@ def randomised_params():
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(
-        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     )
 
 
@@ -41,7 +41,10 @@ def rel(a, b):
 
 def leaves_with(a, b):
     flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    return [(jax.tree_util.keystr(p), x, y) for (p, x), y in zip(flat_a, jax.tree.leaves(b))]
+    return [
+        (jax.tree_util.keystr(p), x, y)
+        for (p, x), y in zip(flat_a, jax.tree.leaves(b), strict=True)
+    ]
 
 
 def main():

@@ -125,7 +125,10 @@ def test_generate_echoes_no_prompt_when_an_option_is_bad(tiny_hf):
     "args, match",
     [
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file .* does not exist"),
-        (["--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens must be a positive integer, got 0"),
+        (
+            ["--prompt", "hi", "--max_new_tokens", "0"],
+            "--max_new_tokens must be a positive integer, got 0",
+        ),
         (["--prompt", "hi", "--stop="], "--stop must be a non-empty string"),
         (["--prompt", "hi", "--num_beams", "2", "--output_logprobs"], "--output_logprobs=True"),
         ([], "give --prompt and/or --prompt_file"),
@@ -238,4 +241,3 @@ def test_missing_metrics_name_the_path(tmp_path):
         "scripts/plot_metrics.py", "--workdir", str(tmp_path),
         match=re.escape(f"no metrics at {tmp_path / 'metrics.jsonl'}"),
     )  # fmt: skip
-

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import BASE, ragged_batch
+from conftest import BASE, assert_trees_equal, ragged_batch
 from safetensors.numpy import load_file, save_file
 
 import opt_jax
@@ -204,7 +204,6 @@ def test_truncated_safetensors_is_an_error(hf_dir, tmp_path):
 def test_saving_over_an_earlier_save_leaves_only_the_new_weights(tmp_path):
     """Sharded then single-file then sharded again into one directory: opt_jax and transformers
     both load the latest weights each time, and no stale weight file is left behind."""
-    import jax
     import transformers
 
     config = opt_jax.OPTConfig(**{k: v for k, v in BASE.items() if k != "init_std"})
@@ -223,8 +222,7 @@ def test_saving_over_an_earlier_save_leaves_only_the_new_weights(tmp_path):
         else:
             assert [n for n in names if n.startswith("model")] == ["model.safetensors"]
         _, loaded = opt_jax.load_pretrained(tmp_path)
-        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
-            np.testing.assert_array_equal(a, b)
+        assert_trees_equal(loaded, params)
         hf = transformers.OPTForCausalLM.from_pretrained(tmp_path)
         embed = params["model"]["decoder"]["embed_tokens"]["embedding"]
         np.testing.assert_array_equal(hf.model.decoder.embed_tokens.weight.detach().numpy(), embed)

@@ -123,7 +123,7 @@ def test_every_parameter_has_logical_axes():
         )
         shapes = jax.tree.leaves(opt_jax.abstract_params(config))
         assert len(axes) == len(shapes)
-        for spec, shape in zip(axes, shapes):
+        for spec, shape in zip(axes, shapes, strict=True):
             assert len(spec) == len(shape.shape) and all(isinstance(n, str) for n in spec), spec
     names = opt_jax.param_logical_axes(opt_jax.preset("125m", num_hidden_layers=1))
     attn = names["model"]["decoder"]["layers_0"]["self_attn"]

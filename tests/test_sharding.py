@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import assert_trees_equal
 from jax.sharding import AbstractMesh
 
 import opt_jax
@@ -137,15 +138,14 @@ def test_two_processes_match_one_process_and_restore_bitwise(tmp_path, mesh):
         )
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # process 0 alone writes the log
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
     # A single process restores the two-process checkpoint (and re-exports its params).
     shutil.copytree(tmp_path / "two" / "export", tmp_path / "export_two")
     _python(helper, str(tmp_path / "two"), overrides, "--devices", "8")
     _, exported = checkpoint.load_params(tmp_path / "export_two")
     _, restored = checkpoint.load_params(tmp_path / "two" / "export")
-    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(restored)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(exported, restored)
 
 
 def test_indivisible_dimension_names_parameter_dimension_and_axis():

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model, max_rel_diff, ragged_batch
+from conftest import assert_trees_equal, make_hf_model, max_rel_diff, ragged_batch
 
 import opt_jax
 from opt_jax.checkpoints import torch_reader
@@ -152,8 +152,7 @@ def test_metaseq_checkpoint_matches_transformers(tmp_path, variant):
     hf_model.save_pretrained(hf_dir)
     _, hf_params = opt_jax.load_pretrained(hf_dir)
     assert jax.tree.structure(params) == jax.tree.structure(hf_params)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(hf_params)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(params, hf_params)
     # A directory holding the one file works too; the bare decoder as well.
     config, params = load_metaseq(tmp_path, ours_config, architecture="OPTModel")
     assert config.architecture == "OPTModel" and list(params) == ["decoder"]

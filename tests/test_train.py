@@ -4,6 +4,7 @@ and a one-step smoke test of every config file."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from conftest import assert_trees_equal
 from train_helpers import tiny_train_config
 
 import opt_jax
@@ -68,12 +70,10 @@ def _assert_same_run(workdir, reference):
     assert [r["step"] for r in ours] == list(range(1, 13))  # every step logged exactly once
     assert ours == theirs  # losses, grad norms, eval losses: bitwise (JSON round-trips floats)
     (_, a), (_, b) = _final_state(workdir), _final_state(reference)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)  # params, Adam moments, counters
+    assert_trees_equal(a, b)  # params, Adam moments, counters
     _, params_a = checkpoint.load_params(workdir / "export")
     _, params_b = checkpoint.load_params(reference / "export")
-    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-        np.testing.assert_array_equal(x, y)
+    assert_trees_equal(params_a, params_b)
 
 
 @pytest.mark.slow
@@ -146,8 +146,7 @@ def test_nonfinite_and_spike_updates_are_skipped():
     state, batch, step = _tiny_state(optim, nan=True)
     new, metrics = step(state, batch)
     assert not np.isfinite(metrics["loss"]) and int(new.skipped) == 1 and int(new.step) == 1
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(new.params, state.params)
     # A normal step is taken; then a loss far above the running mean is skipped as a spike.
     state, batch, step = _tiny_state(optim)
     state, _ = step(state, batch)
@@ -155,8 +154,7 @@ def test_nonfinite_and_spike_updates_are_skipped():
     spiking = state.replace(loss_avg=state.loss_avg * 0.1)
     new, _ = step(spiking, batch)
     assert int(new.skipped) == 1
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(spiking.params)):
-        np.testing.assert_array_equal(a, b)
+    assert_trees_equal(new.params, spiking.params)
 
 
 def test_adamw_step_matches_torch():
@@ -204,7 +202,7 @@ def test_bad_training_inputs(tmp_path):
     with pytest.raises(
         ValueError, match="batch_size 3 is not divisible by the 2 data-parallel devices"
     ):
-        train._check_config(tiny_train_config(batch_size=3), opt_jax.OPTConfig(), 2)
+        train.check_config(tiny_train_config(batch_size=3), 2, str(tmp_path), None)
     with pytest.raises(ValueError, match="not divisible by optim.grad_accum_steps 3"):
         train.train_and_evaluate(tiny_train_config(**{"optim.grad_accum_steps": 3}), tmp_path / "d")
 
@@ -283,20 +281,28 @@ def test_grad_accumulation_matches_one_big_batch():
     state2, _, step2 = _tiny_state(optim)
     two, m2 = step2(state2, batch)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(one.params, two.params, rtol=1e-5, atol=1e-6)
 
 
-CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
-
-
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
-def test_every_config_file_runs_one_step_shrunk(tmp_path, path):
+def _config_module(path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    assert (module.__doc__ or "").strip(), "config files open with the command that runs them"
+    return module
+
+
+# Every config file; opt.py in a pre-LN size and in opt-350m's post-LN + project_in/out shape.
+CONFIG_RUNS = [(p, None) for p in sorted((ROOT / "configs").glob("*.py")) if p.stem != "opt"]
+CONFIG_RUNS += [(ROOT / "configs" / "opt.py", "125m"), (ROOT / "configs" / "opt.py", "350m")]
+
+
+@pytest.mark.parametrize(
+    "path, arg", CONFIG_RUNS, ids=[p.stem + (f":{a}" if a else "") for p, a in CONFIG_RUNS]
+)
+def test_every_config_file_runs_one_step_shrunk(tmp_path, path, arg):
+    module = _config_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+    assert f"scripts/train.py --config configs/{path.name}" in module.__doc__
     small = tiny_train_config()
     for key in (
         "hidden_size",
@@ -333,6 +339,59 @@ def test_every_config_file_runs_one_step_shrunk(tmp_path, path):
                 config.model[key] = None
     last = train.train_and_evaluate(config, tmp_path / "run")
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+
+
+def test_opt_config_carries_table_1():
+    module = _config_module(ROOT / "configs" / "opt.py")
+    for size, (lr, batch_size) in module.TABLE_1.items():
+        c = module.get_config(size)
+        assert c.model.preset == size and c.optim.learning_rate == lr and c.seq_len == 2048
+        assert c.batch_size == batch_size and c.batch_size * c.seq_len in (
+            2**19,
+            2**20,
+            2**21,
+            2**22,
+        )
+        assert abs(c.num_train_steps * batch_size * 2048 - 300e9) < batch_size * 2048
+        assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.1 and c.optim.grad_clip == 1.0
+    assert module.get_config("175b").optim.warmup_steps == 2000
+    assert module.get_config("125m").optim.warmup_steps == 715  # 375M tokens / 2^19 per step
+    with pytest.raises(ValueError, match="configs/opt.py:SIZE takes one of 125m"):
+        module.get_config("7b")
+
+
+def test_every_config_field_can_be_overridden_from_the_command_line(monkeypatch):
+    """ml_collections refuses to override a field whose default is None; every field of the
+    base config is typed, so each one takes a command-line override."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    samples = {int: "7", float: "0.5", bool: "False", str: "relu"}
+    path = ROOT / "configs" / "tiny.py"
+    base = _config_module(path).get_config()
+    leaves = {}
+
+    def walk(node, prefix):
+        for key in node.keys():
+            field = node.get_ref(key) if hasattr(node, "get_ref") else None
+            value = node[key]
+            if hasattr(value, "keys"):
+                walk(value, prefix + key + ".")
+            elif field is not None and field.get_type() in samples:
+                leaves[prefix + key] = field.get_type()
+
+    walk(base, "")
+    assert {"model.do_layer_norm_before", "model.hidden_size", "optim.b2", "seed"} <= set(leaves)
+    for name, kind in leaves.items():
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+        argv = ["train.py", f"--config={path}", f"--config.{name}={samples[kind]}"]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+        values(argv)
+        got = values.config
+        for part in name.split("."):
+            got = got[part]
+        assert got == kind(samples[kind]) if kind is not bool else got is False, name
 
 
 def test_train_cli_locks_config(tmp_path):
@@ -375,7 +434,8 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert np.isfinite(metrics["loss"]) and int(new.skipped) == 0
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     assert any(
-        (a != b).any() for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+        (a != b).any()
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True)
     )
 
 
@@ -401,12 +461,20 @@ def test_the_train_state_keeps_its_types_with_bfloat16_parameters(accum):
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_scan_and_remat_training_runs_and_resumes(tmp_path):
+def test_scan_and_remat_training_resumes_exactly(tmp_path):
+    """With scan_layers and remat, resuming from a mid-run checkpoint repeats the uninterrupted
+    run bit for bit (losses, parameters, optimiser state)."""
     overrides = {"model.scan_layers": True, "model.remat_policy": "save_dots", "num_train_steps": 4,
                  "checkpoint_every_steps": 2, "eval_every_steps": 4}  # fmt: skip
-    first = tiny_train_config(**dict(overrides, num_train_steps=2))
-    train.train_and_evaluate(first, tmp_path)
-    last = train.train_and_evaluate(tiny_train_config(**overrides), tmp_path)  # resumes at 2
+    whole = tmp_path / "whole"
+    last = train.train_and_evaluate(tiny_train_config(**overrides), whole)
     assert last["step"] == 4 and np.isfinite(last["eval_loss"])
-    config, params = checkpoint.load_params(tmp_path / "export")  # layout detected
-    assert params["model"]["decoder"]["layers"]["fc1"]["kernel"].shape[0] == 2
+    # The same run, interrupted after its step-2 checkpoint: drop what came after it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    shutil.rmtree(resumed / "export")
+    train.train_and_evaluate(tiny_train_config(**overrides), resumed)
+    assert _losses(resumed) == _losses(whole)
+    (_, a), (_, b) = _final_state(resumed, step=4), _final_state(whole, step=4)
+    assert_trees_equal(a, b)

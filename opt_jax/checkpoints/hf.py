@@ -364,14 +364,14 @@ def save_pretrained(
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     written = []
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         tmp = os.path.join(path, name + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
         written.append((tmp, os.path.join(path, name)))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
-            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+            "weight_map": {k: n for n, shard in zip(names, shards, strict=True) for k in shard},
         }
         tmp = os.path.join(path, SAFE_INDEX + ".tmp")
         with open(tmp, "w") as f:

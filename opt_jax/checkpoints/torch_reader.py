@@ -116,7 +116,7 @@ class TensorRef(_Sealed):
         if self.size == 0:
             return np.zeros(self.shape, self.dtype)
         # Elements of the storage this view touches: [offset, offset + span).
-        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
         if self.offset + span > self._storage.numel:
             raise TorchFileError(
                 f"{self._reader.path}: a tensor of shape {self.shape} reaches past the end of "

@@ -27,7 +27,7 @@ def check_explicit(coordinator_address, num_processes, process_id) -> bool:
     Raises:
       ValueError: naming the missing values when only some are given, or a bad value.
     """
-    values = dict(zip(_EXPLICIT, (coordinator_address, num_processes, process_id)))
+    values = dict(zip(_EXPLICIT, (coordinator_address, num_processes, process_id), strict=True))
     missing = [name for name, value in values.items() if value is None]
     if len(missing) == len(values):
         return False

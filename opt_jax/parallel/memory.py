@@ -80,7 +80,7 @@ def plan(
     mesh = AbstractMesh(tuple(mesh_shape.get(n, 1) for n in names), names)
     abstract = abstract_params(cfg)
     specs = param_logical_axes(cfg)
-    sharding.check_divisible(abstract, specs, dict(zip(names, mesh.axis_sizes)))
+    sharding.check_divisible(abstract, specs, dict(zip(names, mesh.axis_sizes, strict=True)))
     shardings = sharding.logical_to_shardings(specs, mesh)
     params = sharding.per_device_bytes(abstract, shardings)
     data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)

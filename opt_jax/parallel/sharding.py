@@ -107,13 +107,14 @@ def make_mesh(
         known = math.prod(s for s in ici if s != -1)
         if per_slice % known:
             raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, ici))} do not divide the {per_slice} devices "
-                "of a slice"
+                f"mesh sizes {dict(zip(MESH_AXES, ici, strict=True))} do not divide the "
+                f"{per_slice} devices of a slice"
             )
         ici[ici.index(-1)] = per_slice // known
     if math.prod(ici) != per_slice or min(ici) < 1:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, ici))} x dcn {dict(zip(MESH_AXES, dcn))} needs "
+            f"mesh {dict(zip(MESH_AXES, ici, strict=True))} x dcn "
+            f"{dict(zip(MESH_AXES, dcn, strict=True))} needs "
             f"{math.prod(ici) * math.prod(dcn)} devices, there are {len(devices)}"
         )
     ici = tuple(ici)
@@ -127,7 +128,9 @@ def make_mesh(
     else:
         # One process (or no dcn axes): the dcn blocks are emulated, outermost per axis.
         grid = np.array(devices).reshape(dcn + tuple(ici))
-        grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici)])
+        grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape(
+            [d * i for d, i in zip(dcn, ici, strict=True)]
+        )
     # Auto axis types: jax.make_mesh's default (Explicit) breaks the logical-rules style.
     return Mesh(grid, MESH_AXES)
 
@@ -170,7 +173,7 @@ def check_divisible(abstract_tree, logical_specs, mesh_shape: dict, rules=DEFAUL
         if spec is None:
             continue
         mesh_axes = nn.logical_to_mesh_axes(tuple(spec), list(rules))
-        for dim, (size, axes, name) in enumerate(zip(leaf.shape, mesh_axes, spec)):
+        for dim, (size, axes, name) in enumerate(zip(leaf.shape, mesh_axes, spec, strict=False)):
             if axes is None:
                 continue
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -200,7 +203,9 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 def per_device_bytes(abstract_tree, shardings) -> int:
     """Bytes of the largest per-device shard set of a tree of ShapeDtypeStructs."""
     total = 0
-    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    for leaf, sharding in zip(
+        jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True
+    ):
         total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
 

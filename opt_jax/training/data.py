@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
-from opt_jax.validation import validate_token_ids
 
 
 def stdlib_files() -> list[Path]:
@@ -126,7 +125,9 @@ class PackedDataset:
         """[global_batch] example indices of batch `step`."""
         flat = step * self.global_batch + np.arange(self.global_batch)
         epochs, offsets = np.divmod(flat, self.num_examples)
-        return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)])
+        return np.array(
+            [self._permutation(int(e))[o] for e, o in zip(epochs, offsets, strict=True)]
+        )
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """This process's slice of batch `step`: {"input_ids", "attention_mask"} [B_local, T]."""
@@ -235,7 +236,7 @@ def _build_or_check(config, data_dir: str, workdir: str, resuming: bool) -> None
     if os.path.exists(meta_path):
         os.remove(meta_path)
     tokenizer.save(tok_dir)
-    for path, array in zip(arrays, (train_tokens, eval_tokens)):
+    for path, array in zip(arrays, (train_tokens, eval_tokens), strict=True):
         np.save(path + ".tmp.npy", array)
         os.replace(path + ".tmp.npy", path)
     with open(meta_path + ".tmp", "w") as f:
@@ -244,7 +245,7 @@ def _build_or_check(config, data_dir: str, workdir: str, resuming: bool) -> None
     os.remove(marker)
 
 
-def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming: bool = False):
+def prepare(config, workdir: str, resuming: bool = False):
     """Loads or builds the tokenizer and the tokenized splits, cached under WORKDIR/data.
 
     The cache records the data config it was built from (data/meta.json). A cache built from a
@@ -279,7 +280,4 @@ def prepare(config, workdir: str, model_vocab_size: int | None = None, resuming:
     train_tokens, eval_tokens = (
         np.load(os.path.join(data_dir, f"{s}.npy")) for s in ("train", "eval")
     )
-    if model_vocab_size is not None:
-        for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
-            validate_token_ids(tokens[None, :], model_vocab_size, name=f"{name} tokens")
     return tokenizer, train_tokens, eval_tokens

@@ -1,8 +1,10 @@
-"""Experiment configs (ml_collections) for training, and the bridge to OPTConfig.
+"""The experiment config (ml_collections) every training run starts from, and the bridge from
+its `model` group to the architecture (OPTConfig).
 
-`configs/*.py` files build on `base_config()`; `pretrain_config(size)` applies the OPT paper's
-recipe. Every field has a one-line comment; `lock_config=True` in scripts/train.py makes a
-mistyped override an error.
+`configs/*.py` files build on `base_config()` (configs/opt.py carries the OPT paper's recipe).
+Every field has a one-line comment and a type: fields that default to "unset" are typed
+placeholders, so `--config.model.do_layer_norm_before=False` works from the command line, and
+`lock_config=True` in scripts/train.py makes a mistyped override an error.
 """
 
 from __future__ import annotations
@@ -10,45 +12,32 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from opt_jax.config import OPTConfig, preset
 from opt_jax.parallel.sharding import DEFAULT_RULES
-
-# Peak learning rate and batch size (tokens) of each size: OPT paper (Zhang et al. 2022,
-# arXiv:2205.01068) Table 1. All were trained on 2048-token sequences.
-OPT_RECIPE = {
-    "125m": (6.0e-4, 0.5e6),
-    "350m": (3.0e-4, 0.5e6),
-    "1.3b": (2.0e-4, 1e6),
-    "2.7b": (1.6e-4, 1e6),
-    "6.7b": (1.2e-4, 2e6),
-    "13b": (1.0e-4, 4e6),
-    "30b": (1.0e-4, 4e6),
-    "66b": (0.8e-4, 2e6),
-    "175b": (1.2e-4, 2e6),
-}
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every training config (the OPT recipe's optimiser settings)."""
     c = ml_collections.ConfigDict()
     # Architecture: `preset` names a public size (or "" for OPTConfig's defaults); every other
-    # key overrides that OPTConfig field (None keeps the preset's value).
+    # key overrides that OPTConfig field (unset keeps the preset's value).
     c.model = ml_collections.ConfigDict(
         dict(
             preset="",
-            vocab_size=None,
-            hidden_size=None,
-            num_hidden_layers=None,
-            ffn_dim=None,
-            num_attention_heads=None,
-            max_position_embeddings=None,
-            word_embed_proj_dim=None,
-            do_layer_norm_before=None,
+            vocab_size=placeholder(int),  # unset: the tokenizer's size, rounded up to 8
+            hidden_size=placeholder(int),  # model width D
+            num_hidden_layers=placeholder(int),  # decoder layers
+            ffn_dim=placeholder(int),  # MLP width F
+            num_attention_heads=placeholder(int),  # heads N
+            max_position_embeddings=placeholder(int),  # learned positions (context length)
+            word_embed_proj_dim=placeholder(int),  # embedding width (opt-350m: 512 < D)
+            do_layer_norm_before=placeholder(bool),  # pre-LN (True) or post-LN (opt-350m)
             dropout=0.1,  # OPT paper: dropout 0.1 throughout
-            attention_dropout=0.0,
-            layerdrop=0.0,
-            activation_function=None,
+            attention_dropout=0.0,  # on attention probabilities
+            layerdrop=0.0,  # probability of skipping a whole layer in training
+            activation_function=placeholder(str),  # relu for OPT; any of config.ACTIVATIONS
             dtype="float32",  # compute dtype (bfloat16 for mixed precision)
             param_dtype="float32",  # master weights
             scan_layers=False,  # nn.scan over layers: compile time independent of depth
@@ -103,25 +92,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 8192  # size of a trained tokenizer
     c.data.eval_fraction = 0.02  # fraction of files held out for evaluation
     c.data.max_files = 0  # use at most this many files (0: all)
-    return c
-
-
-def pretrain_config(size: str) -> ml_collections.ConfigDict:
-    """The OPT paper's pretraining recipe for a public size (one config file per size)."""
-    c = base_config()
-    lr, batch_tokens = OPT_RECIPE[size]
-    c.model.preset = size
-    c.seq_len = 2048
-    c.batch_size = int(batch_tokens // 2048)
-    c.optim.learning_rate = lr
-    # OPT warms up over 375M tokens for the small models (2000 steps for 175b).
-    c.optim.warmup_steps = 2000 if size == "175b" else int(375e6 // batch_tokens)
-    c.num_train_steps = int(300e9 // batch_tokens)  # 300B tokens
-    c.log_every_steps = 50
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.data.tokenizer = ""  # point at a real OPT tokenizer directory to reuse its vocabulary
-    c.data.vocab_size = 50265
     return c
 
 

@@ -29,7 +29,7 @@ from opt_jax.checkpoints import orbax_io as checkpoint
 from opt_jax.checkpoints.hf import load_pretrained, stack_layers, unstack_layers
 from opt_jax.config import OPTConfig
 from opt_jax.losses import causal_lm_loss
-from opt_jax.model import OPTForCausalLM, param_logical_axes
+from opt_jax.model import OPTForCausalLM, abstract_params, param_logical_axes
 from opt_jax.parallel import roofline, sharding
 from opt_jax.training import data
 from opt_jax.training.experiment import model_config
@@ -203,13 +203,6 @@ def _architecture_diff(a: OPTConfig, b: OPTConfig) -> list[str]:
     ]
 
 
-def _load_init(path: str, dtype_fields: dict):
-    """Params and config of `init_from`: an HF directory or an orbax params checkpoint."""
-    if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)):
-        return checkpoint.load_params(path, **dtype_fields)
-    return load_pretrained(path, architecture="OPTForCausalLM", **dtype_fields)
-
-
 def _model_overrides(config) -> dict:
     """The config.model fields that are set (dropout, dtypes, scan/remat/attention choices...)."""
     return {k: v for k, v in config.model.items() if k != "preset" and v is not None}
@@ -220,16 +213,24 @@ def _requests_architecture(config) -> bool:
     return bool(m.preset) or any(m[f] is not None for f in ARCHITECTURE_FIELDS if f in m)
 
 
-def _check_config_early(config, num_devices: int, workdir: str, latest: int | None) -> None:
-    """Everything checkable before the data is prepared, so a bad flag fails in seconds."""
+def check_config(config, num_devices: int, workdir: str, latest: int | None) -> None:
+    """Everything checkable before the data is prepared, so a bad flag fails in seconds.
+
+    Args:
+      config: the experiment config (ml_collections).
+      num_devices: data-parallel devices the batch is split over.
+      latest: the workdir's latest checkpoint step (None: starting fresh).
+
+    Raises:
+      ValueError: naming the field and the limit.
+    """
     for name in ("num_train_steps", "batch_size", "seq_len", "log_every_steps",
                  "keep_checkpoints", "stop_check_every_steps"):  # fmt: skip
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
-    if config.optim.grad_accum_steps <= 0:
-        raise ValueError(
-            f"optim.grad_accum_steps must be positive, got {config.optim.grad_accum_steps}"
-        )
+    accum = config.optim.grad_accum_steps
+    if accum <= 0:
+        raise ValueError(f"optim.grad_accum_steps must be positive, got {accum}")
     if config.init_from and latest is not None:  # resuming a fine-tune
         limit = OPTConfig.from_hf(os.path.join(workdir, "model")).max_position_embeddings
     elif config.init_from:
@@ -244,29 +245,98 @@ def _check_config_early(config, num_devices: int, workdir: str, latest: int | No
         )
     if latest is None:
         data.tokenizer_source(config)  # init_from without a tokenizer: an error now, not later
-    _check_batch(config, num_devices)
-
-
-def _check_config(config, cfg: OPTConfig, num_devices: int) -> None:
-    if config.seq_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
-            f"{cfg.max_position_embeddings}"
-        )
-    _check_batch(config, num_devices)
-
-
-def _check_batch(config, num_devices: int) -> None:
     if config.batch_size % num_devices:
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by the {num_devices} data-parallel "
             "devices"
         )
-    if (config.batch_size // num_devices) % config.optim.grad_accum_steps:
+    if (config.batch_size // num_devices) % accum:
         raise ValueError(
             f"the per-device batch {config.batch_size // num_devices} is not divisible by "
-            f"optim.grad_accum_steps {config.optim.grad_accum_steps}"
+            f"optim.grad_accum_steps {accum}"
         )
+
+
+def resolve_model(config, workdir: str, resuming: bool, vocab_size: int):
+    """The model to train and, when fine-tuning from scratch, its initial parameters.
+
+    Resume order: a run resuming its own checkpoint takes the architecture it saved at its
+    start (WORKDIR/model); else `init_from`'s checkpoint (with the config's dropout / dtype /
+    layout overrides, which must not change its architecture); else `config.model` (vocabulary
+    from the tokenizer, `vocab_size`).
+
+    Returns:
+      (OPTConfig, params or None)
+    """
+    dtypes = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    if config.init_from and resuming:  # the architecture was saved when the fine-tune began
+        saved = OPTConfig.from_hf(os.path.join(workdir, "model"))
+        return dataclasses.replace(saved, **_model_overrides(config)), None
+    if not config.init_from:
+        return model_config(config, vocab_size), None
+    path = config.init_from
+    if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)):
+        init_config, params = checkpoint.load_params(path, **dtypes)
+    else:
+        init_config, params = load_pretrained(path, architecture="OPTForCausalLM", **dtypes)
+    if _requests_architecture(config):
+        diff = _architecture_diff(model_config(config, vocab_size), init_config)
+        if diff:
+            raise ValueError(
+                f"init_from {path} does not match the model config: " + "; ".join(diff)
+            )
+    opt_config = dataclasses.replace(
+        init_config, **_model_overrides(config), architecture="OPTForCausalLM"
+    )
+    if opt_config.scan_layers != init_config.scan_layers:
+        params = (stack_layers(params, opt_config.num_hidden_layers) if opt_config.scan_layers
+                  else unstack_layers(params))  # fmt: skip
+    return opt_config, params
+
+
+def _write_run_config(config, workdir: str, start: int) -> None:
+    """WORKDIR/train_config.json records the run's config; written once checks have passed.
+    A resume with a changed config keeps the original and writes train_config.step_N.json."""
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = os.path.join(workdir, "train_config.json")
+    if start and os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        path = os.path.join(workdir, f"train_config.step_{start}.json")
+        print(f"[train] the config differs from the run's original: recorded in {path}", flush=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _due(done: int, every: int, final: bool) -> bool:
+    """The "every N steps, and at the last step" cadence (N <= 0: never)."""
+    return every > 0 and (done % every == 0 or final)
+
+
+def _metrics_record(metrics, done: int, step_time: float, schedule, rates: dict) -> dict:
+    """The metrics.jsonl row of a logging step.
+
+    Args:
+      metrics: the train step's metrics, on the host.
+      rates: tokens_per_step, device_flops (model FLOPs per device per step) and peaks (the
+        accelerator's data-sheet peaks, or None).
+    """
+    record = {
+        "loss": float(metrics["loss"]),
+        # The rate of the latest applied update: skipped steps do not advance the optimiser's
+        # count, so the schedule runs on applied updates.
+        "learning_rate": float(schedule(max(done - int(metrics["skipped"]) - 1, 0))),
+        "grad_norm": float(metrics["grad_norm"]),
+        "skipped": int(metrics["skipped"]),
+        "tokens_per_s": rates["tokens_per_step"] / step_time,
+        "step_time": step_time,
+        "tflops_per_device": rates["device_flops"] / step_time / 1e12,
+    }
+    if rates["peaks"]:  # an accelerator whose data-sheet peak is known
+        record["mfu"] = rates["device_flops"] / step_time / rates["peaks"]["flops"]
+    return record
 
 
 def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
@@ -286,28 +356,43 @@ def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(signalled))))
 
 
-def _sample(cfg, params, tokenizer, config) -> str:
+def _sample(opt_config, params, tokenizer, config) -> str:
     from opt_jax.generation.text import generate_text
 
-    model = OPTForCausalLM(cfg)
-    room = cfg.max_position_embeddings - len(tokenizer.encode(config.sample_prompt))
+    model = OPTForCausalLM(opt_config)
+    room = opt_config.max_position_embeddings - len(tokenizer.encode(config.sample_prompt))
     budget = min(config.sample_tokens, room)
     if budget < 1:
         return ""
     return generate_text(model, params, tokenizer, [config.sample_prompt], max_new_tokens=budget)[0]
 
 
+def run_summary(config, opt_config: OPTConfig, workdir: str, start: int, tokenizer) -> str:
+    """A few lines saying what this run is (the whole config is in WORKDIR/train_config.json)."""
+    size = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(opt_config)))
+    source = config.init_from or (config.model.preset and f"preset {config.model.preset}")
+    data_source = config.data.source
+    steps = f"{config.num_train_steps} steps of {config.batch_size} x {config.seq_len} tokens"
+    return "\n".join([
+        f"[train] model: {size / 1e6:.1f}M parameters, {opt_config.num_hidden_layers} layers x "
+        f"{opt_config.hidden_size} wide, vocabulary {tokenizer.vocab_size}"
+        + (f", from {source}" if source else ", random init"),
+        f"[train] data: {data_source}; {steps}"
+        + (f", resuming at step {start}" if start else ""),
+        f"[train] outputs: {workdir} (metrics.jsonl, checkpoints, export/; "
+        "config in train_config.json)",
+    ])  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains per `config`, checkpointing into `workdir`; returns the last logged metrics."""
+    """Trains per the experiment `config`, checkpointing into `workdir`; returns the last
+    logged metrics."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "train_config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     # -- Mesh: data / fsdp / tensor parallelism chosen by the config's mesh shape ------------
     mesh = sharding.mesh_from_config(config.mesh)
@@ -318,7 +403,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # -- Checks that need no data (tokenizing a corpus can take long) -------------------------
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
     latest = ckpts.latest_step()
-    _check_config_early(config, sharding.data_parallel_size(mesh, rules), workdir, latest)
+    check_config(config, sharding.data_parallel_size(mesh, rules), workdir, latest)
 
     # -- Data ----------------------------------------------------------------------------------
     tokenizer, train_tokens, eval_tokens = data.prepare(
@@ -326,33 +411,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
 
     # -- Model and optimiser ----------------------------------------------------------------
-    dtype_fields = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
-    init_params = None
-    if config.init_from and latest is None:
-        init_cfg, init_params = _load_init(config.init_from, dtype_fields)
-        cfg = dataclasses.replace(
-            init_cfg, **_model_overrides(config), architecture="OPTForCausalLM"
-        )
-        if cfg.scan_layers != init_cfg.scan_layers:
-            init_params = (stack_layers(init_params, cfg.num_hidden_layers) if cfg.scan_layers
-                           else unstack_layers(init_params))  # fmt: skip
-        if _requests_architecture(config):
-            wanted = model_config(config, tokenizer.vocab_size)
-            diff = _architecture_diff(wanted, init_cfg)
-            if diff:
-                raise ValueError(
-                    f"init_from {config.init_from} does not match the model config: "
-                    + "; ".join(diff)
-                )
-    elif config.init_from:  # resuming a fine-tune: the architecture was saved at its start
-        saved = OPTConfig.from_hf(os.path.join(workdir, "model"))
-        cfg = dataclasses.replace(saved, **_model_overrides(config))
-    else:
-        cfg = model_config(config, tokenizer.vocab_size)
-    _check_config(config, cfg, sharding.data_parallel_size(mesh, rules))
+    opt_config, init_params = resolve_model(
+        config, workdir, latest is not None, tokenizer.vocab_size
+    )
     for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
-        validate_token_ids(tokens[None, :], cfg.vocab_size, name=f"{name} tokens")
-    model = OPTForCausalLM(cfg)
+        validate_token_ids(tokens[None, :], opt_config.vocab_size, name=f"{name} tokens")
+    model = OPTForCausalLM(opt_config)
     tx = make_optimizer(config.optim, config.num_train_steps)
     train_ds = data.PackedDataset(train_tokens, config.seq_len, config.batch_size, config.seed)
     eval_ds = data.PackedDataset(eval_tokens, config.seq_len, config.batch_size, config.seed + 1)
@@ -364,16 +428,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
-    param_specs = param_logical_axes(cfg, model)
+    param_specs = param_logical_axes(opt_config, model)
     sharding.check_divisible(abstract.params, param_specs, dict(mesh.shape), rules)
     state_specs = sharding.state_logical_specs(abstract, param_specs)
     state_sharding = sharding.logical_to_shardings(state_specs, mesh, rules)
 
-    # -- Restore ------------------------------------------------------------------------------
+    # -- Restore, or initialise -------------------------------------------------------------------
+    start = 0
     if latest is not None:
-        meta = ckpts.read_meta(latest)
-        saved = OPTConfig.from_hf(meta["model"])
-        diff = _architecture_diff(cfg, saved)
+        saved = OPTConfig.from_hf(ckpts.read_meta(latest)["model"])
+        diff = _architecture_diff(opt_config, saved)
         if diff:
             raise ValueError(
                 f"workdir {workdir} holds a checkpoint of a different model: " + "; ".join(diff)
@@ -385,18 +449,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
         state, _ = ckpts.restore(latest, target)
         start = int(state.step)
-        print(f"[train] resumed from step {start}", flush=True)
     elif init_params is not None:
         params = jax.device_put(init_params, state_sharding.params)
         del init_params
         state = jax.jit(lambda p: _fresh_state(p, tx), out_shardings=state_sharding)(params)
-        start = 0
-        print(f"[train] initialised from {config.init_from}", flush=True)
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(rng)
-        start = 0
-    if is_main:
-        cfg.save_hf(os.path.join(workdir, "model"))
+    if is_main:  # every check has passed: record what this run is
+        _write_run_config(config, workdir, start)
+        opt_config.save_hf(os.path.join(workdir, "model"))
+        print(run_summary(config, opt_config, workdir, start, tokenizer), flush=True)
 
     # -- Jitted steps ----------------------------------------------------------------------------
     step_fn = jax.jit(
@@ -422,9 +484,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         loss = total / max(count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
-    def save(step):
-        ckpts.save(step, state, {"model": cfg.to_hf(), "step": step})
-
     # -- Loop -----------------------------------------------------------------------------------
     stop = {"signal": None}
 
@@ -438,10 +497,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, start, config.num_train_steps, enabled=is_main)
     tokens_per_step = config.batch_size * config.seq_len
     # Model FLOPs per step (forward + backward = 3 x forward), per device, for TFLOP/s and MFU.
-    step_flops = 3 * roofline.model_flops_per_token(cfg, config.seq_len) * tokens_per_step
-    device_flops = step_flops / jax.device_count()
-    peaks = roofline.local_device_peaks(cfg.dtype)
-    last, step_time, timer, stopping = {}, 0.0, time.time(), False
+    step_flops = 3 * roofline.model_flops_per_token(opt_config, config.seq_len) * tokens_per_step
+    rates = {
+        "tokens_per_step": tokens_per_step,
+        "device_flops": step_flops / jax.device_count(),
+        "peaks": roofline.local_device_peaks(opt_config.dtype),
+    }
+    last, logged_step, timer, stopping = {}, start, time.time(), False
     try:
         with sharding.activate(mesh, rules):
             for step in range(start, config.num_train_steps):
@@ -449,46 +511,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 done = step + 1
                 final = done == config.num_train_steps
                 alone = jax.process_count() == 1
-                if done % config.log_every_steps == 0 or final or (alone and stop["signal"]):
-                    metrics = jax.device_get(metrics)
-                    step_time = (time.time() - timer) / max(done - last.get("step", start), 1)
-                    record = {
-                        "loss": float(metrics["loss"]),
-                        # The rate of the latest applied update: skipped steps do not advance
-                        # the optimiser's count, so the schedule runs on applied updates.
-                        "learning_rate": float(
-                            schedule(max(done - int(metrics["skipped"]) - 1, 0))
-                        ),
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "skipped": int(metrics["skipped"]),
-                        "tokens_per_s": tokens_per_step / step_time,
-                        "step_time": step_time,
-                        "tflops_per_device": device_flops / step_time / 1e12,
-                        "epoch": train_ds.epoch_of(done),
-                    }
-                    if peaks:  # an accelerator whose data-sheet peak is known
-                        record["mfu"] = device_flops / step_time / peaks["flops"]
-                    if config.eval_every_steps and (done % config.eval_every_steps == 0 or final):
+                if _due(done, config.log_every_steps, final) or (alone and stop["signal"]):
+                    step_time = (time.time() - timer) / max(done - logged_step, 1)
+                    record = _metrics_record(
+                        jax.device_get(metrics), done, step_time, schedule, rates
+                    )
+                    record["epoch"] = train_ds.epoch_of(done)
+                    if _due(done, config.eval_every_steps, final):
                         record.update(evaluate(state.params))
-                    if config.sample_every_steps and (
-                        done % config.sample_every_steps == 0 or final
-                    ):
-                        record["sample"] = _sample(cfg, state.params, tokenizer, config)
+                    if _due(done, config.sample_every_steps, final):
+                        record["sample"] = _sample(opt_config, state.params, tokenizer, config)
                     writer.write(done, record)
                     writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
-                    last, timer = {"step": done, **record}, time.time()
+                    last, logged_step, timer = {"step": done, **record}, done, time.time()
                 stopping = _agree_to_stop(
                     stop["signal"] is not None, done, config.stop_check_every_steps
                 )
-                if done % config.checkpoint_every_steps == 0 or final or stopping:
-                    save(done)
+                if _due(done, config.checkpoint_every_steps, final) or stopping:
+                    ckpts.save(done, state, {"model": opt_config.to_hf(), "step": done})
                 if stopping:
                     why = f"signal {stop['signal']}" if stop["signal"] else "a peer's signal"
                     print(f"[train] {why}: saved step {done}, exiting", flush=True)
                     break
         ckpts.wait()
         if not stopping:
-            _export(workdir, cfg, state.params, tokenizer, is_main)
+            _export(workdir, opt_config, state.params, tokenizer, is_main)
     finally:
         ckpts.close()
         writer.close()
