@@ -61,7 +61,7 @@ V = CONFIG.vocab_size  # 99
         (dict(penalty_alpha=0.6, top_k=1), r"needs top_k >= 2 candidates, got top_k=1"),
     ],
 )
-def test_bad_options_fail_before_tracing(kwargs, message):
+def test_bad_option_types_and_combinations_fail_before_tracing(kwargs, message):
     ids, mask = ragged_batch(length=8)
     kwargs = dict(dict(max_new_tokens=4), **kwargs)
     before = api.TRACE_COUNT["n"]
