@@ -40,6 +40,7 @@ flags.DEFINE_integer("reps", 3, "Timed repetitions per workload (the median is r
 flags.DEFINE_integer("threads", None, "Torch threads (default: this machine's core count).")
 flags.DEFINE_string("measure_load", None, "(internal) see measure_load().")
 flags.DEFINE_bool("scale", False, "Also: compile time vs depth (scan_layers) and load memory.")
+flags.DEFINE_bool("sweep", False, "Also: a sampling sweep over traced values (recompiles?).")
 flags.DEFINE_string("out", "benchmark_results", "Output prefix: writes OUT.json and OUT.md.")
 FLAGS = flags.FLAGS
 
@@ -106,7 +107,7 @@ class Ours:
         self.forward = jax.jit(lambda p, ids: self.model.apply({"params": p}, ids).logits)
         optim = base_config().optim
         self.tx = train.make_optimizer(optim, 1000)
-        self.state = train._fresh_state(self.params, self.tx)
+        self.state = train.fresh_state(self.params, self.tx)
         self.step = jax.jit(
             lambda s, b, r: train.train_step(s, b, r, model=self.model, tx=self.tx, optim=optim),
             donate_argnums=(0,),
@@ -238,7 +239,7 @@ def compile_seconds(config, smoke: bool) -> dict:
     model = opt_jax.OPTForCausalLM(config)
     optim = base_config().optim
     tx = train.make_optimizer(optim, 1000)
-    state = jax.eval_shape(lambda: train._fresh_state(opt_jax.init_params(config, 0), tx))
+    state = jax.eval_shape(lambda: train.fresh_state(opt_jax.init_params(config, 0), tx))
     shape = (2, 16) if smoke else (4, 256)
     tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
     step = jax.jit(lambda s, b, r: train.train_step(s, b, r, model=model, tx=tx, optim=optim))
@@ -280,6 +281,37 @@ def scale_results(smoke: bool) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def sweep_result(config, smoke: bool) -> dict:
+    """A notebook-style sampling sweep: the first call (compiles), then new temperature / top_p
+    values on the same shapes, which are traced arguments of the same program."""
+    from opt_jax.generation import api
+
+    model = opt_jax.OPTForCausalLM(config)
+    params = opt_jax.init_params(config, 0)
+    ids = np.random.RandomState(0).randint(3, config.vocab_size, (1, 32))
+    new = 8 if smoke else 32
+
+    def call(temperature, top_p):
+        opt_jax.generate(model, params, ids, max_new_tokens=new, do_sample=True,
+                         temperature=temperature, top_p=top_p, eos_token_id=[], seed=0)  # fmt: skip
+
+    start = time.perf_counter()
+    call(1.0, 0.9)
+    first = time.perf_counter() - start
+    traces, times = api.TRACE_COUNT["n"], []
+    for temperature, top_p in [(0.7, 0.9), (0.7, 0.95), (1.3, 0.5), (0.5, 0.8)]:
+        start = time.perf_counter()
+        call(temperature, top_p)
+        times.append(time.perf_counter() - start)
+    return {
+        "workload": f"sampling sweep (prompt 32, {new} new tokens)",
+        "first_call_s": first,
+        "later_calls_s": times,
+        "median_later_to_first": statistics.median(times) / first,
+        "recompiles": api.TRACE_COUNT["n"] - traces,
+    }
 
 
 def _rss_mb() -> float:
@@ -433,6 +465,16 @@ def main(argv):
             f"{load['ratio']:.2f}x its size.\n"
         )
         results = results + scale + [load]
+    if FLAGS.sweep:
+        sweep = sweep_result(config, FLAGS.smoke)
+        table += (
+            f"\n{sweep['workload']}: first call {sweep['first_call_s']:.1f} s; calls with new "
+            "temperature / top_p values "
+            + ", ".join(f"{t:.2f}" for t in sweep["later_calls_s"])
+            + f" s (median {sweep['median_later_to_first']:.0%} of the first), "
+            f"{sweep['recompiles']} recompilations.\n"
+        )
+        results = results + [sweep]
     with open(FLAGS.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     with open(FLAGS.out + ".md", "w") as f:

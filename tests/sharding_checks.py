@@ -65,7 +65,7 @@ def main():
     ref_logits = jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask).logits)(
         params
     )
-    ref_state, ref_metrics = jax.jit(step)(train._fresh_state(params, tx), batch)
+    ref_state, ref_metrics = jax.jit(step)(train.fresh_state(params, tx), batch)
     ref_tokens = opt_jax.generate(
         model, params, ids, mask, max_new_tokens=6, eos_token_id=[]
     ).sequences
@@ -89,11 +89,11 @@ def main():
                     ).logits
                 )
             )(sharded, sharded_batch)
-            abstract = jax.eval_shape(lambda p: train._fresh_state(p, tx), params)
+            abstract = jax.eval_shape(lambda p: train.fresh_state(p, tx), params)
             state_sh = sharding.logical_to_shardings(
                 sharding.state_logical_specs(abstract, specs), mesh, rules
             )
-            state = jax.jit(lambda p: train._fresh_state(p, tx), out_shardings=state_sh)(sharded)
+            state = jax.jit(lambda p: train.fresh_state(p, tx), out_shardings=state_sh)(sharded)
             new_state, metrics = jax.jit(
                 step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None)
             )(state, sharded_batch)

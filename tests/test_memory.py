@@ -21,7 +21,7 @@ def test_plan_matches_compiled_memory_analysis(remat):
     plan = memory.plan(cfg, {"data": 1}, batch, seq)
     model, optim = opt_jax.OPTForCausalLM(cfg), base_config().optim
     tx = train.make_optimizer(optim, 10)
-    state = jax.eval_shape(lambda: train._fresh_state(opt_jax.init_params(cfg, 0), tx))
+    state = jax.eval_shape(lambda: train.fresh_state(opt_jax.init_params(cfg, 0), tx))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     step = jax.jit(
         lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx, optim=optim),

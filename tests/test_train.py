@@ -131,7 +131,7 @@ def _tiny_state(optim, nan=False):
     if nan:
         params["model"]["decoder"]["layers_0"]["fc1"]["bias"] = jnp.full((32,), jnp.nan)
     tx = train.make_optimizer(optim, 100)
-    state = train._fresh_state(params, tx)
+    state = train.fresh_state(params, tx)
     batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
     step = jax.jit(
         lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx, optim=optim)
@@ -426,7 +426,7 @@ def test_bf16_compute_keeps_float32_master_weights():
     )  # fmt: skip
     model = opt_jax.OPTForCausalLM(config)
     tx = train.make_optimizer(optim, 100)
-    state = train._fresh_state(opt_jax.init_params(config, 0), tx)
+    state = train.fresh_state(opt_jax.init_params(config, 0), tx)
     batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
     new, metrics = train.train_step(
         state, batch, jax.random.key(0), model=model, tx=tx, optim=optim
@@ -451,7 +451,7 @@ def test_the_train_state_keeps_its_types_with_bfloat16_parameters(accum):
     )  # fmt: skip
     model = opt_jax.OPTForCausalLM(config)
     tx = train.make_optimizer(optim, 100)
-    state = train._fresh_state(opt_jax.init_params(config, 0), tx)
+    state = train.fresh_state(opt_jax.init_params(config, 0), tx)
     batch = {"input_ids": jnp.arange(16).reshape(2, 8) % 50, "attention_mask": jnp.ones((2, 8))}
     step = jax.jit(lambda s: train.train_step(s, batch, jax.random.key(0), model=model, tx=tx,
                                               optim=optim)[0])  # fmt: skip
