@@ -387,10 +387,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 final = done == config.num_train_steps
                 alone = jax.process_count() == 1
                 if _due(done, config.log_every_steps, final) or (alone and stop["signal"]):
+                    metrics = jax.device_get(metrics)  # waits for the step: time it after
                     step_time = (time.time() - timer) / max(done - logged_step, 1)
-                    record = _metrics_record(
-                        jax.device_get(metrics), done, step_time, schedule, rates
-                    )
+                    record = _metrics_record(metrics, done, step_time, schedule, rates)
                     record["epoch"] = train_ds.epoch_of(done)
                     if _due(done, config.eval_every_steps, final):
                         record.update(evaluate(state.params))
