@@ -33,12 +33,20 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
+# Every output also carries, when asked for (transformers' names and contents):
+#   hidden_states: (L + 1)-tuple of [B, T, D]: the embeddings (after project_in and positions),
+#     the output of layers 1 .. L-1, and last the final hidden state (after the final LayerNorm
+#     and project_out, so [B, T, P] there), as transformers returns them.
+#   attentions: L-tuple of [B, N, T, S] attention probabilities (with a cache, S is the cache's
+#     slots: the keys of earlier calls included, unwritten slots 0).
 @struct.dataclass
 class ModelOutput:
     """last_hidden_state: [B, T, P] (after project_out); cache: the updated KVCache or None."""
 
     last_hidden_state: jax.Array
     cache: KVCache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @struct.dataclass
@@ -47,6 +55,8 @@ class CausalLMOutput:
 
     logits: jax.Array
     cache: KVCache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @struct.dataclass
@@ -55,6 +65,8 @@ class SequenceClassifierOutput:
 
     logits: jax.Array
     cache: KVCache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @struct.dataclass
@@ -64,6 +76,8 @@ class QuestionAnsweringOutput:
     start_logits: jax.Array
     end_logits: jax.Array
     cache: KVCache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +158,9 @@ class OPTAttention(nn.Module):
     config: OPTConfig
 
     @nn.compact
-    def __call__(self, x, allowed, cache_kv, index, deterministic: bool):
+    def __call__(
+        self, x, allowed, cache_kv, index, deterministic: bool, head_mask=None, probs_out=False
+    ):
         """
         Args:
           x: [B, T, D] layer input.
@@ -152,9 +168,12 @@ class OPTAttention(nn.Module):
           cache_kv: None, or (key, value) each [B, N, S, H]: this layer's cache.
           index: [B] int32 slot at which this call's keys are written (with a cache).
           deterministic: disables attention dropout.
+          head_mask: optional [N] multiplier of each head's attention probabilities.
+          probs_out: also return the attention probabilities. With either of these the einsum
+            path runs whatever `attention_impl` says: fused kernels do not expose probabilities.
 
         Returns:
-          ([B, T, D], updated (key, value) or None).
+          ([B, T, D], updated (key, value) or None, probabilities [B, N, T, S] or None).
         """
         cfg = self.config
         qkv_axes = (ax.HEADS, ax.HEAD_DIM)
@@ -178,9 +197,11 @@ class OPTAttention(nn.Module):
             k_spec = v_spec = "bnsh"
 
         no_dropout = deterministic or not cfg.attention_dropout
-        if cfg.attention_impl == "flash" and cache_kv is None and no_dropout:
+        fused_ok = no_dropout and head_mask is None and not probs_out
+        probs = None
+        if cfg.attention_impl == "flash" and cache_kv is None and fused_ok:
             out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
-        elif cfg.attention_impl == "dot_product" and no_dropout:
+        elif cfg.attention_impl == "dot_product" and fused_ok:
             # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
             if k_spec == "bnsh":
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
@@ -193,11 +214,13 @@ class OPTAttention(nn.Module):
             scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
             scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            out = jnp.einsum(f"bnts,{v_spec}->btnh", probs, v.astype(cfg.compute_dtype))
+            if head_mask is not None:  # as transformers: after the softmax, before dropout
+                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
         # out: [B, T, N, H]
         out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(out)
-        return out, cache_kv
+        return out, cache_kv, probs if probs_out else None
 
 
 def _tpu_flash_attention(q, k, v, key_mask):
@@ -235,8 +258,20 @@ class OPTDecoderLayer(nn.Module):
     config: OPTConfig
 
     @nn.compact
-    def __call__(self, x, allowed, cache_kv, index, deterministic: bool):
-        """x: [B, T, D] -> ([B, T, D], updated cache_kv). See OPTAttention for the others."""
+    def __call__(
+        self,
+        x,
+        allowed,
+        cache_kv,
+        index,
+        deterministic: bool,
+        head_mask=None,
+        probs_out: bool = False,
+        hidden_out: bool = False,
+    ):
+        """x: [B, T, D] -> ([B, T, D], (updated cache_kv, attention probabilities or None, this
+        layer's output or None)); the second part is what nn.scan stacks over layers. See
+        OPTAttention for the other arguments; hidden_out asks for the layer's output."""
         cfg = self.config
         x_in = x
         act = ACTIVATIONS[cfg.activation_function]
@@ -245,8 +280,8 @@ class OPTDecoderLayer(nn.Module):
 
         residual = x
         h = attn_norm(x) if cfg.do_layer_norm_before else x
-        h, cache_kv = OPTAttention(cfg, name="self_attn")(
-            h, allowed, cache_kv, index, deterministic
+        h, cache_kv, probs = OPTAttention(cfg, name="self_attn")(
+            h, allowed, cache_kv, index, deterministic, head_mask, probs_out
         )
         x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
@@ -264,32 +299,52 @@ class OPTDecoderLayer(nn.Module):
             # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
             skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
             x = jnp.where(skip, x_in, x)
-        return nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED)), cache_kv
+        x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+        return x, (cache_kv, probs, x if hidden_out else None)
 
 
-def _check_inputs(config: OPTConfig, input_ids, attention_mask, cache):
-    """Static (trace-time) shape checks; token-id ranges are checked on the host (validation.py)."""
-    if input_ids.ndim != 2:
+def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, cache, extras):
+    """Static (trace-time) shape checks; token-id ranges are checked on the host (validation.py).
+
+    Returns:
+      (batch, length)
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None and input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+    embed_shape = (config.word_embed_proj_dim,)
+    if inputs_embeds is not None and (
+        inputs_embeds.ndim != 3 or inputs_embeds.shape[2:] != embed_shape
+    ):
         raise ValueError(
-            f"attention_mask shape {attention_mask.shape} does not match input_ids shape "
-            f"{input_ids.shape}"
+            f"inputs_embeds must be [batch, length, {config.word_embed_proj_dim}] "
+            f"(word_embed_proj_dim), got shape {inputs_embeds.shape}"
         )
-    length = input_ids.shape[1]
+    shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    for name, value in (("attention_mask", attention_mask), ("position_ids", extras[0])):
+        if value is not None and value.shape != shape:
+            raise ValueError(f"{name} shape {value.shape} does not match the input's {shape}")
+    head_mask = extras[1]
+    heads = (config.num_attention_heads,)
+    if head_mask is not None and head_mask.shape not in (heads, (config.num_hidden_layers, *heads)):
+        raise ValueError(
+            f"head_mask must be [num_heads] = {heads} or [num_layers, num_heads] = "
+            f"{(config.num_hidden_layers, *heads)}, got shape {head_mask.shape}"
+        )
+    length = shape[1]
     if cache is None and length > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {length} exceeds max_position_embeddings "
             f"{config.max_position_embeddings}: OPT has no position embedding beyond it"
         )
     if cache is not None:
-        if cache.batch_size != input_ids.shape[0]:
-            raise ValueError(
-                f"cache batch size {cache.batch_size} != input batch size {input_ids.shape[0]}"
-            )
+        if cache.batch_size != shape[0]:
+            raise ValueError(f"cache batch size {cache.batch_size} != input batch size {shape[0]}")
         if length > cache.max_length:
             raise ValueError(f"{length} new tokens do not fit a cache of {cache.max_length} slots")
         cache.check_room(length)
+    return shape
 
 
 class OPTDecoder(nn.Module):
@@ -324,10 +379,10 @@ class OPTDecoder(nn.Module):
             self.final_layer_norm = _layer_norm(cfg, None)
         layer = OPTDecoderLayer
         if cfg.remat_policy != "none":
-            # static_argnums counts `self`: 5 is `deterministic`.
+            # static_argnums counts `self`: 5 is `deterministic`, 7 and 8 the output flags.
             layer = nn.remat(
                 layer,
-                static_argnums=(5,),
+                static_argnums=(5, 7, 8),
                 policy=REMAT_POLICIES[cfg.remat_policy],
                 prevent_cse=not cfg.scan_layers,
             )
@@ -337,7 +392,16 @@ class OPTDecoder(nn.Module):
                 layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                # allowed, cache, index, deterministic, head_mask, probs_out, hidden_out
+                in_axes=(
+                    nn.broadcast,
+                    0,
+                    nn.broadcast,
+                    nn.broadcast,
+                    0,
+                    nn.broadcast,
+                    nn.broadcast,
+                ),
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: ax.LAYERS},
             )(cfg)
@@ -346,14 +410,42 @@ class OPTDecoder(nn.Module):
 
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: jax.Array | None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        head_mask: jax.Array | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> ModelOutput:
+        """The decoder stack.
+
+        Args:
+          input_ids: [B, T] token ids, or None when inputs_embeds is given (exactly one).
+          attention_mask: [B, T], 1 for real tokens; None means no padding.
+          cache: optional KVCache (see kv_cache.py).
+          deterministic: False enables dropout ("dropout" rng).
+          inputs_embeds: [B, T, P] token embeddings (what `embed_tokens` would give, before
+            project_in), as transformers' inputs_embeds.
+          position_ids: [B, T] 0-based positions replacing the ones derived from the mask
+            (OPT's offset of 2 is added here, as in transformers).
+          head_mask: [L, N] or [N] (every layer): multiplies each head's attention
+            probabilities, as transformers did (0 ablates a head).
+          output_attentions: return each layer's attention probabilities [B, N, T, S].
+          output_hidden_states: return the L + 1 hidden states (see ModelOutput).
+          With head_mask or output_attentions the einsum attention runs (fused kernels do not
+          expose probabilities); with neither, nothing of this is computed.
+
+        Returns:
+          ModelOutput.
+        """
         cfg = self.config
-        _check_inputs(cfg, input_ids, attention_mask, cache)
-        batch, length = input_ids.shape
+        batch, length = _check_inputs(
+            cfg, input_ids, inputs_embeds, attention_mask, cache, (position_ids, head_mask)
+        )
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         mask = attention_mask.astype(bool)  # [B, T]
@@ -370,30 +462,49 @@ class OPTDecoder(nn.Module):
             key_mask = write_rows(cache.slot_mask, mask, cache.index)  # [B, S]
             key_slots = jnp.arange(cache.max_length)
             query_slots = cache.index[:, None] + jnp.arange(length)  # [B, T]
+        if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
+            positions = position_ids.astype(jnp.int32)
         # Causal in slot order, and never attend to a padding slot.
         allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
 
         # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
-        x = self.embed_tokens(input_ids)  # [B, T, P]
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids)  # [B, T, P]
+        else:
+            x = inputs_embeds.astype(cfg.compute_dtype)
         if cfg.has_projections:
             x = self.project_in(x)  # [B, T, D]
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+        embeddings = x
 
         index = None if cache is None else cache.index
+        if head_mask is not None and head_mask.ndim == 1:  # one [N] mask for every layer
+            head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, *head_mask.shape))
+        flags = (output_attentions, output_hidden_states)
         if cfg.scan_layers:
-            # The cache is stacked [L, ...]: scanned alongside the stacked parameters.
+            # The cache is stacked [L, ...]: scanned alongside the stacked parameters, as are the
+            # head mask rows and (stacked on the way out) probabilities and layer outputs.
             layer_caches = None if cache is None else (cache.key, cache.value)
-            x, layer_caches = self.layers(x, allowed, layer_caches, index, deterministic)
+            x, (layer_caches, probs, hidden) = self.layers(
+                x, allowed, layer_caches, index, deterministic, head_mask, *flags
+            )
             new_key, new_value = (None, None) if cache is None else layer_caches
+            probs = None if probs is None else tuple(probs)  # [L, B, N, T, S] -> L-tuple
+            hidden = None if hidden is None else tuple(hidden)
         else:
-            new_key, new_value = [], []
+            new_key, new_value, probs, hidden = [], [], [], []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache.key[i], cache.value[i])
-                x, layer_cache = layer(x, allowed, layer_cache, index, deterministic)
+                layer_mask = None if head_mask is None else head_mask[i]
+                x, (layer_cache, layer_probs, layer_out) = layer(
+                    x, allowed, layer_cache, index, deterministic, layer_mask, *flags
+                )
                 if cache is not None:
                     new_key.append(layer_cache[0])
                     new_value.append(layer_cache[1])
+                probs.append(layer_probs)
+                hidden.append(layer_out)
             new_key, new_value = tuple(new_key), tuple(new_value)
 
         if cfg.has_final_layer_norm:
@@ -409,11 +520,22 @@ class OPTDecoder(nn.Module):
                 index=cache.index + length,
                 position=cache.position + real.sum(axis=1),
             )
-        return ModelOutput(last_hidden_state=x, cache=cache)
+        return ModelOutput(
+            last_hidden_state=x,
+            cache=cache,
+            # As transformers: the embeddings, layers 1 .. L-1, then the final hidden state.
+            hidden_states=(embeddings, *hidden[:-1], x) if output_hidden_states else None,
+            attentions=tuple(probs) if output_attentions else None,
+        )
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: [B, T, P] -> [B, T, V] logits (float32)."""
         return self.embed_tokens.attend(hidden).astype(jnp.float32)
+
+
+# The inputs every module takes besides input_ids / attention_mask, with transformers' names
+# (see OPTDecoder.__call__): inputs_embeds, position_ids, head_mask, output_attentions,
+# output_hidden_states. The heads pass them through as **inputs.
 
 
 class OPTModel(nn.Module):
@@ -424,9 +546,14 @@ class OPTModel(nn.Module):
     def setup(self):
         self.decoder = OPTDecoder(self.config)
 
-    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
-        """input_ids, attention_mask: [B, T] -> ModelOutput (last_hidden_state [B, T, P])."""
-        return self.decoder(input_ids, attention_mask, cache, deterministic)
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True, **inputs):
+        """input_ids, attention_mask: [B, T] -> ModelOutput (last_hidden_state [B, T, P]).
+
+        inputs: inputs_embeds [B, T, P] instead of input_ids (pass None for those),
+        position_ids [B, T], head_mask [L, N] or [N], output_attentions, output_hidden_states;
+        see OPTDecoder.__call__.
+        """
+        return self.decoder(input_ids, attention_mask, cache, deterministic, **inputs)
 
 
 class OPTForCausalLM(nn.Module):
@@ -437,21 +564,27 @@ class OPTForCausalLM(nn.Module):
     def setup(self):
         self.model = OPTModel(self.config)
 
-    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True, **inputs):
         """
         Args:
-          input_ids: [B, T] int token ids (validated on the host, see `validate_token_ids`).
+          input_ids: [B, T] int token ids (validated on the host, see `validate_token_ids`), or
+            None with inputs_embeds.
           attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
           cache: optional KVCache; new keys/values are written at each row's index.
           deterministic: False enables dropout / attention dropout / layerdrop ("dropout" rng).
+          inputs: inputs_embeds, position_ids, head_mask, output_attentions,
+            output_hidden_states (transformers' names; see OPTDecoder.__call__).
 
         Returns:
-          CausalLMOutput with logits [B, T, V] (float32) and the updated cache.
+          CausalLMOutput with logits [B, T, V] (float32), the updated cache, and hidden_states /
+          attentions when asked for.
         """
-        out = self.model(input_ids, attention_mask, cache=cache, deterministic=deterministic)
+        out = self.model(
+            input_ids, attention_mask, cache=cache, deterministic=deterministic, **inputs
+        )
         logits = self.model.decoder.attend(out.last_hidden_state)
         logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
-        return CausalLMOutput(logits=logits, cache=out.cache)
+        return CausalLMOutput(logits, out.cache, out.hidden_states, out.attentions)
 
 
 def last_non_pad_index(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
@@ -461,23 +594,27 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
 
 
 class OPTForSequenceClassification(nn.Module):
-    """OPT with a `score` head read at each row's last non-pad token, as HF does."""
+    """OPT with a `score` head read at each row's last non-pad token, as HF does (the last
+    position when the input is inputs_embeds: padding cannot be seen there)."""
 
     config: OPTConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True, **inputs):
         cfg = self.config
         out = OPTModel(cfg, name="model")(
-            input_ids, attention_mask, cache=cache, deterministic=deterministic
+            input_ids, attention_mask, cache=cache, deterministic=deterministic, **inputs
         )
         score = _dense(
             cfg, cfg.num_labels, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=False, name="score"
         )
         logits = score(out.last_hidden_state).astype(jnp.float32)  # [B, T, num_labels]
-        last = last_non_pad_index(input_ids, cfg.pad_token_id)
-        pooled = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, num_labels]
-        return SequenceClassifierOutput(logits=pooled, cache=out.cache)
+        if input_ids is None:
+            pooled = logits[:, -1]
+        else:
+            last = last_non_pad_index(input_ids, cfg.pad_token_id)
+            pooled = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, labels]
+        return SequenceClassifierOutput(pooled, out.cache, out.hidden_states, out.attentions)
 
 
 class OPTForQuestionAnswering(nn.Module):
@@ -486,15 +623,15 @@ class OPTForQuestionAnswering(nn.Module):
     config: OPTConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, *, cache=None, deterministic=True, **inputs):
         cfg = self.config
         out = OPTModel(cfg, name="model")(
-            input_ids, attention_mask, cache=cache, deterministic=deterministic
+            input_ids, attention_mask, cache=cache, deterministic=deterministic, **inputs
         )
         qa = _dense(cfg, 2, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=True, name="qa_outputs")
         logits = qa(out.last_hidden_state).astype(jnp.float32)  # [B, T, 2]
         return QuestionAnsweringOutput(
-            start_logits=logits[..., 0], end_logits=logits[..., 1], cache=out.cache
+            logits[..., 0], logits[..., 1], out.cache, out.hidden_states, out.attentions
         )
 
 
