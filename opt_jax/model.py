@@ -532,6 +532,14 @@ class OPTDecoder(nn.Module):
         """Tied LM head: [B, T, P] -> [B, T, V] logits (float32)."""
         return self.embed_tokens.attend(hidden).astype(jnp.float32)
 
+    def readout(self, residual: jax.Array) -> jax.Array:
+        """A residual-stream state [B, T, D] read out as the last layer's is: final LayerNorm,
+        project_out, tied head -> [B, T, V] float32 logits (the logit lens)."""
+        x = self.final_layer_norm(residual) if self.config.has_final_layer_norm else residual
+        if self.config.has_projections:
+            x = self.project_out(x)
+        return self.attend(x)
+
 
 # The inputs every module takes besides input_ids / attention_mask, with transformers' names
 # (see OPTDecoder.__call__): inputs_embeds, position_ids, head_mask, output_attentions,
@@ -585,6 +593,11 @@ class OPTForCausalLM(nn.Module):
         logits = self.model.decoder.attend(out.last_hidden_state)
         logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.VOCAB))
         return CausalLMOutput(logits, out.cache, out.hidden_states, out.attentions)
+
+    def readout(self, residual: jax.Array) -> jax.Array:
+        """[B, T, D] residual stream -> [B, T, V] logits through the final LayerNorm, project_out
+        and the tied head (the logit lens; `model.apply(..., method="readout")`)."""
+        return self.model.decoder.readout(residual)
 
 
 def last_non_pad_index(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
