@@ -222,11 +222,13 @@ def load_pretrained(
     shardings=None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
-    """Loads an HF-format OPT directory.
+    """Loads an HF-format OPT directory, or one of our orbax exports.
 
     Args:
       path: a directory with config.json and weights in any of the HF layouts
-        (model.safetensors, sharded safetensors + index, pytorch_model.bin (+ index)).
+        (model.safetensors, sharded safetensors + index, pytorch_model.bin (+ index)), or an
+        orbax params checkpoint (config.json + params/: `scripts/convert.py --to orbax`, a
+        training run's `WORKDIR/export`).
       dtype: compute dtype override (default: the checkpoint's dtype).
       param_dtype: storage dtype the weights are cast to (default: the checkpoint's dtype).
       architecture: override config.json's head (e.g. "OPTModel" for the bare decoder).
@@ -247,6 +249,10 @@ def load_pretrained(
     if architecture:
         overrides["architecture"] = architecture
     overrides.update(config_overrides)
+    from opt_jax.checkpoints import orbax_io
+
+    if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
+        return orbax_io.load_params(path, shardings, **overrides)
     config = OPTConfig.from_hf(path, **overrides)
     root_is_decoder = config.architecture == "OPTModel"
     tensors = (
