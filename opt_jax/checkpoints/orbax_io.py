@@ -138,3 +138,34 @@ class TrainCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def export_latest(workdir: str | os.PathLike) -> str:
+    """Writes the parameters of a training workdir's latest checkpoint as an inference export
+    (config.json + params/ + the run's tokenizer) at WORKDIR/export_step_N, once, and returns
+    that directory: what evaluation and generation load when a run has no export/ yet."""
+    import shutil
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    ckpts = TrainCheckpoints(workdir, keep=1_000_000)  # never deletes: nothing is saved here
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} holds no complete training checkpoint")
+        target = os.path.join(workdir, f"export_step_{step}")
+        if os.path.isfile(os.path.join(target, "config.json")):
+            return target
+        config = OPTConfig.from_hf(ckpts.read_meta(step)["model"])
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        params = ckpts.manager.restore(step, args=args)["state"]["params"]
+    finally:
+        ckpts.close()
+    staging = target + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_params(staging, config, params)
+    tokenizer = os.path.join(workdir, "data", "tokenizer")
+    if os.path.isdir(tokenizer):
+        for name in os.listdir(tokenizer):
+            shutil.copy(os.path.join(tokenizer, name), staging)
+    os.replace(staging, target)  # a crash never leaves a half-written export behind
+    return target

@@ -6,6 +6,8 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 from opt_jax.generation.api import generate
 from opt_jax.generation.config import GenerationConfig
 from opt_jax.tokenizer import OPTTokenizer
@@ -83,7 +85,8 @@ def generate_text(
 ) -> list[str]:
     """Generates a continuation for each prompt; returns the new text only.
 
-    Prompts get OPT's `</s>` prefix and are left-padded; decoding stops at EOS or any of
+    Prompts are strings (given OPT's `</s>` prefix) or token-id lists (used as given), and are
+    left-padded; decoding stops at EOS or any of
     `stop_strings` (excluded from the result). Other keyword arguments are `generate`'s.
     With num_return_sequences > 1 the result has that many entries per prompt, in order.
     If `tokens_out` is a list, each result's generated token ids (EOS excluded) are appended
@@ -92,7 +95,7 @@ def generate_text(
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
     cfg, call = _options(model, tokenizer, stop_strings, kwargs)
-    ids, mask = tokenizer.encode_batch(list(prompts))
+    ids, mask = _encode(tokenizer, prompts)
     out = generate(
         model, params, ids, mask, generation_config=cfg, max_new_tokens=max_new_tokens, **call
     )
@@ -100,6 +103,20 @@ def generate_text(
     if tokens_out is not None:
         tokens_out.extend(_generated_ids(row, cfg) for row in new)
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
+
+
+def _encode(tokenizer: OPTTokenizer, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (ids, mask) [B, T] of string prompts (with OPT's `</s>` prefix) or token-id
+    lists (as given)."""
+    rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if not rows or any(not r for r in rows):
+        raise ValueError("generate_text needs a non-empty list of non-empty prompts")
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :], mask[i, length - len(row) :] = row, 1
+    return ids, mask
 
 
 def _generated_ids(row, cfg: GenerationConfig) -> list[int]:

@@ -1,0 +1,216 @@
+"""What every zero-shot evaluation and perplexity needs: log-likelihoods of continuations,
+batched and length-bucketed so a few shapes compile once, and sliding-window perplexity.
+
+Token-level core: `score_pairs(model, params, pairs)` takes (context ids, continuation ids)
+pairs, as lm-eval's `_loglikelihood_tokens` does: the model reads (context + continuation)[:-1]
+(left-truncated to max_length tokens) and the last len(continuation) positions are scored.
+Text level: `loglikelihood` applies OPT's tokenizer contract (`</s>` before the context) and
+lm-eval's pair encoding (trailing context spaces move to the continuation; the continuation is
+what encoding the whole string adds to encoding the context).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opt_jax.model import OPTForCausalLM
+from opt_jax.tokenizer import OPTTokenizer
+
+# Sequence lengths are rounded up to multiples of this (capped at the model's context), so a
+# task's requests compile a handful of shapes.
+BUCKET = 64
+_PROGRAMS: dict = {}
+
+
+def _program(config):
+    """Jitted (params, inputs [B, T], mask [B, T], targets [B, T]) -> (log p(target) [B, T],
+    target is the argmax [B, T]). Logits never leave the device."""
+    if config not in _PROGRAMS:
+        model = OPTForCausalLM(config)
+
+        def run(params, inputs, mask, targets):
+            logits = model.apply({"params": params}, inputs, attention_mask=mask).logits
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            return chosen, jnp.argmax(logits, axis=-1) == targets
+
+        _PROGRAMS[config] = jax.jit(run)
+    return _PROGRAMS[config]
+
+
+def score_pairs(
+    model,
+    params,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities of the continuation, whether greedy decoding gives it) per pair.
+
+    Args:
+      model: an OPTForCausalLM. params: its parameters.
+      pairs: (context ids, continuation ids); the continuation must be non-empty, the context
+        may be empty only if the continuation has two or more tokens (the first is then context).
+      batch_size: rows per forward pass (the last batch is padded to it).
+      max_length: tokens the model reads (default: its max_position_embeddings); longer inputs
+        lose tokens from the left, as lm-eval does. A continuation longer than this is an error.
+      progress: called with the number of pairs finished after each batch.
+    """
+    if not isinstance(model, OPTForCausalLM):
+        raise ValueError(f"scoring needs an OPTForCausalLM, got {type(model).__name__}")
+    config = model.config
+    limit = max_length or config.max_position_embeddings
+    rows = []
+    for i, (context, continuation) in enumerate(pairs):
+        if len(continuation) == 0:
+            raise ValueError(f"request {i}: empty continuation (nothing to score)")
+        if len(continuation) > limit:
+            raise ValueError(
+                f"request {i}: continuation of {len(continuation)} tokens exceeds the model's "
+                f"{limit}-token context"
+            )
+        whole = (list(context) + list(continuation))[-(limit + 1) :]
+        if len(whole) < 2:
+            raise ValueError(
+                f"request {i}: needs at least one context token before the continuation"
+            )
+        rows.append((i, whole[:-1], whole[1:], len(continuation)))
+    # Longest first, so each batch holds similar lengths and is padded to its own bucket.
+    rows.sort(key=lambda r: -len(r[1]))
+    run = _program(config)
+    params = nn.unbox(params)
+    results: list = [None] * len(rows)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        length = min(math.ceil(len(chunk[0][1]) / BUCKET) * BUCKET, limit)
+        inputs = np.full((batch_size, length), config.pad_token_id, np.int32)
+        targets = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for j, (_, inp, tgt, _) in enumerate(chunk):  # right-padded: causal, so harmless
+            inputs[j, : len(inp)], targets[j, : len(tgt)], mask[j, : len(inp)] = inp, tgt, 1
+        mask[len(chunk) :, 0] = 1  # filler rows: one real token each
+        logp, greedy = (np.asarray(x) for x in run(params, inputs, mask, targets))
+        for j, (index, inp, _, n) in enumerate(chunk):
+            span = slice(len(inp) - n, len(inp))
+            results[index] = (
+                float(logp[j, span].astype(np.float64).sum()),
+                bool(greedy[j, span].all()),
+            )
+        if progress is not None:
+            progress(len(chunk))
+    return results
+
+
+def encode_pair(tokenizer: OPTTokenizer, context: str, continuation: str):
+    """(context ids, continuation ids) as lm-eval encodes a pair for a causal model: trailing
+    spaces of the context move to the continuation; the continuation is what encoding the whole
+    string adds to encoding the context; the context starts with OPT's `</s>`. An empty context
+    is `</s>` alone."""
+    if not context:
+        return [tokenizer.bos_token_id], tokenizer.encode(continuation, add_prefix=False)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+def loglikelihood(
+    model, params, tokenizer: OPTTokenizer, requests: Sequence[tuple[str, str]], **options
+) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), is greedy) for (context, continuation) string pairs.
+
+    Options are score_pairs's (batch_size, max_length, progress). Contexts longer than the model
+    are truncated from the left (lm-eval's convention).
+    """
+    pairs = []
+    for i, (context, continuation) in enumerate(requests):
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        if not continuation_ids:
+            raise ValueError(f"request {i}: the continuation {continuation!r} encodes to no token")
+        pairs.append((context_ids, continuation_ids))
+    return score_pairs(model, params, pairs, **options)
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int):
+    """Disjoint windows covering every token once: (context ids, ids to score) pairs, the first
+    conditioned on `prefix`, each later one on as many preceding tokens as fit (lm-eval's
+    rolling windows with a context length of 1)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = min(done + max_length, len(tokens))
+        windows.append((tokens[end - max_length - 1 : done], tokens[done:end]))
+        done = end
+    return windows
+
+
+def loglikelihood_rolling(
+    model, params, tokenizer: OPTTokenizer, texts: Sequence[str], **options
+) -> list[float]:
+    """Log-likelihood of whole documents: every token after OPT's `</s>` prefix is scored once,
+    in windows of the model's context, each conditioned on as much preceding text as fits."""
+    limit = options.get("max_length") or model.config.max_position_embeddings
+    spans, pairs = [], []
+    for text in texts:
+        windows = rolling_windows(
+            tokenizer.encode(text, add_prefix=False), tokenizer.bos_token_id, limit
+        )
+        spans.append((len(pairs), len(pairs) + len(windows)))
+        pairs += windows
+    scores = score_pairs(model, params, pairs, **options)
+    return [sum(s for s, _ in scores[a:b]) for a, b in spans]
+
+
+def perplexity(
+    model, params, token_ids: Sequence[int], *, max_length: int, stride: int, batch_size: int = 8
+) -> dict:
+    """Sliding-window perplexity (transformers' "Perplexity of fixed-length models" recipe).
+
+    Windows of `max_length` tokens start every `stride` tokens; each scores only the tokens no
+    earlier window scored, with the rest of the window as context. With stride < max_length
+    every token but the first (OPT's `</s>` prefix, which nothing precedes) is scored exactly
+    once; with stride == max_length the windows are disjoint and, as in the guide, the first
+    token of each window has no context and is not scored. `tokens` counts what was scored
+    (the guide's code counts one token fewer per window after the first when
+    stride < max_length; the count here is exact).
+
+    Returns:
+      {"perplexity", "nll" (mean, nats/token), "tokens" (scored)}.
+    """
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must be in (0, max_length={max_length}], got {stride}")
+    if max_length > model.config.max_position_embeddings:
+        raise ValueError(
+            f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings} "
+            "positions"
+        )
+    tokens = list(token_ids)
+    if len(tokens) < 2:
+        raise ValueError("perplexity needs at least two tokens")
+    pairs, previous_end = [], 1  # token 0 is never a target
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + max_length, len(tokens))
+        # Targets no earlier window scored; a window's first token is only ever context.
+        new = min(end - previous_end, end - begin - 1)
+        if new > 0:
+            pairs.append((tokens[begin : end - new], tokens[end - new : end]))
+        previous_end = end
+        if end == len(tokens):
+            break
+    scores = score_pairs(model, params, pairs, batch_size=batch_size, max_length=max_length)
+    count = sum(len(c) for _, c in pairs)
+    nll = -sum(s for s, _ in scores) / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
