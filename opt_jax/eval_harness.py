@@ -14,6 +14,7 @@ Needs the optional install: `pip install -e ".[eval]"` (lm-eval 0.4).
 from __future__ import annotations
 
 import os
+import time
 
 # lm-eval registers its own backends ("hf", ...) only while its registry is empty: load them
 # before adding ours, or registering "opt_jax" would hide them.
@@ -30,6 +31,9 @@ from opt_jax.model import OPTForCausalLM
 from opt_jax.tokenizer import OPTTokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256
+# Seconds from the latest backend's construction to its model being loaded and to its first
+# scored batch (scripts/evaluate.py --benchmark reports them).
+TIMINGS: dict[str, float] = {}
 
 
 @register_model("opt_jax")
@@ -46,6 +50,8 @@ class OPTJaxLM(TemplateLM):
         **unused,  # device, max_batch_size, ...: lm-eval passes them to every backend
     ):
         super().__init__()
+        self._created = time.perf_counter()
+        TIMINGS.clear()
         if not os.path.isdir(str(pretrained)):
             raise ValueError(f"pretrained={pretrained!r} is not a directory")
         try:
@@ -69,6 +75,7 @@ class OPTJaxLM(TemplateLM):
                 f"{config.max_position_embeddings} positions"
             )
         self.max_gen_toks = int(max_gen_toks)
+        TIMINGS["loaded_s"] = time.perf_counter() - self._created
 
     # -- what TemplateLM needs ------------------------------------------------------------------
     @property
@@ -96,9 +103,14 @@ class OPTJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         pairs = [(context, continuation) for _, context, continuation in requests]
         with tqdm(total=len(pairs), disable=disable_tqdm, desc="opt_jax loglikelihood") as bar:
+
+            def progress(n):
+                TIMINGS.setdefault("first_result_s", time.perf_counter() - self._created)
+                bar.update(n)
+
             return score_pairs(
                 self.model, self.params, pairs, batch_size=self.batch_size,
-                max_length=self.max_length, progress=bar.update,
+                max_length=self.max_length, progress=progress,
             )  # fmt: skip
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -1,11 +1,13 @@
 """Writes a small random OPT and a tokenizer as a Hugging Face directory, without downloads.
 
   python scripts/random_checkpoint.py --out random_opt
+  python scripts/random_checkpoint.py --out random_125m --preset 125m   # a public size's shape
 
-Builds a small OPT (4 layers, 256 wide), trains a byte-level BPE tokenizer on the standard
-library's sources, saves both as an HF directory, loads them back, checks the reload is exact,
-and prints the parameter count and the next-token logits of a code prompt. Handy for trying
-scripts/convert.py and scripts/generate.py (and transformers) on a machine with no weights.
+Builds a small OPT (4 layers, 256 wide; or the shape of --preset), trains a byte-level BPE
+tokenizer on the standard library's sources, saves both as an HF directory, loads them back,
+checks the reload is exact, and prints the parameter count and the next-token logits of a code
+prompt. Handy for trying scripts/convert.py and scripts/generate.py (and transformers) on a
+machine with no weights.
 """
 
 import json
@@ -20,6 +22,7 @@ import opt_jax
 
 flags.DEFINE_string("out", "random_opt", "Where the HF directory is written.")
 flags.DEFINE_integer("seed", 0, "Parameter init seed.")
+flags.DEFINE_string("preset", "", "A public size whose shape to use (125m, 350m, ...).")
 
 
 def main(argv):
@@ -35,14 +38,17 @@ def main(argv):
     )
 
     # Embedding rows rounded up past the tokenizer, as OPT pads 50265 ids to 50272 rows.
-    config = opt_jax.OPTConfig(
-        vocab_size=4096 + 8,
-        hidden_size=256,
-        num_hidden_layers=4,
-        ffn_dim=1024,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-    )
+    if flags.FLAGS.preset:
+        config = opt_jax.preset(flags.FLAGS.preset)  # its 50272 rows cover the 4096 ids
+    else:
+        config = opt_jax.OPTConfig(
+            vocab_size=4096 + 8,
+            hidden_size=256,
+            num_hidden_layers=4,
+            ffn_dim=1024,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
     params = opt_jax.init_params(config, flags.FLAGS.seed)
     opt_jax.save_pretrained(out, config, params)
     tokenizer.save(out)
