@@ -99,7 +99,12 @@ def run_tasks(model_dir, f, backend: str = "opt_jax") -> dict:
     if unknown:
         raise ValueError(f"unknown tasks {unknown} (include_path={f.include_path!r})")
     args = {"pretrained": model_dir, "batch_size": f.batch_size}
-    if f.dtype:
+    if backend == "hf":  # transformers (PyTorch) on the CPU unless CUDA is there
+        import torch
+
+        args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        args["dtype"] = f.dtype or "float32"
+    elif f.dtype:
         args["dtype"] = f.dtype
     if f.max_length:
         args["max_length"] = f.max_length

@@ -19,29 +19,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opt_jax.model import OPTForCausalLM
+from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.tokenizer import OPTTokenizer
 
 # Sequence lengths are rounded up to multiples of this (capped at the model's context), so a
 # task's requests compile a handful of shapes.
-BUCKET = 64
+BUCKET = 32
+SCORED_BUCKET = 8  # scored positions per row, rounded up likewise
 _PROGRAMS: dict = {}
 
 
 def _program(config):
-    """Jitted (params, inputs [B, T], mask [B, T], targets [B, T]) -> (log p(target) [B, T],
-    target is the argmax [B, T]). Logits never leave the device."""
-    if config not in _PROGRAMS:
-        model = OPTForCausalLM(config)
+    """Jitted (params, inputs [B, T], mask [B, T], positions [B, K], targets [B, K]) ->
+    (log p(target) [B, K], target is the argmax [B, K]) at the K scored positions per row.
 
-        def run(params, inputs, mask, targets):
-            logits = model.apply({"params": params}, inputs, attention_mask=mask).logits
+    Only the scored positions go through the LM head: its [P, V] matmul and the log-softmax
+    over V would otherwise cost as much as the whole decoder for short continuations.
+    """
+    if config not in _PROGRAMS:
+        decoder = OPTModel(config)
+
+        def run(params, inputs, mask, positions, targets):
+            hidden = decoder.apply({"params": params["model"]}, inputs, mask).last_hidden_state
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, P]
+            table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            logits = jnp.einsum(
+                "bkp,vp->bkv",
+                hidden.astype(config.compute_dtype),
+                table.astype(config.compute_dtype),
+            ).astype(jnp.float32)
             logp = jax.nn.log_softmax(logits, axis=-1)
             chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
             return chosen, jnp.argmax(logits, axis=-1) == targets
 
         _PROGRAMS[config] = jax.jit(run)
     return _PROGRAMS[config]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
 def score_pairs(
@@ -90,19 +106,22 @@ def score_pairs(
     results: list = [None] * len(rows)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        length = min(math.ceil(len(chunk[0][1]) / BUCKET) * BUCKET, limit)
+        length = min(_round_up(len(chunk[0][1]), BUCKET), limit)
+        scored = _round_up(max(r[3] for r in chunk), SCORED_BUCKET)
         inputs = np.full((batch_size, length), config.pad_token_id, np.int32)
-        targets = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), np.int32)
-        for j, (_, inp, tgt, _) in enumerate(chunk):  # right-padded: causal, so harmless
-            inputs[j, : len(inp)], targets[j, : len(tgt)], mask[j, : len(inp)] = inp, tgt, 1
+        positions = np.zeros((batch_size, scored), np.int32)
+        targets = np.zeros((batch_size, scored), np.int32)
+        for j, (_, inp, tgt, n) in enumerate(chunk):  # right-padded: causal, so harmless
+            inputs[j, : len(inp)], mask[j, : len(inp)] = inp, 1
+            positions[j, :n] = np.arange(len(inp) - n, len(inp))
+            targets[j, :n] = tgt[len(tgt) - n :]
         mask[len(chunk) :, 0] = 1  # filler rows: one real token each
-        logp, greedy = (np.asarray(x) for x in run(params, inputs, mask, targets))
-        for j, (index, inp, _, n) in enumerate(chunk):
-            span = slice(len(inp) - n, len(inp))
+        logp, greedy = (np.asarray(x) for x in run(params, inputs, mask, positions, targets))
+        for j, (index, _, _, n) in enumerate(chunk):
             results[index] = (
-                float(logp[j, span].astype(np.float64).sum()),
-                bool(greedy[j, span].all()),
+                float(logp[j, :n].astype(np.float64).sum()),
+                bool(greedy[j, :n].all()),
             )
         if progress is not None:
             progress(len(chunk))
