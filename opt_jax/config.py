@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -90,10 +91,22 @@ class OPTConfig:
     # flash (Pallas flash attention for TPUs: full-sequence passes such as training; cached
     # decoding keeps einsum).
     attention_impl: str = "einsum"
+    # LoRA (Hu et al. 2021, PEFT's layout): rank 0 = off. Adapters live beside the kernel of
+    # every Linear whose path from the decoder ("decoder/layers_0/self_attn/q_proj") matches
+    # one of lora_targets (regular expressions, re.search); y += (alpha / rank) * x A B.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj$", "v_proj$")
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if isinstance(self.lora_targets, (list, str)):  # from JSON, or a single pattern
+            targets = (
+                [self.lora_targets] if isinstance(self.lora_targets, str) else self.lora_targets
+            )
+            object.__setattr__(self, "lora_targets", tuple(targets))
         self.validate()
 
     # -- readable names and derived sizes ---------------------------------------------------
@@ -170,6 +183,19 @@ class OPTConfig:
             raise ValueError(
                 f"OPTConfig.attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
             )
+        if (
+            isinstance(self.lora_rank, bool)
+            or not isinstance(self.lora_rank, int)
+            or self.lora_rank < 0
+        ):
+            raise ValueError(f"OPTConfig.lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("OPTConfig.lora_targets is empty: LoRA would adapt nothing")
+        for target in self.lora_targets:
+            try:
+                re.compile(target)
+            except re.error as e:
+                raise ValueError(f"OPTConfig.lora_targets: {target!r} is not a regex: {e}") from e
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(
@@ -228,6 +254,14 @@ class OPTConfig:
         if not isinstance(archs, list) or not archs or archs[0] not in ARCHITECTURES:
             raise ValueError(f"{source}: architectures {archs!r} names no OPT head we implement")
         kwargs["architecture"] = archs[0]
+        lora = raw.get("opt_jax_lora")
+        if isinstance(lora, dict):
+            kwargs.update(
+                lora_rank=lora["rank"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora.get("dropout", 0.0),
+                lora_targets=lora["targets"],
+            )
         stored = raw.get("dtype", raw.get("torch_dtype"))
         if stored in DTYPES:
             kwargs["param_dtype"] = stored
@@ -269,6 +303,11 @@ class OPTConfig:
             "use_cache": True,
             "dtype": self.param_dtype,
         }
+        if self.lora_rank:  # ours only (transformers ignores it): the adapters' shapes
+            out["opt_jax_lora"] = {
+                "rank": self.lora_rank, "alpha": self.lora_alpha,
+                "dropout": self.lora_dropout, "targets": list(self.lora_targets),
+            }  # fmt: skip
         return out
 
     def save_hf(self, directory: str | os.PathLike) -> str:

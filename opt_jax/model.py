@@ -11,6 +11,9 @@ and the activations at block boundaries carry logical axis names (see sharding.p
 
 from __future__ import annotations
 
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,7 +109,7 @@ class Linear(nn.Module):
     use_bias: bool
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         cfg = self.config
         n_in = len(self.in_axes)
         kernel = self.param(
@@ -119,7 +122,39 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param("bias", _zeros(self.out_axes), self.features, cfg.params_dtype)
             y = y + bias.astype(cfg.compute_dtype)
+        if cfg.lora_rank and lora_targeted(cfg, self.path):
+            y = y + self._lora(x, deterministic)
         return y
+
+    def _lora(self, x, deterministic: bool):
+        """(alpha / r) * dropout(x) A B, with A [*in, r] and B [r, *out] (PEFT's lora_A / lora_B,
+        transposed). As PEFT initialises them: A uniform with bound 1 / sqrt(fan_in) (kaiming
+        uniform, a = sqrt(5)), B zero, so a fresh adapter changes nothing."""
+        cfg, n_in, r = self.config, len(self.in_axes), self.config.lora_rank
+        fan_in = math.prod(x.shape[-n_in:])
+        bound = 1.0 / math.sqrt(fan_in)
+        init_a = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        a = self.param(
+            "lora_A", nn.with_logical_partitioning(init_a, self.in_axes + (None,)),
+            x.shape[-n_in:] + (r,), cfg.params_dtype,
+        )  # fmt: skip
+        b = self.param(
+            "lora_B", _zeros((None,) + self.out_axes), (r,) + self.features, cfg.params_dtype
+        )
+        x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
+        h = jnp.tensordot(x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype), n_in)  # [.., r]
+        h = jnp.tensordot(h, b.astype(cfg.compute_dtype), 1)
+        return (cfg.lora_alpha / r) * h
+
+
+def lora_targeted(config: OPTConfig, path: tuple[str, ...]) -> bool:
+    """Whether the Linear at module path `path` carries LoRA adapters: one of lora_targets
+    matches its path from the decoder on, "decoder/layers_0/self_attn/q_proj" (with
+    scan_layers "decoder/layers/self_attn/q_proj"), whichever head holds the decoder."""
+    if "decoder" in path:
+        path = path[path.index("decoder") :]
+    where = "/".join(path)
+    return any(re.search(t, where) for t in config.lora_targets)
 
 
 def _dense(config, features, in_axes, out_axes, *, use_bias=None, name=None):
@@ -179,9 +214,14 @@ class OPTAttention(nn.Module):
         qkv_axes = (ax.HEADS, ax.HEAD_DIM)
         features = (cfg.num_attention_heads, cfg.head_dim)
         # HF scales q after its bias is added; keep that order for bitwise-close parity.
-        q = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x) * cfg.head_dim**-0.5
-        k = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x)
-        v = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(x)  # [B, T, N, H]
+        q = (
+            _dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x, deterministic)
+            * cfg.head_dim**-0.5
+        )
+        k = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x, deterministic)
+        v = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(
+            x, deterministic
+        )  # [B, T, N, H]
         q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
 
         if cache_kv is None:
@@ -219,7 +259,9 @@ class OPTAttention(nn.Module):
             dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
             out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
         # out: [B, T, N, H]
-        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(out)
+        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
+            out, deterministic
+        )
         return out, cache_kv, probs if probs_out else None
 
 
@@ -289,9 +331,11 @@ class OPTDecoderLayer(nn.Module):
 
         residual = x
         h = ffn_norm(x) if cfg.do_layer_norm_before else x
-        h = _dense(cfg, cfg.ffn_dim, (ax.EMBED,), (ax.MLP,), name="fc1")(h)  # [B, T, F]
+        h = _dense(cfg, cfg.ffn_dim, (ax.EMBED,), (ax.MLP,), name="fc1")(
+            h, deterministic
+        )  # [B, T, F]
         h = nn.with_logical_constraint(act(h), (ax.BATCH, ax.LENGTH, ax.MLP))
-        h = _dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h)
+        h = _dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h, deterministic)
         x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
             x = ffn_norm(x)

@@ -220,6 +220,7 @@ def load_pretrained(
     param_dtype: str | None = None,
     architecture: str | None = None,
     shardings=None,
+    adapter: str | os.PathLike | None = None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory, or one of our orbax exports.
@@ -235,6 +236,8 @@ def load_pretrained(
       shardings: optional tree of target shardings (unrolled layout, e.g. from
         `sharding.logical_to_shardings(param_logical_axes(config), mesh)`): each tensor goes
         straight to its devices as it is read, so host memory holds one tensor at a time.
+      adapter: a PEFT LoRA adapter directory (ours or PEFT's) to add to the base weights:
+        the result computes the adapted model (opt_jax.lora.merge folds it in).
       config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
         along a leading layers axis), remat_policy, attention_impl.
 
@@ -251,6 +254,11 @@ def load_pretrained(
     overrides.update(config_overrides)
     from opt_jax.checkpoints import orbax_io
 
+    if adapter is not None:
+        from opt_jax import lora
+
+        config, params = load_pretrained(path, shardings=shardings, **overrides)
+        return lora.load_adapter(adapter, config, params)
     if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
         return orbax_io.load_params(path, shardings, **overrides)
     config = OPTConfig.from_hf(path, **overrides)
@@ -320,6 +328,11 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
 
 def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
     """Our params -> {HF key: numpy array in torch layout} (the tied lm_head is not written)."""
+    if config.lora_rank:
+        raise CheckpointError(
+            "the params hold LoRA adapters: merge them first (opt_jax.lora.merge) or save them "
+            "as a PEFT adapter (opt_jax.lora.save_adapter)"
+        )
     if config.scan_layers:
         params, config = unstack_layers(params), config.replace(scan_layers=False)
     expected = traverse_util.flatten_dict(abstract_params(config))
