@@ -11,26 +11,24 @@ and the activations at block boundaries carry logical axis names (see sharding.p
 
 from __future__ import annotations
 
-import math
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from opt_jax.config import ACTIVATIONS, REMAT_POLICIES, OPTConfig
-from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
+from opt_jax.config import REMAT_POLICIES, OPTConfig
+from opt_jax.kv_cache import KVCache, write_rows
+from opt_jax.layers import (
+    OPTDecoderLayer,
+    dense,
+    layer_norm,
+    normal_init,
+    token_embedding_init,
+)
 from opt_jax.parallel import sharding as ax
 
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2
-LAYER_NORM_EPS = 1e-5
-# Tile of the TPU flash-attention kernel: its key/value blocks must be multiples of 128.
-FLASH_BLOCK = 128
-# Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
-# masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,270 +81,6 @@ class QuestionAnsweringOutput:
     attentions: tuple | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------
-def _normal(config: OPTConfig, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), names)
-
-
-def _zeros(names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
-class Linear(nn.Module):
-    """y = x . kernel (+ bias), contracting the trailing len(in_axes) axes of x.
-
-    The kernel is created directly in its final shape [*in, *out] (no flat init + reshape as in
-    nn.DenseGeneral), so its logical axis names hold from the first moment: under a mesh the
-    init-time sharding constraint always matches the array's rank.
-    """
-
-    config: OPTConfig
-    features: tuple[int, ...]
-    in_axes: tuple[str, ...]
-    out_axes: tuple[str, ...]
-    use_bias: bool
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        cfg = self.config
-        n_in = len(self.in_axes)
-        kernel = self.param(
-            "kernel",
-            _normal(cfg, self.in_axes + self.out_axes),
-            x.shape[-n_in:] + self.features,
-            cfg.params_dtype,
-        )
-        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
-        if self.use_bias:
-            bias = self.param("bias", _zeros(self.out_axes), self.features, cfg.params_dtype)
-            y = y + bias.astype(cfg.compute_dtype)
-        if cfg.lora_rank and lora_targeted(cfg, self.path):
-            y = y + self._lora(x, deterministic)
-        return y
-
-    def _lora(self, x, deterministic: bool):
-        """(alpha / r) * dropout(x) A B, with A [*in, r] and B [r, *out] (PEFT's lora_A / lora_B,
-        transposed). As PEFT initialises them: A uniform with bound 1 / sqrt(fan_in) (kaiming
-        uniform, a = sqrt(5)), B zero, so a fresh adapter changes nothing."""
-        cfg, n_in, r = self.config, len(self.in_axes), self.config.lora_rank
-        fan_in = math.prod(x.shape[-n_in:])
-        bound = 1.0 / math.sqrt(fan_in)
-        init_a = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
-        a = self.param(
-            "lora_A", nn.with_logical_partitioning(init_a, self.in_axes + (None,)),
-            x.shape[-n_in:] + (r,), cfg.params_dtype,
-        )  # fmt: skip
-        b = self.param(
-            "lora_B", _zeros((None,) + self.out_axes), (r,) + self.features, cfg.params_dtype
-        )
-        x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
-        h = jnp.tensordot(x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype), n_in)  # [.., r]
-        h = jnp.tensordot(h, b.astype(cfg.compute_dtype), 1)
-        return (cfg.lora_alpha / r) * h
-
-
-def lora_targeted(config: OPTConfig, path: tuple[str, ...]) -> bool:
-    """Whether the Linear at module path `path` carries LoRA adapters: one of lora_targets
-    matches its path from the decoder on, "decoder/layers_0/self_attn/q_proj" (with
-    scan_layers "decoder/layers/self_attn/q_proj"), whichever head holds the decoder."""
-    if "decoder" in path:
-        path = path[path.index("decoder") :]
-    where = "/".join(path)
-    return any(re.search(t, where) for t in config.lora_targets)
-
-
-def _dense(config, features, in_axes, out_axes, *, use_bias=None, name=None):
-    """A Linear layer whose kernel [*in, *out] and bias [*out] carry logical axis names."""
-    features = (features,) if isinstance(features, int) else tuple(features)
-    use_bias = config.enable_bias if use_bias is None else use_bias
-    return Linear(config, features, in_axes, out_axes, use_bias, name=name)
-
-
-def _layer_norm(config: OPTConfig, name: str) -> nn.LayerNorm:
-    affine = config.layer_norm_elementwise_affine
-    return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS,
-        use_scale=affine,
-        use_bias=affine,
-        dtype=config.compute_dtype,
-        param_dtype=config.params_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (ax.EMBED,)),
-        bias_init=_zeros((ax.EMBED,)),
-        name=name,
-    )
-
-
-def _token_embedding_init(config: OPTConfig):
-    # As HF's init: normal(init_std) with the padding row zeroed.
-    def init(key, shape, dtype=jnp.float32):
-        table = nn.initializers.normal(config.init_std)(key, shape, dtype)
-        return table.at[config.pad_token_id].set(0)
-
-    return nn.with_logical_partitioning(init, (ax.VOCAB, ax.EMBED_PROJ))
-
-
-class OPTAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention)."""
-
-    config: OPTConfig
-
-    @nn.compact
-    def __call__(
-        self, x, allowed, cache_kv, index, deterministic: bool, head_mask=None, probs_out=False
-    ):
-        """
-        Args:
-          x: [B, T, D] layer input.
-          allowed: [B, T, S] bool, which keys each query may attend to.
-          cache_kv: None, or (key, value) each [B, N, S, H]: this layer's cache.
-          index: [B] int32 slot at which this call's keys are written (with a cache).
-          deterministic: disables attention dropout.
-          head_mask: optional [N] multiplier of each head's attention probabilities.
-          probs_out: also return the attention probabilities. With either of these the einsum
-            path runs whatever `attention_impl` says: fused kernels do not expose probabilities.
-
-        Returns:
-          ([B, T, D], updated (key, value) or None, probabilities [B, N, T, S] or None).
-        """
-        cfg = self.config
-        qkv_axes = (ax.HEADS, ax.HEAD_DIM)
-        features = (cfg.num_attention_heads, cfg.head_dim)
-        # HF scales q after its bias is added; keep that order for bitwise-close parity.
-        q = (
-            _dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x, deterministic)
-            * cfg.head_dim**-0.5
-        )
-        k = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x, deterministic)
-        v = _dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(
-            x, deterministic
-        )  # [B, T, N, H]
-        q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
-
-        if cache_kv is None:
-            k_spec = v_spec = "bsnh"
-        else:
-            # The cache is heads-major so this step's contractions read it without a transpose.
-            cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
-            cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
-            # Sharded like the activations: batch over data/fsdp, heads over tensor.
-            cache_k = nn.with_logical_constraint(cache_k, KV_AXES)
-            cache_v = nn.with_logical_constraint(cache_v, KV_AXES)
-            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
-            k_spec = v_spec = "bnsh"
-
-        no_dropout = deterministic or not cfg.attention_dropout
-        fused_ok = no_dropout and head_mask is None and not probs_out
-        probs = None
-        if cfg.attention_impl == "flash" and cache_kv is None and fused_ok:
-            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
-        elif cfg.attention_impl == "dot_product" and fused_ok:
-            # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
-            if k_spec == "bnsh":
-                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
-            out = jax.nn.dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=1.0
-            )
-        else:
-            # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
-            # bias) so a masked score never overflows to -inf.
-            scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
-            scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-            if head_mask is not None:  # as transformers: after the softmax, before dropout
-                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
-        # out: [B, T, N, H]
-        out = _dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
-            out, deterministic
-        )
-        return out, cache_kv, probs if probs_out else None
-
-
-def _tpu_flash_attention(q, k, v, key_mask):
-    """Pallas flash attention for TPUs (jax.experimental.pallas.ops.tpu.flash_attention): causal,
-    padding as segment ids, so a real query attends to real keys only.
-
-    Args:
-      q: [B, T, N, H], already scaled; k, v: [B, T, N, H].
-      key_mask: [B, T] bool. (Without a cache the last query sees every key, so the caller
-        passes allowed[:, -1, :].)
-    Off TPU it runs only inside `pltpu.force_tpu_interpret_mode()` (the tests).
-    """
-    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-
-    if q.shape[1] % FLASH_BLOCK:
-        raise ValueError(
-            f"attention_impl='flash' needs a sequence length that is a multiple of {FLASH_BLOCK} "
-            f"(the kernel's tile), got {q.shape[1]}"
-        )
-    segments = key_mask.astype(jnp.int32)
-    out = tpu_flash.flash_attention(
-        q.transpose(0, 2, 1, 3),
-        k.transpose(0, 2, 1, 3).astype(q.dtype),
-        v.transpose(0, 2, 1, 3).astype(q.dtype),
-        segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments),
-        causal=True,
-        sm_scale=1.0,
-    )
-    return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
-
-
-class OPTDecoderLayer(nn.Module):
-    """One decoder block, pre-LN (most sizes) or post-LN (opt-350m)."""
-
-    config: OPTConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x,
-        allowed,
-        cache_kv,
-        index,
-        deterministic: bool,
-        head_mask=None,
-        probs_out: bool = False,
-        hidden_out: bool = False,
-    ):
-        """x: [B, T, D] -> ([B, T, D], (updated cache_kv, attention probabilities or None, this
-        layer's output or None)); the second part is what nn.scan stacks over layers. See
-        OPTAttention for the other arguments; hidden_out asks for the layer's output."""
-        cfg = self.config
-        x_in = x
-        act = ACTIVATIONS[cfg.activation_function]
-        attn_norm = _layer_norm(cfg, "self_attn_layer_norm")
-        ffn_norm = _layer_norm(cfg, "final_layer_norm")
-
-        residual = x
-        h = attn_norm(x) if cfg.do_layer_norm_before else x
-        h, cache_kv, probs = OPTAttention(cfg, name="self_attn")(
-            h, allowed, cache_kv, index, deterministic, head_mask, probs_out
-        )
-        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        if not cfg.do_layer_norm_before:
-            x = attn_norm(x)
-
-        residual = x
-        h = ffn_norm(x) if cfg.do_layer_norm_before else x
-        h = _dense(cfg, cfg.ffn_dim, (ax.EMBED,), (ax.MLP,), name="fc1")(
-            h, deterministic
-        )  # [B, T, F]
-        h = nn.with_logical_constraint(act(h), (ax.BATCH, ax.LENGTH, ax.MLP))
-        h = _dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h, deterministic)
-        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        if not cfg.do_layer_norm_before:
-            x = ffn_norm(x)
-        if cfg.layerdrop > 0 and not deterministic:
-            # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
-            skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
-            x = jnp.where(skip, x_in, x)
-        x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
-        return x, (cache_kv, probs, x if hidden_out else None)
-
-
 def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, cache, extras):
     """Static (trace-time) shape checks; token-id ranges are checked on the host (validation.py).
 
@@ -365,10 +99,11 @@ def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, c
             f"inputs_embeds must be [batch, length, {config.word_embed_proj_dim}] "
             f"(word_embed_proj_dim), got shape {inputs_embeds.shape}"
         )
+    source = "input_ids" if input_ids is not None else "inputs_embeds"
     shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     for name, value in (("attention_mask", attention_mask), ("position_ids", extras[0])):
         if value is not None and value.shape != shape:
-            raise ValueError(f"{name} shape {value.shape} does not match the input's {shape}")
+            raise ValueError(f"{name} shape {value.shape} does not match {source} shape {shape}")
     head_mask = extras[1]
     heads = (config.num_attention_heads,)
     if head_mask is not None and head_mask.shape not in (heads, (config.num_hidden_layers, *heads)):
@@ -401,26 +136,26 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
             cfg.word_embed_proj_dim,
-            embedding_init=_token_embedding_init(cfg),
+            embedding_init=token_embedding_init(cfg),
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
         )
         self.embed_positions = nn.Embed(
             cfg.max_position_embeddings + POSITION_OFFSET,
             cfg.hidden_size,
-            embedding_init=_normal(cfg, (ax.POSITIONS, ax.EMBED)),
+            embedding_init=normal_init(cfg, (ax.POSITIONS, ax.EMBED)),
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
         )
         if cfg.has_projections:
-            self.project_in = _dense(
+            self.project_in = dense(
                 cfg, cfg.hidden_size, (ax.EMBED_PROJ,), (ax.EMBED,), use_bias=False
             )
-            self.project_out = _dense(
+            self.project_out = dense(
                 cfg, cfg.word_embed_proj_dim, (ax.EMBED,), (ax.EMBED_PROJ,), use_bias=False
             )
         if cfg.has_final_layer_norm:
-            self.final_layer_norm = _layer_norm(cfg, None)
+            self.final_layer_norm = layer_norm(cfg, None)
         layer = OPTDecoderLayer
         if cfg.remat_policy != "none":
             # static_argnums counts `self`: 5 is `deterministic`, 7 and 8 the output flags.
@@ -662,7 +397,7 @@ class OPTForSequenceClassification(nn.Module):
         out = OPTModel(cfg, name="model")(
             input_ids, attention_mask, cache=cache, deterministic=deterministic, **inputs
         )
-        score = _dense(
+        score = dense(
             cfg, cfg.num_labels, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=False, name="score"
         )
         logits = score(out.last_hidden_state).astype(jnp.float32)  # [B, T, num_labels]
@@ -685,7 +420,7 @@ class OPTForQuestionAnswering(nn.Module):
         out = OPTModel(cfg, name="model")(
             input_ids, attention_mask, cache=cache, deterministic=deterministic, **inputs
         )
-        qa = _dense(cfg, 2, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=True, name="qa_outputs")
+        qa = dense(cfg, 2, (ax.EMBED_PROJ,), (ax.CLASSES,), use_bias=True, name="qa_outputs")
         logits = qa(out.last_hidden_state).astype(jnp.float32)  # [B, T, 2]
         return QuestionAnsweringOutput(
             logits[..., 0], logits[..., 1], out.cache, out.hidden_states, out.attentions

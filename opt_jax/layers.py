@@ -1,0 +1,290 @@
+"""The layers OPT is built from: a Linear with logical axis names (and optional LoRA adapters),
+LayerNorm, the attention block and the decoder layer (HF's OPTAttention / OPTDecoderLayer).
+
+Axis legend: B batch, T query length, S key length (cache slots with a cache), N heads,
+H head dim, D model width, F ffn width.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from opt_jax.config import ACTIVATIONS, OPTConfig
+from opt_jax.kv_cache import KV_AXES, write_rows
+from opt_jax.parallel import sharding as ax
+
+LAYER_NORM_EPS = 1e-5
+# Tile of the TPU flash-attention kernel: its key/value blocks must be multiples of 128.
+FLASH_BLOCK = 128
+# Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
+# masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def normal_init(config: OPTConfig, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), names)
+
+
+def zeros_init(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Linear(nn.Module):
+    """y = x . kernel (+ bias), contracting the trailing len(in_axes) axes of x.
+
+    The kernel is created directly in its final shape [*in, *out] (no flat init + reshape as in
+    nn.DenseGeneral), so its logical axis names hold from the first moment: under a mesh the
+    init-time sharding constraint always matches the array's rank.
+    """
+
+    config: OPTConfig
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        cfg = self.config
+        n_in = len(self.in_axes)
+        kernel = self.param(
+            "kernel",
+            normal_init(cfg, self.in_axes + self.out_axes),
+            x.shape[-n_in:] + self.features,
+            cfg.params_dtype,
+        )
+        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
+        if self.use_bias:
+            bias = self.param("bias", zeros_init(self.out_axes), self.features, cfg.params_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        if cfg.lora_rank and lora_targeted(cfg, self.path):
+            y = y + self._lora(x, deterministic)
+        return y
+
+    def _lora(self, x, deterministic: bool):
+        """(alpha / r) * dropout(x) A B, with A [*in, r] and B [r, *out] (PEFT's lora_A / lora_B,
+        transposed). As PEFT initialises them: A uniform with bound 1 / sqrt(fan_in) (kaiming
+        uniform, a = sqrt(5)), B zero, so a fresh adapter changes nothing."""
+        cfg, n_in, r = self.config, len(self.in_axes), self.config.lora_rank
+        fan_in = math.prod(x.shape[-n_in:])
+        bound = 1.0 / math.sqrt(fan_in)
+        init_a = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        a = self.param(
+            "lora_A", nn.with_logical_partitioning(init_a, self.in_axes + (None,)),
+            x.shape[-n_in:] + (r,), cfg.params_dtype,
+        )  # fmt: skip
+        b = self.param(
+            "lora_B", zeros_init((None,) + self.out_axes), (r,) + self.features, cfg.params_dtype
+        )
+        x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
+        h = jnp.tensordot(x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype), n_in)  # [.., r]
+        h = jnp.tensordot(h, b.astype(cfg.compute_dtype), 1)
+        return (cfg.lora_alpha / r) * h
+
+
+def lora_targeted(config: OPTConfig, path: tuple[str, ...]) -> bool:
+    """Whether the Linear at module path `path` carries LoRA adapters: one of lora_targets
+    matches its path from the decoder on, "decoder/layers_0/self_attn/q_proj" (with
+    scan_layers "decoder/layers/self_attn/q_proj"), whichever head holds the decoder."""
+    if "decoder" in path:
+        path = path[path.index("decoder") :]
+    where = "/".join(path)
+    return any(re.search(t, where) for t in config.lora_targets)
+
+
+def dense(config, features, in_axes, out_axes, *, use_bias=None, name=None):
+    """A Linear layer whose kernel [*in, *out] and bias [*out] carry logical axis names."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    use_bias = config.enable_bias if use_bias is None else use_bias
+    return Linear(config, features, in_axes, out_axes, use_bias, name=name)
+
+
+def layer_norm(config: OPTConfig, name: str) -> nn.LayerNorm:
+    affine = config.layer_norm_elementwise_affine
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (ax.EMBED,)),
+        bias_init=zeros_init((ax.EMBED,)),
+        name=name,
+    )
+
+
+def token_embedding_init(config: OPTConfig):
+    # As HF's init: normal(init_std) with the padding row zeroed.
+    def init(key, shape, dtype=jnp.float32):
+        table = nn.initializers.normal(config.init_std)(key, shape, dtype)
+        return table.at[config.pad_token_id].set(0)
+
+    return nn.with_logical_partitioning(init, (ax.VOCAB, ax.EMBED_PROJ))
+
+
+class OPTAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention)."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(
+        self, x, allowed, cache_kv, index, deterministic: bool, head_mask=None, probs_out=False
+    ):
+        """
+        Args:
+          x: [B, T, D] layer input.
+          allowed: [B, T, S] bool, which keys each query may attend to.
+          cache_kv: None, or (key, value) each [B, N, S, H]: this layer's cache.
+          index: [B] int32 slot at which this call's keys are written (with a cache).
+          deterministic: disables attention dropout.
+          head_mask: optional [N] multiplier of each head's attention probabilities.
+          probs_out: also return the attention probabilities. With either of these the einsum
+            path runs whatever `attention_impl` says: fused kernels do not expose probabilities.
+
+        Returns:
+          ([B, T, D], updated (key, value) or None, probabilities [B, N, T, S] or None).
+        """
+        cfg = self.config
+        qkv_axes = (ax.HEADS, ax.HEAD_DIM)
+        features = (cfg.num_attention_heads, cfg.head_dim)
+        # HF scales q after its bias is added; keep that order for bitwise-close parity.
+        q = (
+            dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x, deterministic)
+            * cfg.head_dim**-0.5
+        )
+        k = dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x, deterministic)
+        v = dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(
+            x, deterministic
+        )  # [B, T, N, H]
+        q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+
+        if cache_kv is None:
+            k_spec = v_spec = "bsnh"
+        else:
+            # The cache is heads-major so this step's contractions read it without a transpose.
+            cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
+            cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
+            # Sharded like the activations: batch over data/fsdp, heads over tensor.
+            cache_k = nn.with_logical_constraint(cache_k, KV_AXES)
+            cache_v = nn.with_logical_constraint(cache_v, KV_AXES)
+            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
+            k_spec = v_spec = "bnsh"
+
+        no_dropout = deterministic or not cfg.attention_dropout
+        fused_ok = no_dropout and head_mask is None and not probs_out
+        probs = None
+        if cfg.attention_impl == "flash" and cache_kv is None and fused_ok:
+            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
+        elif cfg.attention_impl == "dot_product" and fused_ok:
+            # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
+            if k_spec == "bnsh":
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=1.0
+            )
+        else:
+            # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
+            # bias) so a masked score never overflows to -inf.
+            scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
+            scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+            if head_mask is not None:  # as transformers: after the softmax, before dropout
+                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
+        # out: [B, T, N, H]
+        out = dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
+            out, deterministic
+        )
+        return out, cache_kv, probs if probs_out else None
+
+
+def _tpu_flash_attention(q, k, v, key_mask):
+    """Pallas flash attention for TPUs (jax.experimental.pallas.ops.tpu.flash_attention): causal,
+    padding as segment ids, so a real query attends to real keys only.
+
+    Args:
+      q: [B, T, N, H], already scaled; k, v: [B, T, N, H].
+      key_mask: [B, T] bool. (Without a cache the last query sees every key, so the caller
+        passes allowed[:, -1, :].)
+    Off TPU it runs only inside `pltpu.force_tpu_interpret_mode()` (the tests).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    if q.shape[1] % FLASH_BLOCK:
+        raise ValueError(
+            f"attention_impl='flash' needs a sequence length that is a multiple of {FLASH_BLOCK} "
+            f"(the kernel's tile), got {q.shape[1]}"
+        )
+    segments = key_mask.astype(jnp.int32)
+    out = tpu_flash.flash_attention(
+        q.transpose(0, 2, 1, 3),
+        k.transpose(0, 2, 1, 3).astype(q.dtype),
+        v.transpose(0, 2, 1, 3).astype(q.dtype),
+        segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments),
+        causal=True,
+        sm_scale=1.0,
+    )
+    return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
+
+
+class OPTDecoderLayer(nn.Module):
+    """One decoder block, pre-LN (most sizes) or post-LN (opt-350m)."""
+
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        allowed,
+        cache_kv,
+        index,
+        deterministic: bool,
+        head_mask=None,
+        probs_out: bool = False,
+        hidden_out: bool = False,
+    ):
+        """x: [B, T, D] -> ([B, T, D], (updated cache_kv, attention probabilities or None, this
+        layer's output or None)); the second part is what nn.scan stacks over layers. See
+        OPTAttention for the other arguments; hidden_out asks for the layer's output."""
+        cfg = self.config
+        x_in = x
+        act = ACTIVATIONS[cfg.activation_function]
+        attn_norm = layer_norm(cfg, "self_attn_layer_norm")
+        ffn_norm = layer_norm(cfg, "final_layer_norm")
+
+        residual = x
+        h = attn_norm(x) if cfg.do_layer_norm_before else x
+        h, cache_kv, probs = OPTAttention(cfg, name="self_attn")(
+            h, allowed, cache_kv, index, deterministic, head_mask, probs_out
+        )
+        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = attn_norm(x)
+
+        residual = x
+        h = ffn_norm(x) if cfg.do_layer_norm_before else x
+        h = dense(cfg, cfg.ffn_dim, (ax.EMBED,), (ax.MLP,), name="fc1")(
+            h, deterministic
+        )  # [B, T, F]
+        h = nn.with_logical_constraint(act(h), (ax.BATCH, ax.LENGTH, ax.MLP))
+        h = dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h, deterministic)
+        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = ffn_norm(x)
+        if cfg.layerdrop > 0 and not deterministic:
+            # LayerDrop (Fan et al. 2019): skip the whole layer with probability layerdrop.
+            skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
+            x = jnp.where(skip, x_in, x)
+        x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+        return x, (cache_kv, probs, x if hidden_out else None)
