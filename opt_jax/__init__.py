@@ -1,8 +1,9 @@
 """opt_jax: Meta's OPT decoder language models in JAX/Flax, exactly matching transformers.
 
-Layout: config.py, model.py, kv_cache.py (the model); generation/ (decoding), training/ (the
-loop, data, experiment configs), checkpoints/ (HF, metaseq, orbax), parallel/ (sharding, meshes,
-multi-host, memory and speed bounds). The public API is re-exported here.
+Layout: config.py, model.py, layers.py, kv_cache.py (the model); generation/ (decoding);
+training/ (the loop, data, experiment configs); checkpoints/ (HF, metaseq, orbax); parallel/
+(sharding, meshes, multi-host, memory and speed bounds); evaluation/, interventions.py,
+lora.py, sweeps.py (research tools). The public API is re-exported here.
 """
 
 import importlib
