@@ -139,3 +139,51 @@ def test_bad_adapters_are_named(base, tmp_path):
         opt_jax.save_pretrained(tmp_path / "x", config_a, adapted)
     with pytest.raises(ValueError, match="lora_rank must be an integer >= 0"):
         config.replace(lora_rank=-1)
+
+
+def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
+    """scripts/train.py with lora.rank: the base stays bitwise, only adapters hold Adam state,
+    WORKDIR/adapter (PEFT) on the base equals WORKDIR/export (merged)."""
+    from train_helpers import tiny_train_config
+
+    from opt_jax.checkpoints import orbax_io
+    from opt_jax.training import train
+
+    base_config = opt_jax.OPTConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2,
+                                    ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                    dropout=0.0)  # fmt: skip
+    base_params = opt_jax.init_params(base_config, 0)
+    opt_jax.save_pretrained(tmp_path / "base", base_config, base_params)
+    opt_jax.train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300).save(tmp_path / "base")
+    config = tiny_train_config(
+        **{"lora.rank": 4, "lora.alpha": 8.0, "num_train_steps": 4, "eval_every_steps": 4,
+           "checkpoint_every_steps": 4, "init_from": str(tmp_path / "base"),
+           "data.tokenizer": str(tmp_path / "base")}
+    )  # fmt: skip
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
+                "num_attention_heads", "max_position_embeddings"):  # fmt: skip
+        config.model[key] = None  # the architecture comes from init_from
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    ckpts = orbax_io.TrainCheckpoints(workdir, keep=2)
+    import orbax.checkpoint as ocp
+
+    state = ckpts.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpts.close()
+    trained_base, adapters = lora.split(state["state"]["params"])
+    from conftest import assert_trees_equal
+
+    assert_trees_equal(trained_base, base_params)  # frozen, bitwise
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(adapters))
+    moments = [x for x in jax.tree.leaves(state["state"]["opt_state"]) if np.ndim(x) > 0]
+    assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(adapters))
+    ids = np.array([[2, 5, 9, 14, 33, 7]])
+    adapted_config, adapted = opt_jax.load_pretrained(
+        tmp_path / "base", adapter=workdir / "adapter"
+    )
+    merged_config, merged = opt_jax.load_pretrained(workdir / "export")
+    assert merged_config.lora_rank == 0
+    np.testing.assert_allclose(
+        _ours(adapted_config, adapted, ids, None), _ours(merged_config, merged, ids, None),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip

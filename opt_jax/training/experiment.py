@@ -85,6 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.spike_factor = 0.0  # skip when loss > factor x running mean (0 disables)
     c.optim.spike_warmup_steps = 50  # steps before spike detection starts
 
+    # LoRA (Hu et al. 2021): rank > 0 trains only adapters (PEFT's layout and init) on a frozen
+    # model; WORKDIR/adapter is a PEFT adapter directory, WORKDIR/export the merged model.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0: off (full training)
+    c.lora.alpha = 8.0  # scale alpha / rank
+    c.lora.dropout = 0.0  # on the adapters' input
+    c.lora.targets = ("q_proj$", "v_proj$")  # regexes over "decoder/layers_0/self_attn/q_proj"
+
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", comma-separated globs, or .jsonl files
     c.data.jsonl_field = "text"  # the text field of .jsonl records
@@ -111,4 +119,18 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
     unknown = sorted(set(fields) - names)
     if unknown:
         raise ValueError(f"config.model has fields OPTConfig does not know: {unknown}")
+    fields.update(lora_fields(config))
     return preset(name, **fields) if name else OPTConfig(**fields)
+
+
+def lora_fields(config: ml_collections.ConfigDict) -> dict:
+    """The OPTConfig fields of the experiment's `lora` group."""
+    lora = config.get("lora")
+    if lora is None or not lora.rank:
+        return {"lora_rank": 0}
+    return {
+        "lora_rank": lora.rank,
+        "lora_alpha": float(lora.alpha),
+        "lora_dropout": lora.dropout,
+        "lora_targets": tuple(lora.targets),
+    }

@@ -23,13 +23,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from opt_jax import lora
 from opt_jax.checkpoints import orbax_io as checkpoint
 from opt_jax.checkpoints.hf import load_pretrained, stack_layers, unstack_layers
 from opt_jax.config import OPTConfig
 from opt_jax.model import OPTForCausalLM, abstract_params, param_logical_axes
 from opt_jax.parallel import roofline, sharding
 from opt_jax.training import data
-from opt_jax.training.experiment import model_config
+from opt_jax.training.experiment import lora_fields, model_config
 from opt_jax.training.metrics import MetricsWriter
 from opt_jax.training.step import (  # noqa: F401  (re-exported: the loop's building blocks)
     TrainState,
@@ -137,7 +138,7 @@ def resolve_model(config, workdir: str, resuming: bool, vocab_size: int):
     dtypes = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
     if config.init_from and resuming:  # the architecture was saved when the fine-tune began
         saved = OPTConfig.from_hf(os.path.join(workdir, "model"))
-        return dataclasses.replace(saved, **_model_overrides(config)), None
+        return dataclasses.replace(saved, **_model_overrides(config), **lora_fields(config)), None
     if not config.init_from:
         return model_config(config, vocab_size), None
     path = config.init_from
@@ -152,11 +153,16 @@ def resolve_model(config, workdir: str, resuming: bool, vocab_size: int):
                 f"init_from {path} does not match the model config: " + "; ".join(diff)
             )
     opt_config = dataclasses.replace(
-        init_config, **_model_overrides(config), architecture="OPTForCausalLM"
+        init_config,
+        **_model_overrides(config),
+        **lora_fields(config),
+        architecture="OPTForCausalLM",
     )
     if opt_config.scan_layers != init_config.scan_layers:
         params = (stack_layers(params, opt_config.num_hidden_layers) if opt_config.scan_layers
                   else unstack_layers(params))  # fmt: skip
+    if opt_config.lora_rank:  # fresh adapters (PEFT's init: the model is unchanged at step 0)
+        params = lora.add_adapters(opt_config, params, seed=config.seed)
     return opt_config, params
 
 
@@ -290,6 +296,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         validate_token_ids(tokens[None, :], opt_config.vocab_size, name=f"{name} tokens")
     model = OPTForCausalLM(opt_config)
     tx = make_optimizer(config.optim, config.num_train_steps)
+    if opt_config.lora_rank:
+        tx = adapters_only(tx)
     train_ds = data.PackedDataset(train_tokens, config.seq_len, config.batch_size, config.seed)
     eval_ds = data.PackedDataset(eval_tokens, config.seq_len, config.batch_size, config.seed + 1)
 
@@ -418,10 +426,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
+def adapters_only(tx):
+    """Wraps an optimiser so that only LoRA adapters are updated and hold optimiser state (the
+    frozen parameters get zero updates and no Adam moments)."""
+    import optax
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "adapter" if path[-1].key in lora.LEAVES else "frozen", params
+        )
+
+    return optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def _export(workdir, cfg, params, tokenizer, is_main):
     """Params-only export for inference (generate.py --model WORKDIR/export), written by every
     process (orbax gathers the shards) and swapped in whole: a crash never leaves a half-written
-    export."""
+    export. A LoRA run exports the merged model, and its adapters as a PEFT directory in
+    WORKDIR/adapter."""
+    if cfg.lora_rank:
+        if is_main:
+            adapter = os.path.join(workdir, "adapter")
+            shutil.rmtree(adapter + ".tmp", ignore_errors=True)
+            lora.save_adapter(adapter + ".tmp", cfg, params)
+            shutil.rmtree(adapter, ignore_errors=True)
+            os.replace(adapter + ".tmp", adapter)
+        cfg, params = lora.merge(cfg, params)
     export, staging = (os.path.join(workdir, n) for n in ("export", "export.tmp"))
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
