@@ -38,6 +38,7 @@ from opt_jax.model import (
     model_for,
     param_logical_axes,
 )
+from opt_jax.quantization import dequantize, quantize
 from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
 from opt_jax.validation import validate_token_ids
 
@@ -106,6 +107,7 @@ __all__ = [
     "SequenceClassifierOutput",
     "abstract_params",
     "causal_lm_loss",
+    "dequantize",
     "generate",
     "generate_text",
     "hf_state_dict",
@@ -115,6 +117,7 @@ __all__ = [
     "model_for",
     "param_logical_axes",
     "preset",
+    "quantize",
     "save_pretrained",
     "stream_text",
     "train_tokenizer",

@@ -44,6 +44,7 @@ REMAT_POLICIES = {
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
+QUANTIZATIONS = ("none", "int8", "int4", "llm_int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,13 @@ class OPTConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj$", "v_proj$")
+    # Weight-only quantisation of every Linear (quantization.py): none | int8 (per output
+    # channel) | int4 (groups of quant_group_size input rows, two values per byte) | llm_int8
+    # (LLM.int8(): int8 weights and activations, activation columns above
+    # llm_int8_threshold in higher precision). Embeddings and LayerNorms stay unquantised.
+    quantization: str = "none"
+    quant_group_size: int = 128
+    llm_int8_threshold: float = 6.0
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
@@ -196,6 +204,15 @@ class OPTConfig:
                 re.compile(target)
             except re.error as e:
                 raise ValueError(f"OPTConfig.lora_targets: {target!r} is not a regex: {e}") from e
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"OPTConfig.quantization {self.quantization!r} is not one of {QUANTIZATIONS}"
+            )
+        if self.quant_group_size < 2 or self.quant_group_size % 2:
+            raise ValueError(
+                "OPTConfig.quant_group_size must be an even number >= 2, got "
+                f"{self.quant_group_size}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(
@@ -254,6 +271,13 @@ class OPTConfig:
         if not isinstance(archs, list) or not archs or archs[0] not in ARCHITECTURES:
             raise ValueError(f"{source}: architectures {archs!r} names no OPT head we implement")
         kwargs["architecture"] = archs[0]
+        quant = raw.get("opt_jax_quantization")
+        if isinstance(quant, dict):
+            kwargs.update(
+                quantization=quant["method"],
+                quant_group_size=quant["group_size"],
+                llm_int8_threshold=quant["threshold"],
+            )
         lora = raw.get("opt_jax_lora")
         if isinstance(lora, dict):
             kwargs.update(
@@ -303,6 +327,11 @@ class OPTConfig:
             "use_cache": True,
             "dtype": self.param_dtype,
         }
+        if self.quantization != "none":  # ours only: the stored weights are quantised
+            out["opt_jax_quantization"] = {
+                "method": self.quantization, "group_size": self.quant_group_size,
+                "threshold": self.llm_int8_threshold,
+            }  # fmt: skip
         if self.lora_rank:  # ours only (transformers ignores it): the adapters' shapes
             out["opt_jax_lora"] = {
                 "rank": self.lora_rank, "alpha": self.lora_alpha,

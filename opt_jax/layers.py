@@ -55,13 +55,18 @@ class Linear(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         cfg = self.config
         n_in = len(self.in_axes)
-        kernel = self.param(
-            "kernel",
-            normal_init(cfg, self.in_axes + self.out_axes),
-            x.shape[-n_in:] + self.features,
-            cfg.params_dtype,
-        )
-        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
+        if cfg.quantization != "none":
+            from opt_jax import quantization
+
+            y = quantization.quantized_matmul(self, x, n_in)
+        else:
+            kernel = self.param(
+                "kernel",
+                normal_init(cfg, self.in_axes + self.out_axes),
+                x.shape[-n_in:] + self.features,
+                cfg.params_dtype,
+            )
+            y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.out_axes), self.features, cfg.params_dtype)
             y = y + bias.astype(cfg.compute_dtype)

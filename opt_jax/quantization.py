@@ -1,0 +1,217 @@
+"""Weight-only quantisation of OPT's Linear layers: int8, int4 and LLM.int8().
+
+    qconfig, qparams = opt_jax.quantize(config, params, "int8")   # or "int4", "llm_int8"
+    opt_jax.model_for(qconfig).apply({"params": qparams}, ids)     # the same modules
+    opt_jax.generate(opt_jax.OPTForCausalLM(qconfig), qparams, ids, max_new_tokens=20)
+
+Formats (symmetric absmax, zero point 0), per Linear with kernel W [*in, *out]:
+- int8: `kernel` int8 [*in, *out] and `scale` [*out] (one per output channel): W ~ kernel * scale.
+- int4: `kernel` uint8 [in / 2, *out] holding two 4-bit values per byte (rows 2i in the low
+  nibble, 2i + 1 in the high one: JAX's int4 dtype still takes a byte per value on CPU) and
+  `scale` [in / group, *out], one per group of `quant_group_size` input rows.
+- llm_int8 (Dettmers et al. 2022, "LLM.int8()"): int8 weights as above; at run time the
+  activation columns (hidden dimensions) holding any value above `llm_int8_threshold` (6.0)
+  are multiplied in higher precision with the dequantised weight rows, all others in int8 x int8
+  with row-wise (vector-wise) activation scales, int32 accumulation.
+Scales keep their output channels' logical axes, so sharding rules shard them with the kernel.
+Embeddings (and the tied LM head) and LayerNorms stay in the compute dtype: they are a small
+share of a large model's bytes, the embedding is read by a gather rather than a matmul, and the
+LM head's errors go straight into every logit.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from opt_jax.config import QUANTIZATIONS, OPTConfig
+
+INT8_MAX, INT4_MAX = 127.0, 7.0
+
+
+def _axes(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def quantized_matmul(linear, x, n_in: int):
+    """x [.., *in] . W for a quantised Linear (its params are declared here, so the module's
+    parameter tree is the quantised one). Returns [.., *out] in the compute dtype."""
+    cfg = linear.config
+    in_shape, out_axes = x.shape[-n_in:], linear.out_axes
+    k = int(np.prod(in_shape))
+    dtype = cfg.compute_dtype
+    if cfg.quantization == "int4":
+        group = cfg.quant_group_size
+        first = linear.in_axes[0] if n_in == 1 else None
+        packed = linear.param(
+            "kernel", _axes((first, *out_axes)), (k // 2, *linear.features), jnp.uint8
+        )
+        scale = linear.param(
+            "scale", _axes((None, *out_axes)), (k // group, *linear.features), jnp.float32
+        )
+        w = dequantize_int4(packed, scale, group).reshape(in_shape + linear.features)
+        return jnp.tensordot(x.astype(dtype), w.astype(dtype), n_in)
+    q = linear.param(
+        "kernel", _axes(linear.in_axes + out_axes), in_shape + linear.features, jnp.int8
+    )
+    scale = linear.param("scale", _axes(out_axes), linear.features, jnp.float32)
+    if cfg.quantization == "int8":
+        # Scaling the output per channel equals dequantising W first, without a float copy.
+        y = jnp.tensordot(x.astype(dtype), q.astype(dtype), n_in)
+        return y * scale.astype(dtype)
+    return llm_int8_matmul(x, q, scale, n_in, cfg.llm_int8_threshold).astype(dtype)
+
+
+def dequantize_int4(packed, scale, group: int):
+    """[K / 2, *out] uint8 + [K / group, *out] scales -> [K, *out] float32."""
+    low = (packed & 0xF).astype(jnp.int8)
+    high = (packed >> 4).astype(jnp.int8)
+    values = jnp.stack([low, high], axis=1).reshape((-1,) + packed.shape[1:])  # [K, *out]
+    values = jnp.where(values > 7, values - 16, values).astype(jnp.float32)  # two's complement
+    grouped = values.reshape((scale.shape[0], group) + values.shape[1:])
+    return (grouped * scale[:, None]).reshape(values.shape)
+
+
+def llm_int8_matmul(x, q, scale, n_in: int, threshold: float):
+    """LLM.int8(): x [.., *in] with int8 weights q [*in, *out] and scales [*out].
+
+    Columns of x (input features) holding any |value| > threshold: x_outlier . dequant(W) in
+    float32; the rest: row-wise absmax int8 activations x int8 weights, int32 accumulation,
+    rescaled by the row and channel scales. threshold = inf gives plain vector-wise int8.
+    """
+    lead, in_shape, out_shape = x.shape[:-n_in], x.shape[-n_in:], q.shape[n_in:]
+    k = int(np.prod(in_shape))
+    x2 = x.reshape((-1, k)).astype(jnp.float32)  # [M, K]
+    w2 = q.reshape((k, -1))  # [K, O] int8
+    outlier = (jnp.abs(x2) > threshold).any(axis=0)  # [K]
+    regular = jnp.where(outlier[None, :], 0.0, x2)
+    row_scale = jnp.maximum(jnp.abs(regular).max(axis=1, keepdims=True), 1e-12) / INT8_MAX
+    xq = jnp.clip(jnp.round(regular / row_scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    acc = jax.lax.dot(xq, w2, preferred_element_type=jnp.int32)  # [M, O]
+    flat_scale = scale.reshape(-1).astype(jnp.float32)
+    y = acc.astype(jnp.float32) * row_scale * flat_scale[None, :]
+    high = jnp.where(outlier[None, :], x2, 0.0)
+    y = y + high @ (w2.astype(jnp.float32) * flat_scale[None, :])
+    return y.reshape(lead + out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantising parameters
+# ---------------------------------------------------------------------------------------------
+def _quantize_int8(w: np.ndarray, n_out: int):
+    """[*in, *out] float -> (int8 [*in, *out], scale [*out]) per output channel."""
+    axes = tuple(range(w.ndim - n_out))
+    scale = np.maximum(np.abs(w).max(axis=axes), 1e-12) / INT8_MAX
+    q = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def _quantize_int4(w: np.ndarray, n_out: int, group: int, name: str):
+    """[*in, *out] float -> (uint8 [K / 2, *out], scale [K / group, *out])."""
+    out_shape = w.shape[w.ndim - n_out :]
+    w = w.reshape((-1,) + out_shape)  # [K, *out]
+    k = w.shape[0]
+    if k % group:
+        raise ValueError(
+            f"int4 group size {group} does not divide the input dimension {k} of {name}"
+        )
+    grouped = w.reshape((k // group, group) + out_shape)
+    scale = np.maximum(np.abs(grouped).max(axis=1), 1e-12) / INT4_MAX  # [K / group, *out]
+    q = np.clip(np.round(grouped / scale[:, None]), -8, 7).astype(np.int8).reshape(w.shape)
+    nibbles = (q & 0xF).astype(np.uint8)
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return packed, scale.astype(np.float32)
+
+
+def quantize(config: OPTConfig, params, method: str, *, group_size: int | None = None):
+    """(config, params) with every Linear kernel quantised by `method` ("int8", "int4" or
+    "llm_int8"); embeddings, LayerNorms and biases are kept.
+
+    Raises:
+      ValueError: an unknown method, an already quantised model, adapters (merge them first),
+        or an int4 group size that does not divide a layer's input dimension, naming it.
+    """
+    if method not in QUANTIZATIONS or method == "none":
+        raise ValueError(f"unknown quantisation {method!r}: choose int8, int4 or llm_int8")
+    if config.quantization != "none":
+        raise ValueError(f"the model is already quantised ({config.quantization})")
+    if config.lora_rank:
+        raise ValueError("the params hold LoRA adapters: merge them first (opt_jax.lora.merge)")
+    qconfig = config.replace(
+        quantization=method, **({"quant_group_size": group_size} if group_size else {})
+    )
+    from opt_jax.model import abstract_params
+
+    expected = traverse_util.flatten_dict(abstract_params(qconfig))
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    out = {}
+    for key, value in flat.items():
+        module = key[:-1]
+        if key[-1] != "kernel":
+            out[key] = value
+            continue
+        w = np.asarray(jax.device_get(value), np.float32)
+        stacked = qconfig.scan_layers and "layers" in module
+        target = expected[key].shape
+        n_out = _n_out(target, expected[module + ("scale",)].shape, method, stacked)
+        name = "/".join(module)
+        if stacked:  # quantise each layer's slice
+            pieces = [
+                _quantize(w[i], n_out, method, qconfig.quant_group_size, name)
+                for i in range(w.shape[0])
+            ]
+            q = np.stack([p[0] for p in pieces])
+            scale = np.stack([p[1] for p in pieces])
+        else:
+            q, scale = _quantize(w, n_out, method, qconfig.quant_group_size, name)
+        out[key], out[module + ("scale",)] = jnp.asarray(q), jnp.asarray(scale)
+    missing = sorted("/".join(k) for k in expected if k not in out)
+    if missing:
+        raise ValueError(f"params do not match the config: missing {missing}")
+    return qconfig, traverse_util.unflatten_dict(out)
+
+
+def _n_out(kernel_shape, scale_shape, method, stacked) -> int:
+    """Number of output axes of a quantised kernel, from its scale's shape."""
+    if method == "int4":
+        return len(scale_shape) - 1 - int(stacked)
+    return len(scale_shape) - int(stacked)
+
+
+def _quantize(w, n_out, method, group, name):
+    if method == "int4":
+        return _quantize_int4(w, n_out, group, name)
+    return _quantize_int8(w, n_out)
+
+
+def dequantize(config: OPTConfig, params) -> tuple[OPTConfig, dict]:
+    """The float32 model a quantised one stands for (kernels dequantised): the reference the
+    quantised matmuls are checked against, and the way back to an HF export."""
+    if config.quantization == "none":
+        raise ValueError("the model is not quantised")
+    flat = traverse_util.flatten_dict(params)
+    # A quantised Linear's "scale" sits beside its "kernel" (LayerNorms' scales stay).
+    out = {k: v for k, v in flat.items() if not (k[-1] == "scale" and k[:-1] + ("kernel",) in flat)}
+    float_config = config.replace(quantization="none")
+    from opt_jax.model import abstract_params
+
+    expected = traverse_util.flatten_dict(abstract_params(float_config))
+    for key in [k for k in flat if k[-1] == "kernel"]:
+        q, scale = flat[key], flat[key[:-1] + ("scale",)]
+        shape = expected[key].shape
+        lead = int(config.scan_layers and "layers" in key)  # stacked layers: [L, ...]
+        if config.quantization == "int4":
+            group = config.quant_group_size
+            if lead:
+                w = jnp.stack([dequantize_int4(q[i], scale[i], group) for i in range(q.shape[0])])
+            else:
+                w = dequantize_int4(q, scale, group)
+        else:
+            n_in = q.ndim - scale.ndim
+            expand = scale.shape[:lead] + (1,) * n_in + scale.shape[lead:]
+            w = q.astype(jnp.float32) * scale.astype(jnp.float32).reshape(expand)
+        out[key] = w.reshape(shape)
+    return float_config, traverse_util.unflatten_dict(out)
