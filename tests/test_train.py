@@ -24,6 +24,7 @@ from opt_jax.checkpoints import orbax_io as checkpoint
 from opt_jax.parallel import roofline
 from opt_jax.training import train
 from opt_jax.training.metrics import read_metrics
+from opt_jax.training.step import decay_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "train_helpers.py"
@@ -239,7 +240,7 @@ def test_weight_decay_only_on_matrices_and_embeddings(scan):
     config = opt_jax.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                                num_attention_heads=2, scan_layers=scan)  # fmt: skip
     params = opt_jax.abstract_params(config)
-    mask = train._decay_mask(params)
+    mask = decay_mask(params)
     for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
         leaf = path[-1].key
         assert decayed == (leaf in ("kernel", "embedding")), jax.tree_util.keystr(path)

@@ -51,7 +51,7 @@ def make_schedule(optim, num_steps: int) -> optax.Schedule:
 DECAYED = ("kernel", "embedding")  # weight matrices and embedding tables
 
 
-def _decay_mask(params):
+def decay_mask(params):
     # Weight decay on weight matrices and embeddings only, not on biases or LayerNorm
     # parameters. Decided by name, not rank: q/k/v biases are [heads, head_dim] and, with
     # scan_layers, every parameter has a leading layers axis.
@@ -68,7 +68,7 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
             b2=optim.b2,
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            mask=_decay_mask,
+            mask=decay_mask,
         )
     )
     return optax.chain(*parts)
