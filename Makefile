@@ -36,7 +36,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 format: $(VENV)/.test
 	$(VENV)/bin/ruff format .
