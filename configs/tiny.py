@@ -1,6 +1,12 @@
 """The built-in demo: a small OPT trained on the Python standard library's sources.
 
-python scripts/train.py --config configs/tiny.py --workdir demo_out
+  python scripts/train.py --config configs/tiny.py --workdir demo_out
+
+A 4.3M-parameter OPT (4 layers, 256 wide, pre-LN) with a 4096-id byte-level BPE trained on the
+training split, 600 steps of 16 x 128 tokens with the OPT recipe's AdamW (beta2 0.95, weight
+decay 0.1, clipping 1.0) at a peak LR of 2e-3. Expected: held-out loss 6.8 -> about 4.26
+nats/token (perplexity ~71; 4.258 measured 2026-11-27), in about 3 minutes on 2 AVX-512 cores
+or about 9 on an AVX2-only AMD EPYC.
 """
 
 from opt_jax.training.experiment import base_config
