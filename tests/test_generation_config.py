@@ -7,10 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import ragged_batch, random_tiny_model
+from conftest import assert_trees_equal, ragged_batch, random_tiny_model
 
 import opt_jax
 from opt_jax.generation import api
@@ -126,9 +127,20 @@ def test_compile_cache_is_bounded(monkeypatch):
 
 def test_boxed_parameters_from_flax_init_are_accepted():
     boxed = MODEL.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
-    plain = opt_jax.init_params(CONFIG, 0)
+    plain = nn.unbox(boxed)
     ids, mask = ragged_batch(length=8)
     np.testing.assert_array_equal(
         opt_jax.generate(MODEL, boxed, ids, mask, max_new_tokens=4).sequences,
         opt_jax.generate(MODEL, plain, ids, mask, max_new_tokens=4).sequences,
     )
+
+
+def test_boxed_parameters_save_in_both_formats(tmp_path):
+    from opt_jax.checkpoints import orbax_io
+
+    boxed = MODEL.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+    opt_jax.save_pretrained(tmp_path / "hf", CONFIG, boxed)
+    orbax_io.save_params(tmp_path / "orbax", CONFIG, boxed)
+    for directory in ("hf", "orbax"):
+        _, loaded = opt_jax.load_pretrained(tmp_path / directory)
+        assert_trees_equal(loaded, nn.unbox(boxed))

@@ -479,3 +479,26 @@ def test_scan_and_remat_training_resumes_exactly(tmp_path):
     assert _losses(resumed) == _losses(whole)
     (_, a), (_, b) = _final_state(resumed, step=4), _final_state(whole, step=4)
     assert_trees_equal(a, b)
+
+
+def test_train_config_json_records_the_run_and_survives_failed_or_changed_resumes(tmp_path):
+    # A run refused by its checks writes no record.
+    with pytest.raises(ValueError, match="seq_len 128 exceeds"):
+        train.train_and_evaluate(tiny_train_config(seq_len=128), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "train_config.json").exists()
+    first = tiny_train_config(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
+    train.train_and_evaluate(first, tmp_path / "run")
+    record = (tmp_path / "run" / "train_config.json").read_text()
+    assert json.loads(record)["num_train_steps"] == 2
+    # A failed resume (a different architecture) leaves it alone ...
+    with pytest.raises(ValueError, match="holds a checkpoint of a different model"):
+        train.train_and_evaluate(
+            tiny_train_config(num_train_steps=4, **{"model.ffn_dim": 48}), tmp_path / "run"
+        )
+    assert (tmp_path / "run" / "train_config.json").read_text() == record
+    # ... and a changed one is recorded beside it.
+    longer = tiny_train_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=2)
+    train.train_and_evaluate(longer, tmp_path / "run")
+    assert (tmp_path / "run" / "train_config.json").read_text() == record
+    changed = json.loads((tmp_path / "run" / "train_config.step_2.json").read_text())
+    assert changed["num_train_steps"] == 4

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -333,6 +334,7 @@ def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
             "the params hold LoRA adapters: merge them first (opt_jax.lora.merge) or save them "
             "as a PEFT adapter (opt_jax.lora.save_adapter)"
         )
+    params = nn.unbox(params)  # flax's model.init(...)["params"] comes boxed
     if config.scan_layers:
         params, config = unstack_layers(params), config.replace(scan_layers=False)
     expected = traverse_util.flatten_dict(abstract_params(config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
@@ -31,7 +32,7 @@ def save_params(directory: str | os.PathLike, config: OPTConfig, params) -> None
     sync("save-params-checked")  # every process checked before any starts writing
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(target, params)
+        checkpointer.save(target, nn.unbox(params))  # boxed, as flax's model.init returns them
     if jax.process_index() == 0:
         config.save_hf(directory)
 
