@@ -134,19 +134,25 @@ def quantize(config: OPTConfig, params, method: str, *, group_size: int | None =
       ValueError: an unknown method, an already quantised model, adapters (merge them first),
         or an int4 group size that does not divide a layer's input dimension, naming it.
     """
-    if method not in QUANTIZATIONS or method == "none":
-        raise ValueError(f"unknown quantisation {method!r}: choose int8, int4 or llm_int8")
-    if config.quantization != "none":
-        raise ValueError(f"the model is already quantised ({config.quantization})")
-    if config.lora_rank:
-        raise ValueError("the params hold LoRA adapters: merge them first (opt_jax.lora.merge)")
+    check_method(config, method)
     qconfig = config.replace(
         quantization=method, **({"quant_group_size": group_size} if group_size else {})
     )
+    from opt_jax.checkpoints.hf import _num_in_axes
     from opt_jax.model import abstract_params
 
-    expected = traverse_util.flatten_dict(abstract_params(qconfig))
     flat = traverse_util.flatten_dict(nn.unbox(params))
+    if method == "int4":  # before building the quantised tree, whose shapes need it
+        for key, value in flat.items():
+            if key[-1] == "kernel":
+                lead = int(qconfig.scan_layers and "layers" in key)
+                k = int(np.prod(value.shape[lead : lead + _num_in_axes(key)]))
+                if k % qconfig.quant_group_size:
+                    raise ValueError(
+                        f"int4 group size {qconfig.quant_group_size} does not divide the input "
+                        f"dimension {k} of {'/'.join(key[:-1])}"
+                    )
+    expected = traverse_util.flatten_dict(abstract_params(qconfig))
     out = {}
     for key, value in flat.items():
         module = key[:-1]
@@ -172,6 +178,24 @@ def quantize(config: OPTConfig, params, method: str, *, group_size: int | None =
     if missing:
         raise ValueError(f"params do not match the config: missing {missing}")
     return qconfig, traverse_util.unflatten_dict(out)
+
+
+def check_method(config: OPTConfig, method: str) -> None:
+    """Raises ValueError unless `config` (a float model) can be quantised by `method`."""
+    if method not in QUANTIZATIONS or method == "none":
+        raise ValueError(f"unknown quantisation {method!r}: choose int8, int4 or llm_int8")
+    if config.quantization != "none":
+        raise ValueError(f"the model is already quantised ({config.quantization})")
+    if config.lora_rank:
+        raise ValueError("the params hold LoRA adapters: merge them first (opt_jax.lora.merge)")
+
+
+def quantize_kernel(w: np.ndarray, n_out: int, config: OPTConfig, name: str):
+    """One float kernel [*in, *out] -> (quantised kernel, scale) in `config.quantization`'s
+    format (numpy, on the host)."""
+    return _quantize(
+        np.asarray(w, np.float32), n_out, config.quantization, config.quant_group_size, name
+    )
 
 
 def _n_out(kernel_shape, scale_shape, method, stacked) -> int:

@@ -155,8 +155,8 @@ def test_bad_quantization_requests_are_named():
         opt_jax.quantize(CONFIG, PARAMS, "int3")
     with pytest.raises(
         ValueError,
-        match=r"int4 group size 24 does not divide the input dimension 32 of "
-        r"model/decoder/layers_0/self_attn/q_proj",
+        match=r"int4 group size 24 does not divide the input dimension (32|64) of "
+        r"model/decoder/layers_\d/(self_attn/\w_proj|fc\d)$",
     ):
         opt_jax.quantize(CONFIG, PARAMS, "int4", group_size=24)
     qconfig, qparams = opt_jax.quantize(CONFIG, PARAMS, "int8")
@@ -164,3 +164,16 @@ def test_bad_quantization_requests_are_named():
         opt_jax.quantize(qconfig, qparams, "int4")
     with pytest.raises(ValueError, match="LoRA adapters: merge them first"):
         opt_jax.quantize(CONFIG.replace(lora_rank=2), PARAMS, "int8")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_loading_quantizes_tensor_by_tensor(tmp_path, method):
+    opt_jax.save_pretrained(tmp_path, CONFIG, PARAMS)
+    config, params = opt_jax.load_pretrained(tmp_path, quantize=method, quant_group_size=16)
+    reference_config, reference = opt_jax.quantize(
+        *opt_jax.load_pretrained(tmp_path), method, group_size=16
+    )
+    assert config == reference_config
+    assert_trees_equal(params, reference)
+    with pytest.raises(ValueError, match="unknown quantisation 'fp8'"):
+        opt_jax.load_pretrained(tmp_path, quantize="fp8")

@@ -222,6 +222,7 @@ def load_pretrained(
     architecture: str | None = None,
     shardings=None,
     adapter: str | os.PathLike | None = None,
+    quantize: str | None = None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory, or one of our orbax exports.
@@ -239,6 +240,10 @@ def load_pretrained(
         straight to its devices as it is read, so host memory holds one tensor at a time.
       adapter: a PEFT LoRA adapter directory (ours or PEFT's) to add to the base weights:
         the result computes the adapted model (opt_jax.lora.merge folds it in).
+      quantize: "int8", "int4" or "llm_int8" (see opt_jax/quantization.py): each Linear
+        kernel is quantised as it is read, so host memory holds the quantised model plus one
+        float tensor, never the float model (HF layouts; `quant_group_size=` sets int4's
+        groups).
       config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
         along a leading layers axis), remat_policy, attention_impl.
 
@@ -269,6 +274,13 @@ def load_pretrained(
         for file in _weight_files(path)
         for key, value in iter_tensors(file)
     )
+    if quantize is not None:
+        from opt_jax.quantization import check_method
+
+        check_method(config, quantize)
+        if shardings is not None:
+            raise ValueError("quantize= and shardings= together are not supported yet")
+        config = config.replace(quantization=quantize)
     return config, _assemble(config, tensors, shardings, path)
 
 
@@ -282,7 +294,10 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
       source: the checkpoint's path, for error messages.
     """
     # Checkpoints are per layer: read into the unrolled layout, stack afterwards if scanning.
-    expected = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
+    # Quantised configs read float tensors and quantise each kernel as it arrives.
+    method = config.quantization
+    float_config = config.replace(scan_layers=False, quantization="none")
+    expected = traverse_util.flatten_dict(abstract_params(float_config))
     by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
     root_is_decoder = config.architecture == "OPTModel"
     embed = ("decoder" if root_is_decoder else "model.decoder") + ".embed_tokens.weight"
@@ -305,6 +320,14 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
         if p in flat:
             raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
         array = from_hf_layout(p, value, spec.shape).astype(target_dtype, copy=False)
+        if method != "none" and p[-1] == "kernel":
+            from opt_jax.quantization import quantize_kernel
+
+            n_out = len(spec.shape) - _num_in_axes(p)
+            q, scale = quantize_kernel(array, n_out, config, "/".join(p[:-1]))
+            flat[p], flat[p[:-1] + ("scale",)] = jnp.asarray(q), jnp.asarray(scale)
+            del value, array
+            continue
         if p in flat_shardings:
             flat[p] = jax.device_put(array, flat_shardings[p])
         else:
