@@ -15,7 +15,6 @@ import time
 from absl import app, flags, logging
 
 import opt_jax
-from opt_jax.checkpoints import orbax_io as checkpoint
 from opt_jax.generation.config import flag_specs
 from opt_jax.parallel import distributed
 from opt_jax.validation import validate_token_ids
@@ -25,6 +24,7 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model)."
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute and param dtype.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "llm_int8"], "Quantise weights as they load.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
@@ -60,13 +60,12 @@ def _generation_options(f) -> dict:
     return options
 
 
-def _load(path, dtype):
+def _load(path, dtype, quantize):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path} is not a directory")
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-    if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)):
-        return checkpoint.load_params(path, **overrides)
-    return opt_jax.load_pretrained(path, **overrides)
+    # An HF directory or an orbax checkpoint (ours); quantised as it loads when asked.
+    return opt_jax.load_pretrained(path, quantize=quantize, **overrides)
 
 
 def _load_tokenizer(path, model_path):
@@ -141,7 +140,7 @@ def _run(f) -> None:
     cfg = _check_flags(f)
     prompts = _read_prompts(f)
     distributed.initialize_from_flags()  # before any other JAX call
-    config, params = _load(f.model, f.dtype)
+    config, params = _load(f.model, f.dtype, f.quantize)
     tokenizer = _load_tokenizer(f.tokenizer or f.model, f.model)
     _check_prompts(prompts, tokenizer, config, cfg.max_new_tokens)
     model = opt_jax.OPTForCausalLM(config)

@@ -266,7 +266,12 @@ def load_pretrained(
         config, params = load_pretrained(path, shardings=shardings, **overrides)
         return lora.load_adapter(adapter, config, params)
     if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
-        return orbax_io.load_params(path, shardings, **overrides)
+        config, params = orbax_io.load_params(path, shardings, **overrides)
+        if quantize is not None:  # orbax restores whole arrays: quantise after loading
+            from opt_jax.quantization import quantize as quantize_params
+
+            config, params = quantize_params(config, params, quantize)
+        return config, params
     config = OPTConfig.from_hf(path, **overrides)
     root_is_decoder = config.architecture == "OPTModel"
     tensors = (
