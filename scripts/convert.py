@@ -39,6 +39,12 @@ flags.DEFINE_string(
     "(default: the preset whose shapes the checkpoint has).",
 )  # fmt: skip
 flags.DEFINE_float("max_shard_gb", None, "With --to hf: shard safetensors files above this size.")
+flags.DEFINE_enum(
+    "quantize",
+    None,
+    ["int8", "int4", "llm_int8"],
+    "With --to orbax: quantise the weights as they are read (a quantised orbax checkpoint).",
+)
 
 
 # What OPTTokenizer.from_pretrained and transformers' AutoTokenizer read.
@@ -108,6 +114,8 @@ def _convert(args) -> None:
         raise ValueError(f"--max_shard_gb must be > 0, got {args.max_shard_gb}")
     if args.model_config and args.src_format != "metaseq":
         raise ValueError("--model_config applies to --src_format metaseq only")
+    if args.quantize and (args.to != "orbax" or args.src_format == "metaseq"):
+        raise ValueError("--quantize applies to --to orbax from an HF directory only")
     _check_paths(args.to, args.src, args.dst, args.src_format)
     start = time.time()
     print(f"[convert] reading {args.src}", flush=True)
@@ -116,7 +124,9 @@ def _convert(args) -> None:
             args.src, args.model_config, param_dtype=args.param_dtype
         )
     elif args.to == "orbax":
-        config, params = opt_jax.load_pretrained(args.src, param_dtype=args.param_dtype)
+        config, params = opt_jax.load_pretrained(
+            args.src, param_dtype=args.param_dtype, quantize=args.quantize
+        )
     else:
         overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
         config, params = checkpoint.load_params(args.src, **overrides)
