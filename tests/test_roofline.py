@@ -75,8 +75,10 @@ class _FakeAccelerator:
         return {"peak_bytes_in_use": 3 * 2**30}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def benchmark_module():
+    # Loaded once: executing the script again defines its absl flags again, which absl refuses
+    # when the new module object happens to reuse the old one's id.
     path = ROOT / "scripts" / "benchmark.py"
     spec = importlib.util.spec_from_file_location("benchmark_under_test", path)
     module = importlib.util.module_from_spec(spec)
