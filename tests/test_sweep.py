@@ -29,8 +29,8 @@ def study(tmp_path):
         f"sys.path.insert(0, {str(TESTS)!r})\n"
         "from train_helpers import tiny_train_config\n\n\n"
         "def get_config():\n"
-        "    return tiny_train_config(num_train_steps=6, checkpoint_every_steps=2,\n"
-        "                             eval_every_steps=3)\n"
+        "    return tiny_train_config(num_train_steps=12, checkpoint_every_steps=2,\n"
+        "                             eval_every_steps=6)\n"
     )
     sweep = tmp_path / "sweep.py"
     sweep.write_text(f"def get_sweep():\n    return {RUNS!r}\n")
@@ -58,8 +58,13 @@ def test_a_killed_sweep_resumes_and_finished_runs_are_skipped(study):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
-    while not (first / "checkpoints" / "2").is_dir() and time.time() < deadline:
-        time.sleep(0.5)
+
+    def committed():  # a finished checkpoint (orbax writes *.orbax-checkpoint-tmp first)
+        folder = first / "checkpoints"
+        return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+    while not committed() and time.time() < deadline:
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert sweeps.status(str(first))["status"] == "interrupted"
@@ -70,10 +75,10 @@ def test_a_killed_sweep_resumes_and_finished_runs_are_skipped(study):
     assert "resuming at step" in (first / "train.log").read_text()
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     assert [r["overrides"] for r in rows] == RUNS
-    assert all(r["status"] == "done" and r["steps"] == 6 for r in rows)
+    assert all(r["status"] == "done" and r["steps"] == 12 for r in rows)
     assert all(r["best_eval_loss"] <= r["final_eval_loss"] for r in rows)
     metrics = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({m["step"] for m in metrics}) == list(range(1, 7))
+    assert sorted({m["step"] for m in metrics}) == list(range(1, 13))
     table = (workdir / "results.md").read_text()
     assert "2/2" in table and "±" in table  # two seeds pooled: mean ± spread
     assert (workdir / "eval_loss.png").read_bytes()[:4] == b"\x89PNG"
