@@ -157,24 +157,30 @@ class OPTJaxLM(TemplateLM):
         return out
 
 
-def evaluate(pretrained: str, tasks: list[str], *, include_path: str | None = None, **options):
-    """Runs lm-eval on our backend: `lm_eval.simple_evaluate` with a task manager that also
-    knows the tasks under include_path. options: batch_size, num_fewshot, limit, dtype, ..."""
+def evaluate(
+    pretrained: str,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    model: str = "opt_jax",
+    model_args: dict | None = None,
+    **options,
+):
+    """`lm_eval.simple_evaluate` of `tasks` (checked to exist first, including those under
+    include_path) on `model`: this backend by default, or any registered lm-eval backend
+    ("hf" for the PyTorch reference) with extra `model_args`. options: num_fewshot, limit, ..."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    model_args = {"pretrained": pretrained}
-    for key in ("batch_size", "dtype", "max_length"):
-        if options.get(key) is not None:
-            model_args[key] = options.pop(key)
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown} (with include_path={include_path!r})")
+        raise ValueError(f"unknown tasks {unknown} (include_path={include_path!r})")
+    args = {"pretrained": pretrained, **(model_args or {})}
     return lm_eval.simple_evaluate(
-        model="opt_jax",
-        model_args=",".join(f"{k}={v}" for k, v in model_args.items()),
-        tasks=tasks,
+        model=model,
+        model_args=",".join(f"{k}={v}" for k, v in args.items() if v is not None),
+        tasks=list(tasks),
         task_manager=manager,
         **{k: v for k, v in options.items() if v is not None},
     )

@@ -161,8 +161,7 @@ def quantize(config: OPTConfig, params, method: str, *, group_size: int | None =
             continue
         w = np.asarray(jax.device_get(value), np.float32)
         stacked = qconfig.scan_layers and "layers" in module
-        target = expected[key].shape
-        n_out = _n_out(target, expected[module + ("scale",)].shape, method, stacked)
+        n_out = _n_out(expected[module + ("scale",)].shape, method, stacked)
         name = "/".join(module)
         if stacked:  # quantise each layer's slice
             pieces = [
@@ -198,7 +197,7 @@ def quantize_kernel(w: np.ndarray, n_out: int, config: OPTConfig, name: str):
     )
 
 
-def _n_out(kernel_shape, scale_shape, method, stacked) -> int:
+def _n_out(scale_shape, method, stacked) -> int:
     """Number of output axes of a quantised kernel, from its scale's shape."""
     if method == "int4":
         return len(scale_shape) - 1 - int(stacked)

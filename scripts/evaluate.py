@@ -89,34 +89,19 @@ def perplexities(model_dir, files, max_length, stride, batch_size, dtype) -> dic
 
 
 def run_tasks(model_dir, f, backend: str = "opt_jax") -> dict:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from opt_jax import eval_harness
 
-    import opt_jax.eval_harness  # noqa: F401  (registers the "opt_jax" model)
-
-    manager = TaskManager(include_path=f.include_path)
-    unknown = [t for t in f.tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown} (include_path={f.include_path!r})")
-    args = {"pretrained": model_dir, "batch_size": f.batch_size}
+    args = {"batch_size": f.batch_size, "dtype": f.dtype, "max_length": f.max_length}
     if backend == "hf":  # transformers (PyTorch) on the CPU unless CUDA is there
         import torch
 
         args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         args["dtype"] = f.dtype or "float32"
-    elif f.dtype:
-        args["dtype"] = f.dtype
-    if f.max_length:
-        args["max_length"] = f.max_length
     start = time.time()
-    out = lm_eval.simple_evaluate(
-        model=backend,
-        model_args=",".join(f"{k}={v}" for k, v in args.items()),
-        tasks=list(f.tasks),
-        task_manager=manager,
-        num_fewshot=f.num_fewshot,
-        limit=f.limit,
-    )
+    out = eval_harness.evaluate(
+        model_dir, f.tasks, include_path=f.include_path, model=backend, model_args=args,
+        num_fewshot=f.num_fewshot, limit=f.limit,
+    )  # fmt: skip
     return {"results": out["results"], "seconds": time.time() - start}
 
 

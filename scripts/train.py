@@ -9,12 +9,12 @@ summary; the whole resolved config is written to WORKDIR/train_config.json.
 """
 
 import difflib
-import importlib.util
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from opt_jax import sweeps
 from opt_jax.parallel import distributed
 from opt_jax.training import train
 
@@ -41,11 +41,7 @@ def _unknown_override(argv) -> str | None:
         path = argv[argv.index("--config") + 1]
     if path is None:
         return None
-    path, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = sweeps.load_config(path)
     for arg in argv:
         if not arg.startswith("--config."):
             continue
