@@ -77,6 +77,8 @@ class OPTConfig:
     eos_token_id: int = 2
     # Outputs of the sequence-classification head (HF derives it from id2label).
     num_labels: int = 2
+    # Class names of those outputs, in id order (config.json's id2label); () = LABEL_0, ...
+    id2label: tuple[str, ...] = ()
     # Which head a checkpoint holds (config.json's `architectures[0]`).
     architecture: str = "OPTForCausalLM"
     # Compute dtype of activations and matmuls; softmax and logits stay float32.
@@ -115,6 +117,9 @@ class OPTConfig:
                 [self.lora_targets] if isinstance(self.lora_targets, str) else self.lora_targets
             )
             object.__setattr__(self, "lora_targets", tuple(targets))
+        if self.id2label:
+            object.__setattr__(self, "id2label", tuple(str(x) for x in self.id2label))
+            object.__setattr__(self, "num_labels", len(self.id2label))
         self.validate()
 
     # -- readable names and derived sizes ---------------------------------------------------
@@ -261,10 +266,15 @@ class OPTConfig:
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {
-            k: v for k, v in raw.items() if k in fields and k not in ("dtype", "architecture")
+            k: v
+            for k, v in raw.items()
+            if k in fields and k not in ("dtype", "architecture", "id2label")
         }
         if "id2label" in raw and isinstance(raw["id2label"], dict):
-            kwargs["num_labels"] = len(raw["id2label"])
+            names = _label_names(raw["id2label"], source)
+            kwargs["num_labels"] = len(names)
+            if names != tuple(f"LABEL_{i}" for i in range(len(names))):
+                kwargs["id2label"] = names
         elif "num_labels" in raw:
             kwargs["num_labels"] = raw["num_labels"]
         archs = raw.get("architectures") or ["OPTForCausalLM"]
@@ -321,8 +331,8 @@ class OPTConfig:
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
-            "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+            "id2label": {str(i): name for i, name in enumerate(self.label_names)},
+            "label2id": {name: i for i, name in enumerate(self.label_names)},
             "tie_word_embeddings": True,
             "use_cache": True,
             "dtype": self.param_dtype,
@@ -339,6 +349,11 @@ class OPTConfig:
             }  # fmt: skip
         return out
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The classification head's class names in id order (HF's LABEL_i when unnamed)."""
+        return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
     def save_hf(self, directory: str | os.PathLike) -> str:
         """Writes `config.json` into `directory` and returns its path."""
         os.makedirs(directory, exist_ok=True)
@@ -346,6 +361,18 @@ class OPTConfig:
         with open(path, "w") as f:
             json.dump(self.to_hf(), f, indent=2, sort_keys=True)
         return path
+
+
+def _label_names(id2label: dict, source: str) -> tuple[str, ...]:
+    """config.json's id2label ({"0": name, ...}) as names in id order."""
+    try:
+        ids = sorted(int(k) for k in id2label)
+    except ValueError as e:
+        raise ValueError(f"{source}: id2label keys must be integers, got {list(id2label)}") from e
+    if ids != list(range(len(ids))):
+        raise ValueError(f"{source}: id2label keys must be 0..{len(ids) - 1}, got {ids}")
+    by_id = {int(k): str(v) for k, v in id2label.items()}
+    return tuple(by_id[i] for i in ids)
 
 
 # The public sizes. Sources: the OPT paper (Zhang et al. 2022, arXiv:2205.01068, Table 1),

@@ -28,9 +28,23 @@ from flax import traverse_util
 from opt_jax.config import OPTConfig
 
 LEAVES = ("lora_A", "lora_B")
+# Task heads trained in full beside the adapters (PEFT's modules_to_save), by architecture, and
+# PEFT's task_type for each.
+HEADS = {"OPTForSequenceClassification": "score", "OPTForQuestionAnswering": "qa_outputs"}
+TASK_TYPES = {
+    "OPTForCausalLM": "CAUSAL_LM",
+    "OPTForSequenceClassification": "SEQ_CLS",
+    "OPTForQuestionAnswering": "QUESTION_ANS",
+}
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_trained(path: tuple[str, ...]) -> bool:
+    """Whether LoRA training updates the parameter at `path` (flattened dict keys): the
+    adapters, and a task head in full (PEFT's modules_to_save); the rest stays frozen."""
+    return path[-1] in LEAVES or path[0] in HEADS.values()
 
 
 def split(params) -> tuple[dict, dict]:
@@ -128,6 +142,14 @@ def save_adapter(directory, config: OPTConfig, params, *, base_model: str = "") 
             b.reshape(b.shape[0], -1).T
         )  # [out, r]
         names.append(name)
+    from opt_jax.checkpoints.hf import hf_name, to_hf_layout
+
+    head = HEADS.get(config.architecture)
+    if head is not None and head in params:  # modules_to_save, under PEFT's saved names
+        for leaf, value in params[head].items():
+            path = (head, leaf)
+            value = np.asarray(jax.device_get(value), np.float32)
+            tensors[PEFT_PREFIX + hf_name(path)] = to_hf_layout(path, value)
     leaves, pattern = _target_modules(names)
     every = {
         _module_name(k[:-1])
@@ -136,7 +158,7 @@ def save_adapter(directory, config: OPTConfig, params, *, base_model: str = "") 
     }
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": TASK_TYPES.get(config.architecture, "CAUSAL_LM"),
         "base_model_name_or_path": base_model,
         "r": config.lora_rank,
         "lora_alpha": config.lora_alpha,
@@ -144,7 +166,7 @@ def save_adapter(directory, config: OPTConfig, params, *, base_model: str = "") 
         "target_modules": leaves if every == set(names) else pattern,
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": [head] if head is not None and head in params else None,
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
@@ -157,9 +179,60 @@ def save_adapter(directory, config: OPTConfig, params, *, base_model: str = "") 
     return os.fspath(directory)
 
 
+def _load_head(directory, spec: dict, config: OPTConfig, params, tensors: dict):
+    """Takes a saved task head (modules_to_save) out of `tensors` into the params.
+
+    Returns:
+      (config, params, the remaining tensors)
+    """
+    from opt_jax.checkpoints.hf import from_hf_layout, hf_shape
+
+    saved = set(spec.get("modules_to_save") or ())
+    heads = [h for h in HEADS.values() if h in saved and f"{PEFT_PREFIX}{h}.weight" in tensors]
+    unknown = sorted(saved - set(HEADS.values()) - {"classifier"})  # PEFT lists both names
+    if unknown:
+        raise ValueError(f"{directory}: modules_to_save {unknown} are not OPT task heads")
+    if not heads:
+        return config, params, tensors
+    head = heads[0]
+    architecture = next(a for a, h in HEADS.items() if h == head)
+    weight = tensors.pop(f"{PEFT_PREFIX}{head}.weight")
+    bias = tensors.pop(f"{PEFT_PREFIX}{head}.bias", None)
+    if config.architecture != architecture:
+        params = {"model": params["model"]}
+        if architecture == "OPTForSequenceClassification":
+            config = config.replace(architecture=architecture, num_labels=int(weight.shape[0]),
+                                    id2label=())  # fmt: skip
+        else:
+            config = config.replace(architecture=architecture)
+    params = dict(params)
+    out_dim = config.num_labels if head == "score" else 2
+    shapes = {"kernel": (config.word_embed_proj_dim, out_dim), "bias": (out_dim,)}
+    head_params = {}
+    for leaf, value in (("kernel", weight), ("bias", bias)):
+        if value is None and head == "score" and leaf == "bias":
+            continue  # the classification head has no bias
+        want = hf_shape((head, leaf), shapes[leaf])
+        if value is None or tuple(value.shape) != want:
+            got = "missing" if value is None else tuple(value.shape)
+            raise ValueError(
+                f"{directory}: {head}.{leaf} is {got}, this base needs {want} "
+                "(an adapter for a different base model or number of labels?)"
+            )
+        head_params[leaf] = jnp.asarray(
+            from_hf_layout((head, leaf), value, shapes[leaf]), config.params_dtype
+        )
+    params[head] = head_params
+    return config, params, tensors
+
+
 def load_adapter(directory, config: OPTConfig, params) -> tuple[OPTConfig, dict]:
     """Adds a PEFT LoRA adapter directory to base (adapter-free) params: returns the config
     with its rank / alpha / targets and the params with its tensors.
+
+    An adapter that carries a task head (PEFT's modules_to_save: `score` for classification,
+    `qa_outputs` for QA) turns a language-model base into that head's model, as PEFT does on
+    `OPTForSequenceClassification.from_pretrained(base)`; the class names are then LABEL_i.
 
     Raises:
       ValueError: not a LoRA adapter, an option we do not implement (rsLoRA, DoRA, biases), or
@@ -181,9 +254,8 @@ def load_adapter(directory, config: OPTConfig, params) -> tuple[OPTConfig, dict]
             raise ValueError(f"{path}: {option}=true is not supported")
     if spec.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={spec['bias']!r} is not supported (only 'none')")
-    if spec.get("modules_to_save"):
-        raise ValueError(f"{path}: modules_to_save {spec['modules_to_save']} is not supported yet")
     tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    config, params, tensors = _load_head(directory, spec, config, params, tensors)
     stacked = config.scan_layers
     base = unstack_layers(params) if stacked else params
     kernels = {

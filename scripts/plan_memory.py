@@ -3,6 +3,7 @@
   python scripts/plan_memory.py --preset 13b --mesh 1,64,8 --batch 256 --seq_len 2048 \
       --dtype bfloat16 --remat full
   python scripts/plan_memory.py --table      # every preset on common meshes (the README table)
+  python scripts/plan_memory.py --preset 6.7b --batch 8 --seq_len 512 --lora_rank 8
 
 --mesh is data,fsdp,tensor. Parameters, optimizer state and gradients are exact (from the real
 shardings); activations follow Korthikanti et al. 2022; tests check the totals against XLA's
@@ -24,6 +25,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "Comp
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_enum("remat", "full", ["none", "full", "save_dots", "save_dots_no_batch"], "Remat.")
 flags.DEFINE_integer("grad_accum", 1, "Gradient-accumulation micro-batches per step.")
+flags.DEFINE_integer(
+    "lora_rank", 0, "LoRA rank on q_proj and v_proj (0: full training); only adapters train."
+)
 flags.DEFINE_bool("table", False, "Print the table of every preset on common meshes.")
 
 # (preset, data, fsdp, tensor, global batch): meshes people use for each size.
@@ -38,8 +42,10 @@ def _gib(n):
     return f"{n / memory.GiB:.1f}"
 
 
-def _row(preset, data, fsdp, tensor, batch, seq_len, dtype, param_dtype, remat, accum=1):
-    cfg = opt_jax.preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy=remat)
+def _row(preset, data, fsdp, tensor, batch, seq_len, dtype, param_dtype, remat, accum=1, lora=0):
+    cfg = opt_jax.preset(
+        preset, dtype=dtype, param_dtype=param_dtype, remat_policy=remat, lora_rank=lora
+    )
     mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
     p = memory.plan(cfg, mesh, batch, seq_len, grad_accum_steps=accum)
     fit = [name for name in memory.ACCELERATORS if memory.fits(p["train_total"], name)]
@@ -118,6 +124,7 @@ def main(argv):
             f.param_dtype,
             f.remat,
             f.grad_accum,
+            f.lora_rank,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,17 +14,21 @@ from opt_jax.training import train
 from opt_jax.training.experiment import base_config
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-def test_plan_matches_compiled_memory_analysis(remat):
-    cfg = opt_jax.preset("125m", num_hidden_layers=2, remat_policy=remat)
+@pytest.mark.parametrize("remat, lora_rank", [("none", 0), ("full", 0), ("save_dots", 0),
+                                              ("none", 8)])  # fmt: skip
+def test_plan_matches_compiled_memory_analysis(remat, lora_rank):
+    cfg = opt_jax.preset("125m", num_hidden_layers=2, remat_policy=remat, lora_rank=lora_rank)
     batch, seq = 4, 256
     plan = memory.plan(cfg, {"data": 1}, batch, seq)
     model, optim = opt_jax.OPTForCausalLM(cfg), base_config().optim
     tx = train.make_optimizer(optim, 10)
-    state = jax.eval_shape(lambda: train.fresh_state(opt_jax.init_params(cfg, 0), tx))
+    trainable = opt_jax.lora.is_trained if lora_rank else None
+    state = jax.eval_shape(lambda: train.fresh_state(opt_jax.init_params(cfg, 0), tx, trainable))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     step = jax.jit(
-        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx, optim=optim),
+        lambda s, b: train.train_step(
+            s, b, jax.random.key(0), model=model, tx=tx, optim=optim, trainable=trainable
+        ),
         donate_argnums=(0,),
     )
     compiled = step.lower(state, {"input_ids": tokens, "attention_mask": tokens}).compile()

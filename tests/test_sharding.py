@@ -65,6 +65,16 @@ def test_sharded_forward_train_step_and_generation_match_one_device(eight_device
 
 
 @pytest.mark.slow
+def test_lora_adapters_shard_like_their_kernels(eight_device_results):
+    r = eight_device_results["lora 2x2x2"]
+    # q_proj kernel [D=32, N=8, H=4]: A [D, r] splits D over fsdp; B [r, N, H] splits heads over
+    # tensor. fc1 [32, F=64]: A [32, r] over fsdp, B [r, 64] over tensor.
+    assert r["q_lora_A_shard"] == [16, 4] and r["q_lora_B_shard"] == [4, 4, 4]
+    assert r["fc1_lora_A_shard"] == [16, 4] and r["fc1_lora_B_shard"] == [4, 32]
+    assert r["logits_rel"] <= 1e-5 and r["tokens_equal"]
+
+
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     (r,) = _python(str(HERE / "sharding_checks.py"), "restore", str(tmp_path))
     assert r["restored_bitwise"]  # saved on fsdp=8, restored on tensor=4 x data=2

@@ -65,7 +65,8 @@ def plan(
     """Bytes per device of a training step and of decoding.
 
     Args:
-      cfg: the model (its dtype, param_dtype and remat_policy are used).
+      cfg: the model (its dtype, param_dtype and remat_policy are used; with lora_rank > 0 only
+        the adapters are trained, so only they have gradients and optimizer state).
       mesh_shape: {"data": d, "fsdp": f, "tensor": t}.
       batch_size, seq_len: the global training batch.
       decode_batch, decode_length: KV-cache size for generation (default: batch_size, seq_len).
@@ -83,6 +84,14 @@ def plan(
     sharding.check_divisible(abstract, specs, dict(zip(names, mesh.axis_sizes, strict=True)))
     shardings = sharding.logical_to_shardings(specs, mesh)
     params = sharding.per_device_bytes(abstract, shardings)
+    trained = params
+    if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
+        from opt_jax import lora
+        from opt_jax.training.step import partition
+
+        trained = sharding.per_device_bytes(
+            partition(abstract, lora.is_trained)[0], partition(shardings, lora.is_trained)[0]
+        )
     data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     if batch_size % data_ways:
@@ -99,11 +108,11 @@ def plan(
     ) * np.dtype(cfg.dtype).itemsize
     out = {
         "params": params,
-        "optimizer": optimizer_moments * params,
-        "gradients": params,
+        "optimizer": optimizer_moments * trained,
+        "gradients": trained,
         # The step computes the new params and moments before they replace the donated ones:
         # XLA's memory_analysis shows one state-sized set of temporaries for it.
-        "update": params * (1 + optimizer_moments),
+        "update": trained * (1 + optimizer_moments),
         "activations": int(activations),
         "logits": int(logits),
         "kv_cache": int(math.ceil(kv_per_device)),

@@ -185,9 +185,10 @@ def check_divisible(abstract_tree, logical_specs, mesh_shape: dict, rules=DEFAUL
                 )
 
 
-def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of [B, T] input batches: batch over the mesh axes the rules give it."""
-    spec = nn.logical_to_mesh_axes((BATCH, LENGTH), list(rules))
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    """Sharding of [B, T] input batches (ndim=1: [B] labels): batch over the mesh axes the
+    rules give it."""
+    spec = nn.logical_to_mesh_axes((BATCH, LENGTH)[:ndim] + (None,) * (ndim - 2), list(rules))
     return NamedSharding(mesh, spec)
 
 

@@ -95,24 +95,26 @@ def tokenize(tokenizer: OPTTokenizer, texts: Sequence[str]) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-class PackedDataset:
-    """Non-overlapping `seq_len` windows of a token stream, served by step.
+class ArrayDataset:
+    """Rows of equal-length arrays served by step: batch `step` is a pure function of
+    (seed, step), drawn from a per-epoch permutation, each process taking its contiguous slice.
 
     Args:
-      tokens: [num_tokens] int32 stream.
-      seq_len: tokens per example.
+      arrays: {name: [N, ...] array}, the same N for every name (e.g. input_ids [N, T] and
+        labels [N]).
       global_batch: examples per step across all processes.
       seed: data-order seed.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
-        self.num_examples = len(tokens) // seq_len
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int):
+        sizes = {k: len(v) for k, v in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"dataset arrays differ in length: {sizes}")
+        self.arrays = arrays
+        self.num_examples = next(iter(sizes.values()))
         if self.num_examples < 1:
-            raise ValueError(
-                f"the corpus has {len(tokens)} tokens: not one sequence of seq_len {seq_len}"
-            )
-        self.examples = tokens[: self.num_examples * seq_len].reshape(self.num_examples, seq_len)
-        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
+            raise ValueError("the dataset has no examples")
+        self.global_batch, self.seed = global_batch, seed
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -129,19 +131,47 @@ class PackedDataset:
             [self._permutation(int(e))[o] for e, o in zip(epochs, offsets, strict=True)]
         )
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-        """This process's slice of batch `step`: {"input_ids", "attention_mask"} [B_local, T]."""
+    def local_indices(self, step: int, process_index: int = 0, process_count: int = 1):
         if self.global_batch % process_count:
             raise ValueError(
                 f"batch_size {self.global_batch} is not divisible by {process_count} processes"
             )
         local = self.global_batch // process_count
-        indices = self.global_indices(step)[process_index * local : (process_index + 1) * local]
-        ids = self.examples[indices]
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        return self.global_indices(step)[process_index * local : (process_index + 1) * local]
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """This process's slice of batch `step`: {name: [B_local, ...]}."""
+        indices = self.local_indices(step, process_index, process_count)
+        return {k: v[indices] for k, v in self.arrays.items()}
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.num_examples
+
+
+class PackedDataset(ArrayDataset):
+    """Non-overlapping `seq_len` windows of a token stream, served by step.
+
+    Args:
+      tokens: [num_tokens] int32 stream.
+      seq_len: tokens per example.
+      global_batch: examples per step across all processes.
+      seed: data-order seed.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        num_examples = len(tokens) // seq_len
+        if num_examples < 1:
+            raise ValueError(
+                f"the corpus has {len(tokens)} tokens: not one sequence of seq_len {seq_len}"
+            )
+        self.examples = tokens[: num_examples * seq_len].reshape(num_examples, seq_len)
+        self.seq_len = seq_len
+        super().__init__({"input_ids": self.examples}, global_batch, seed)
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """This process's slice of batch `step`: {"input_ids", "attention_mask"} [B_local, T]."""
+        ids = self.examples[self.local_indices(step, process_index, process_count)]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def tokenizer_source(config) -> str:

@@ -7,10 +7,12 @@ updates. Randomness is `fold_in(rng, step)`, so a step is a pure function of (st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
 from opt_jax.losses import causal_lm_loss
 
@@ -77,22 +79,55 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
-def _loss_sum(params, batch, rng, model, deterministic):
-    logits = model.apply(
+def lm_loss(outputs, batch) -> tuple[jax.Array, jax.Array]:
+    """The causal-LM objective of a batch: (mean next-token loss, counted targets)."""
+    return causal_lm_loss(outputs.logits, batch["input_ids"], batch["attention_mask"])
+
+
+def _loss_sum(params, batch, rng, model, deterministic, loss_fn=lm_loss):
+    outputs = model.apply(
         {"params": params},
         batch["input_ids"],
         attention_mask=batch["attention_mask"],
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
-    ).logits
-    mean, count = causal_lm_loss(logits, batch["input_ids"], batch["attention_mask"])
+    )
+    mean, count = loss_fn(outputs, batch)
     return mean * count, count
 
 
-def train_step(state: TrainState, batch, rng, *, model, tx, optim):
-    """One optimiser step over `batch` ([B, T] arrays), accumulating optim.grad_accum_steps
+def partition(params, trainable: Callable[[tuple[str, ...]], bool] | None):
+    """(trained, frozen) subtrees of `params`: `trainable(path)` decides each leaf (path like
+    ("model", "decoder", "layers_0", "self_attn", "q_proj", "lora_A")); None trains all."""
+    if trainable is None:
+        return params, {}
+    flat = traverse_util.flatten_dict(params)
+    trained = {k: v for k, v in flat.items() if trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not trainable(k)}
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trained, frozen):
+    """partition's inverse."""
+    if not frozen:
+        return trained
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trained))
+    return traverse_util.unflatten_dict(flat)
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_loss, trainable=None):
+    """One optimiser step over `batch` ([B, ...] arrays), accumulating optim.grad_accum_steps
     micro-batches. Pure: randomness is fold_in(rng, step). Skips the update (but advances the
     step) when the loss or gradients are not finite, or the loss spikes.
+
+    Args:
+      loss_fn: (model outputs, micro-batch) -> (mean loss, count); the default is the causal-LM
+        loss, training/tasks.py has the classification and QA ones.
+      trainable: None (train every parameter) or a predicate on parameter paths (LoRA:
+        `lora.is_trained`). Only those are differentiated, clipped, updated and hold optimiser
+        state (`fresh_state` with the same predicate); the others are constants of the step,
+        so no gradient memory or weight-gradient matmul is spent on them.
 
     Returns:
       (new state, metrics dict of scalars)
@@ -102,18 +137,19 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
     # Micro-batch i takes rows i, i + accum, ...: every data-parallel device holds an equal share
     # of each micro-batch (a contiguous split would put micro-batch 0 on the first devices only).
     micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
-    grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
+    trained, frozen = partition(state.params, trainable)
+    grad_fn = jax.value_and_grad(
+        lambda t, mb, r: _loss_sum(merge(t, frozen), mb, r, model, False, loss_fn), has_aux=True
+    )
 
     def accumulate(carry, inputs):
         index, mb = inputs
-        (loss_sum, count), grads = grad_fn(
-            state.params, mb, jax.random.fold_in(step_rng, index), model, False
-        )
+        (loss_sum, count), grads = grad_fn(trained, mb, jax.random.fold_in(step_rng, index))
         total_loss, total_count, total_grads = carry
         total_grads = jax.tree.map(jnp.add, total_grads, grads)
         return (total_loss + loss_sum, total_count + count, total_grads), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trained)
     (loss_sum, count, grads), _ = jax.lax.scan(
         accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(accum), micro)
     )
@@ -122,7 +158,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
     # Back in each parameter's dtype: dividing by the float32 count would otherwise promote
     # bfloat16 gradients, and with them the Adam moments, changing the state's types after the
     # first step (a recompilation, and a restore that casts the moments back).
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, trained)
     grad_norm = optax.tree.norm(grads)
 
     ok = jnp.ones((), bool)
@@ -132,15 +168,15 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim):
         # Warm-up: the first steps, and any step before one has been accepted (no average yet).
         warm = (state.step < optim.spike_warmup_steps) | (state.step == state.skipped)
         ok &= warm | (loss <= optim.spike_factor * state.loss_avg)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    params = optax.apply_updates(trained, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     # Running mean of accepted losses: exact mean for 100 steps, then an EMA of 0.99.
     weight = jnp.maximum(1.0 / (state.step + 1 - state.skipped).astype(jnp.float32), 0.01)
     loss_avg = jnp.where(ok, state.loss_avg + weight * (loss - state.loss_avg), state.loss_avg)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(params, state.params),
+        params=merge(keep(params, trained), frozen),
         opt_state=keep(opt_state, state.opt_state),
         loss_avg=loss_avg,
         skipped=state.skipped + (~ok).astype(jnp.int32),
@@ -154,11 +190,13 @@ def eval_step(params, batch, *, model):
     return _loss_sum(params, batch, None, model, True)
 
 
-def fresh_state(params, tx) -> TrainState:
+def fresh_state(params, tx, trainable=None) -> TrainState:
+    """Step 0 of training `params` with `tx`; optimiser state for the `trainable` ones only
+    (see train_step)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=tx.init(partition(params, trainable)[0]),
         loss_avg=jnp.zeros((), jnp.float32),
         skipped=jnp.zeros((), jnp.int32),
     )

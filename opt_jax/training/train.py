@@ -25,17 +25,18 @@ from jax.sharding import PartitionSpec as P
 
 from opt_jax import lora
 from opt_jax.checkpoints import orbax_io as checkpoint
-from opt_jax.checkpoints.hf import load_pretrained, stack_layers, unstack_layers
+from opt_jax.checkpoints.hf import load_pretrained, save_pretrained, stack_layers, unstack_layers
 from opt_jax.config import OPTConfig
-from opt_jax.model import OPTForCausalLM, abstract_params, param_logical_axes
+from opt_jax.model import OPTForCausalLM, abstract_params, model_for, param_logical_axes
 from opt_jax.parallel import roofline, sharding
-from opt_jax.training import data
+from opt_jax.training import data, tasks
 from opt_jax.training.experiment import lora_fields, model_config
 from opt_jax.training.metrics import MetricsWriter
 from opt_jax.training.step import (  # noqa: F401  (re-exported: the loop's building blocks)
     TrainState,
     eval_step,
     fresh_state,
+    lm_loss,
     make_optimizer,
     make_schedule,
     train_step,
@@ -124,46 +125,90 @@ def check_config(config, num_devices: int, workdir: str, latest: int | None) -> 
         )
 
 
-def resolve_model(config, workdir: str, resuming: bool, vocab_size: int):
+def resolve_model(config, workdir: str, resuming: bool, task):
     """The model to train and, when fine-tuning from scratch, its initial parameters.
 
     Resume order: a run resuming its own checkpoint takes the architecture it saved at its
     start (WORKDIR/model); else `init_from`'s checkpoint (with the config's dropout / dtype /
     layout overrides, which must not change its architecture); else `config.model` (vocabulary
-    from the tokenizer, `vocab_size`).
+    from the tokenizer). The head is the task's: a language model's decoder gets a fresh
+    classification / QA head (HF's init), a checkpoint with the task's head keeps it.
 
     Returns:
       (OPTConfig, params or None)
     """
     dtypes = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    head = {"architecture": task.architecture}
+    if task.label_names:
+        head["id2label"] = task.label_names
     if config.init_from and resuming:  # the architecture was saved when the fine-tune began
         saved = OPTConfig.from_hf(os.path.join(workdir, "model"))
+        if task.label_names and saved.label_names != task.label_names:
+            raise ValueError(
+                f"the training data's labels {task.label_names} differ from those {workdir} "
+                f"was trained with {saved.label_names}; resume with the original data"
+            )
         return dataclasses.replace(saved, **_model_overrides(config), **lora_fields(config)), None
     if not config.init_from:
-        return model_config(config, vocab_size), None
+        return model_config(config, task.tokenizer.vocab_size).replace(**head), None
     path = config.init_from
     if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)):
         init_config, params = checkpoint.load_params(path, **dtypes)
     else:
-        init_config, params = load_pretrained(path, architecture="OPTForCausalLM", **dtypes)
+        stored = OPTConfig.from_hf(path).architecture
+        keep = stored == task.architecture
+        init_config, params = load_pretrained(
+            path, architecture=stored if keep else "OPTForCausalLM", **dtypes
+        )
     if _requests_architecture(config):
-        diff = _architecture_diff(model_config(config, vocab_size), init_config)
+        diff = _architecture_diff(model_config(config, task.tokenizer.vocab_size), init_config)
         if diff:
             raise ValueError(
                 f"init_from {path} does not match the model config: " + "; ".join(diff)
             )
     opt_config = dataclasses.replace(
-        init_config,
-        **_model_overrides(config),
-        **lora_fields(config),
-        architecture="OPTForCausalLM",
+        init_config, **_model_overrides(config), **lora_fields(config), **head
     )
+    params = _with_head(init_config, opt_config, params, config.seed, path)
     if opt_config.scan_layers != init_config.scan_layers:
         params = (stack_layers(params, opt_config.num_hidden_layers) if opt_config.scan_layers
                   else unstack_layers(params))  # fmt: skip
     if opt_config.lora_rank:  # fresh adapters (PEFT's init: the model is unchanged at step 0)
         params = lora.add_adapters(opt_config, params, seed=config.seed)
     return opt_config, params
+
+
+HEADS = tuple(lora.HEADS.values())  # task heads: "score" (classification), "qa_outputs"
+
+
+def _with_head(init_config: OPTConfig, config: OPTConfig, params: dict, seed: int, path: str):
+    """init_from's params with the head `config.architecture` needs: kept when the checkpoint
+    has it (with as many classes), else the decoder plus a fresh head (normal(init_std)
+    kernel, zero bias: HF's init)."""
+    if init_config.architecture == config.architecture:
+        if config.label_names != init_config.label_names and config.architecture.endswith(
+            "Classification"
+        ):
+            raise ValueError(
+                f"init_from {path} classifies into {init_config.label_names}, the training data "
+                f"has labels {config.label_names}"
+            )
+        return params
+    fresh = abstract_params(config.replace(scan_layers=False, lora_rank=0))
+    key = jax.random.key(seed)
+    out = {"model": params["model"]}
+    for name in HEADS:
+        if name in fresh:
+            out[name] = {
+                leaf: (
+                    jax.random.normal(jax.random.fold_in(key, i), spec.shape, spec.dtype)
+                    * config.init_std
+                    if leaf == "kernel"
+                    else jnp.zeros(spec.shape, spec.dtype)
+                )
+                for i, (leaf, spec) in enumerate(sorted(fresh[name].items()))
+            }
+    return out
 
 
 def _write_run_config(config, workdir: str, start: int) -> None:
@@ -239,23 +284,20 @@ def _sample(opt_config, params, tokenizer, config) -> str:
     return generate_text(model, params, tokenizer, [config.sample_prompt], max_new_tokens=budget)[0]
 
 
-def run_summary(config, opt_config: OPTConfig, workdir: str, start: int, tokens: tuple) -> str:
+def run_summary(config, opt_config: OPTConfig, workdir: str, start: int, data_line: str) -> str:
     """A few lines saying what this run is (the whole config is in WORKDIR/train_config.json).
 
-    tokens: (training tokens, held-out tokens).
+    data_line: the task's description of its data.
     """
     size = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(opt_config)))
     source = config.init_from or (config.model.preset and f"preset {config.model.preset}")
-    data_source = (
-        "the standard library's sources" if config.data.source == "stdlib" else config.data.source
-    )
     steps = f"{config.num_train_steps} steps of {config.batch_size} x {config.seq_len} tokens"
+    head = "" if opt_config.architecture == "OPTForCausalLM" else f", {opt_config.architecture}"
     return "\n".join([
         f"[train] model: {size / 1e6:.1f}M parameters, {opt_config.num_hidden_layers} layers x "
-        f"{opt_config.hidden_size} wide, vocabulary {opt_config.vocab_size}"
+        f"{opt_config.hidden_size} wide, vocabulary {opt_config.vocab_size}{head}"
         + (f", from {source}" if source else ", random init"),
-        f"[train] data: {data_source}: {tokens[0] / 1e6:.1f}M training and "
-        f"{tokens[1] / 1e6:.2f}M held-out tokens; {steps}"
+        f"[train] data: {data_line}; {steps}"
         + (f", resuming at step {start}" if start else ""),
         f"[train] outputs: {workdir} (metrics.jsonl, checkpoints, export/; "
         "config in train_config.json)",
@@ -276,35 +318,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.sharding_rules)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = sharding.batch_sharding(mesh, rules)
 
     # -- Checks that need no data (tokenizing a corpus can take long) -------------------------
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
     latest = ckpts.latest_step()
     check_config(config, sharding.data_parallel_size(mesh, rules), workdir, latest)
 
-    # -- Data ----------------------------------------------------------------------------------
-    tokenizer, train_tokens, eval_tokens = data.prepare(
-        config, workdir, resuming=latest is not None
-    )
+    # -- Data: the task (language modelling, classification, QA) reads and checks it -------------
+    task = tasks.build(config, workdir, resuming=latest is not None)
+    tokenizer, train_ds = task.tokenizer, task.train
+    # Every batch array is split over the data-parallel axes along its first (batch) axis.
+    batch_sharding = {
+        k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in train_ds.batch(0).items()
+    }
 
     # -- Model and optimiser ----------------------------------------------------------------
-    opt_config, init_params = resolve_model(
-        config, workdir, latest is not None, tokenizer.vocab_size
-    )
-    for name, tokens in (("training", train_tokens), ("evaluation", eval_tokens)):
-        validate_token_ids(tokens[None, :], opt_config.vocab_size, name=f"{name} tokens")
-    model = OPTForCausalLM(opt_config)
+    opt_config, init_params = resolve_model(config, workdir, latest is not None, task)
+    for name, ids in task.token_arrays().items():
+        validate_token_ids(ids, opt_config.vocab_size, name=name)
+    model = model_for(opt_config)
     tx = make_optimizer(config.optim, config.num_train_steps)
-    if opt_config.lora_rank:
-        tx = adapters_only(tx)
-    train_ds = data.PackedDataset(train_tokens, config.seq_len, config.batch_size, config.seed)
-    eval_ds = data.PackedDataset(eval_tokens, config.seq_len, config.batch_size, config.seed + 1)
+    # LoRA trains the adapters and a task head only: nothing else is differentiated or updated.
+    trainable = lora.is_trained if opt_config.lora_rank else None
 
     # -- Sharded init: shapes first, then state created directly with its shardings -------------
     def init_state(rng):
         params = nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
-        return fresh_state(params, tx)
+        return fresh_state(params, tx, trainable)
 
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_state, rng)
@@ -332,40 +372,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
     elif init_params is not None:
         params = jax.device_put(init_params, state_sharding.params)
         del init_params
-        state = jax.jit(lambda p: fresh_state(p, tx), out_shardings=state_sharding)(params)
+        state = jax.jit(lambda p: fresh_state(p, tx, trainable), out_shardings=state_sharding)(
+            params
+        )
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(rng)
     if is_main:  # every check has passed: record what this run is
         _write_run_config(config, workdir, start)
         opt_config.save_hf(os.path.join(workdir, "model"))
-        summary = run_summary(
-            config, opt_config, workdir, start, (len(train_tokens), len(eval_tokens))
-        )
+        summary = run_summary(config, opt_config, workdir, start, task.describe())
         print(summary, flush=True)
 
     # -- Jitted steps ----------------------------------------------------------------------------
     step_fn = jax.jit(
-        lambda s, b, r: train_step(s, b, r, model=model, tx=tx, optim=config.optim),
+        lambda s, b, r: train_step(
+            s,
+            b,
+            r,
+            model=model,
+            tx=tx,
+            optim=config.optim,
+            loss_fn=task.loss,
+            trainable=trainable,
+        ),
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(lambda p, b: eval_step(p, b, model=model))
+    eval_fn = jax.jit(
+        lambda p, b: task.eval_outputs(
+            model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"]), b
+        ),
+        out_shardings=replicated,  # every process reads the whole batch's outputs
+    )
     schedule = make_schedule(config.optim, config.num_train_steps)
 
     def global_batch(ds, step):
-        local = ds.batch(step, jax.process_index(), jax.process_count())
+        return place(ds.batch(step, jax.process_index(), jax.process_count()))
+
+    def place(local):
         return {
-            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()
+            k: jax.make_array_from_process_local_data(
+                sharding.batch_sharding(mesh, rules, v.ndim), v
+            )
+            for k, v in local.items()
         }
 
     def evaluate(params):
-        total, count = 0.0, 0.0
-        for i in range(config.eval_batches):
-            loss_sum, n = eval_fn(params, global_batch(eval_ds, i))
-            total, count = total + float(loss_sum), count + float(n)
-        loss = total / max(count, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        return task.evaluate(lambda local: jax.device_get(eval_fn(params, place(local))), workdir)
 
     # -- Loop -----------------------------------------------------------------------------------
     stop = {"signal": None}
@@ -401,7 +455,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     record["epoch"] = train_ds.epoch_of(done)
                     if _due(done, config.eval_every_steps, final):
                         record.update(evaluate(state.params))
-                    if _due(done, config.sample_every_steps, final):
+                    if _due(done, config.sample_every_steps, final) and task.generates:
                         record["sample"] = _sample(opt_config, state.params, tokenizer, config)
                     writer.write(done, record)
                     writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
@@ -417,7 +471,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     break
         ckpts.wait()
         if not stopping:
-            _export(workdir, opt_config, state.params, tokenizer, is_main)
+            _export(workdir, opt_config, state.params, tokenizer, is_main, hf=not task.generates)
     finally:
         ckpts.close()
         writer.close()
@@ -426,24 +480,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def adapters_only(tx):
-    """Wraps an optimiser so that only LoRA adapters are updated and hold optimiser state (the
-    frozen parameters get zero updates and no Adam moments)."""
-    import optax
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "adapter" if path[-1].key in lora.LEAVES else "frozen", params
-        )
-
-    return optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def _export(workdir, cfg, params, tokenizer, is_main):
+def _export(workdir, cfg, params, tokenizer, is_main, hf=False):
     """Params-only export for inference (generate.py --model WORKDIR/export), written by every
     process (orbax gathers the shards) and swapped in whole: a crash never leaves a half-written
     export. A LoRA run exports the merged model, and its adapters as a PEFT directory in
-    WORKDIR/adapter."""
+    WORKDIR/adapter. `hf`: an HF directory (safetensors) instead, which transformers'
+    OPTForSequenceClassification / OPTForQuestionAnswering load (the task heads' export)."""
     if cfg.lora_rank:
         if is_main:
             adapter = os.path.join(workdir, "adapter")
@@ -456,7 +498,17 @@ def _export(workdir, cfg, params, tokenizer, is_main):
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
     sharding.sync("export-staging-clean")
-    checkpoint.save_params(staging, cfg, params)
+    if hf:
+        if jax.process_count() > 1:  # every process takes part in gathering the shards
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if cfg.scan_layers:
+            cfg, params = cfg.replace(scan_layers=False), unstack_layers(params)
+        if is_main:
+            save_pretrained(staging, cfg, params)
+    else:
+        checkpoint.save_params(staging, cfg, params)
     if is_main:
         tokenizer.save(staging)
         shutil.rmtree(export, ignore_errors=True)
