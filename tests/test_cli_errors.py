@@ -241,3 +241,10 @@ def test_missing_metrics_name_the_path(tmp_path):
         "scripts/plot_metrics.py", "--workdir", str(tmp_path),
         match=re.escape(f"no metrics at {tmp_path / 'metrics.jsonl'}"),
     )  # fmt: skip
+
+
+# -- serve.py ----------------------------------------------------------------------------------
+def test_serve_reports_a_bad_model_or_length(tiny_hf, tmp_path):
+    _fails("scripts/serve.py", "--model", str(tmp_path / "nope"), match="no OPT config.json")
+    _fails("scripts/serve.py", "--model", tiny_hf, "--max_length", "0",
+           match="max_length")  # fmt: skip

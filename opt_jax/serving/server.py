@@ -1,0 +1,356 @@
+"""An OpenAI-compatible completions API over the engine (FastAPI; `opt_jax[serve]`).
+
+Endpoints: `GET /health` (200 once the model is loaded and compiled), `GET /v1/models`,
+`POST /v1/completions` with the API's fields: model, prompt (a string, strings, a token list or
+token lists), max_tokens (16), temperature (1; 0 = greedy), top_p, n, stop (up to 4 strings,
+cut from the text), logprobs (top-k per token, k <= 5), echo (the prompt too, with its
+log-probabilities when logprobs is set), stream (server-sent events ending `data: [DONE]`),
+seed, presence_penalty, frequency_penalty. Errors are OpenAI-style bodies naming the field:
+400 for invalid requests (a prompt longer than the context included: nothing is truncated),
+404 for another model name, 429 when the waiting queue is full.
+
+Text prompts get OPT's `</s>` prefix (the tokenizer contract); token prompts are used as
+given. Log-probabilities are the model's (before temperature / top-p), as OpenAI reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from opt_jax.serving.engine import TOP_LOGPROBS, QueueFull, Request
+
+FIELDS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "logprobs", "echo",
+    "stream", "seed", "presence_penalty", "frequency_penalty", "user", "best_of", "suffix",
+    "logit_bias", "stream_options",
+}  # fmt: skip
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code=None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def _error(message: str, param=None, status=400, kind="invalid_request_error", code=None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _number(body, name, default, low, high, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+def parse(body, tokenizer, engine, model_name: str) -> dict:
+    """Validates a completions request body.
+
+    Returns:
+      the options, with `prompts`: [(prompt text for echo, token ids)].
+
+    Raises:
+      BadRequest: naming the field.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}", unknown[0])
+    model = body.get("model")
+    if model not in (None, "", model_name):
+        raise BadRequest(f"model {model!r} is not served here (this server has "
+                         f"{model_name!r})", "model", 404, "model_not_found")  # fmt: skip
+    for name in ("best_of", "suffix", "logit_bias"):
+        if body.get(name) not in (None, 1, {}):
+            raise BadRequest(f"'{name}' is not supported", name)
+    prompt = body.get("prompt")
+    vocab = engine.config.vocab_size
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        prompts = [prompt]
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt)
+    ):
+        prompts = prompt
+    else:
+        raise BadRequest(
+            "'prompt' must be a non-empty string, list of strings, token list or list of "
+            "token lists",
+            "prompt",
+        )
+    encoded = []
+    for p in prompts:
+        if isinstance(p, str):
+            encoded.append((p, tokenizer.encode(p)))
+        else:
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise BadRequest(f"'prompt' token ids {bad[:5]} are outside [0, {vocab})", "prompt")
+            encoded.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        stop = []
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    options = {
+        "prompts": encoded,
+        "max_tokens": _number(body, "max_tokens", 16, 0, engine.max_length, integer=True),
+        "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)),
+        "n": _number(body, "n", 1, 1, engine.max_batch, integer=True),
+        "logprobs": _number(body, "logprobs", None, 0, TOP_LOGPROBS, integer=True),
+        "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
+        "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
+        "seed": body.get("seed"),
+        "stop": stop,
+        "echo": bool(body.get("echo", False)),
+        "stream": bool(body.get("stream", False)),
+    }
+    if options["top_p"] <= 0:
+        raise BadRequest("'top_p' must be in (0, 1]", "top_p")
+    seed = options["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    if options["max_tokens"] == 0 and not options["echo"]:
+        raise BadRequest("'max_tokens' must be >= 1 (0 only with echo)", "max_tokens")
+    for _, ids in encoded:
+        problem = engine.check(len(ids), options["max_tokens"], options["n"])
+        if problem:
+            raise BadRequest(*problem)
+    return options
+
+
+class Choice:
+    """Host-side state of one choice: tokens so far, their log-probabilities, the text sent."""
+
+    def __init__(self, index: int, prompt_text: str):
+        self.index, self.prompt_text = index, prompt_text
+        self.ids, self.logprobs, self.tops = [], [], []
+        self.prompt_logprobs = None
+        self.finish = None
+        self.text = ""  # final (stop strings cut)
+        self.sent = 0  # characters of text already streamed
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _logprobs_block(tokenizer, choice: Choice, k: int, echo: bool, prompt_ids) -> dict:
+    tokens, token_logprobs, top_logprobs = [], [], []
+    if echo:
+        for i, t in enumerate(prompt_ids):
+            tokens.append(_token_text(tokenizer, t))
+            entry = choice.prompt_logprobs[i] if choice.prompt_logprobs else None
+            token_logprobs.append(None if entry is None else entry[0])
+            top_logprobs.append(
+                None if entry is None
+                else {_token_text(tokenizer, i_): lp for i_, lp in entry[1][:k]}
+            )  # fmt: skip
+    count = len(choice.ids)
+    for t, lp, top in zip(choice.ids[:count], choice.logprobs, choice.tops, strict=False):
+        tokens.append(_token_text(tokenizer, t))
+        token_logprobs.append(lp)
+        top_logprobs.append({_token_text(tokenizer, i): v for i, v in top[:k]})
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs, "text_offset": offsets}  # fmt: skip
+
+
+def create_app(engine, tokenizer, model_name: str):
+    """The FastAPI application serving `engine` (already started and warmed up)."""
+    app = FastAPI(title="opt_jax", version="1")
+    created = int(time.time())
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "opt_jax"}
+        ]}  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error("the request body is not valid JSON")
+        try:
+            options = parse(body, tokenizer, engine, model_name)
+        except BadRequest as e:
+            kind = "invalid_request_error"
+            return _error(str(e), e.param, e.status, kind, e.code)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        n = options["n"]
+        requests, choices = [], []
+        seed = options["seed"]
+        for p, (text, ids) in enumerate(options["prompts"]):
+            for j in range(n):
+                choices.append(Choice(p * n + j, text if options["echo"] else ""))
+
+            def emit(choice, event, p=p):
+                loop.call_soon_threadsafe(events.put_nowait, (p * n + choice, event))
+
+            requests.append(Request(
+                prompt=ids, max_tokens=options["max_tokens"], emit=emit, n=n,
+                temperature=options["temperature"], top_p=options["top_p"],
+                presence_penalty=options["presence_penalty"],
+                frequency_penalty=options["frequency_penalty"],
+                seed=int.from_bytes(uuid.uuid4().bytes[:4], "little") if seed is None else seed,
+                echo_logprobs=options["echo"] and options["logprobs"] is not None,
+                stop_ids=(engine.config.eos_token_id,),
+            ))  # fmt: skip
+        try:
+            for request in requests:
+                engine.submit(request)
+        except QueueFull as e:
+            for request in requests:
+                request.cancelled = True
+            return _error(f"the server is busy: {e}; retry later", None, 429,
+                          "rate_limit_error", "rate_limit_exceeded")  # fmt: skip
+        except ValueError as e:
+            return _error(str(e), "prompt")
+        completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+
+        def cancel():
+            for request in requests:
+                request.cancelled = True
+
+        def update(index: int, event: dict) -> str | None:
+            """Applies an engine event; returns an error message for a failed request."""
+            choice = choices[index]
+            if "error" in event:
+                return event["error"]
+            if "prompt_logprobs" in event:
+                choice.prompt_logprobs = event["prompt_logprobs"]
+            if "token" in event and choice.finish is None:
+                choice.ids.append(event["token"])
+                choice.logprobs.append(event["logprob"])
+                choice.tops.append(event["top"])
+                text = tokenizer.decode(choice.ids, skip_special_tokens=True)
+                cut = min((text.find(s) for s in options["stop"] if s in text), default=-1)
+                choice.text = text if cut < 0 else text[:cut]
+                if cut >= 0:
+                    choice.finish = "stop"
+                    requests[index // n].stopped.add(index % n)
+            if "finish_reason" in event and choice.finish is None:
+                choice.finish = event["finish_reason"]
+            return None
+
+        def render(choice: Choice, full: bool) -> dict:
+            prompt_ids = options["prompts"][choice.index // n][1]
+            logprobs = None
+            if options["logprobs"] is not None:
+                logprobs = _logprobs_block(
+                    tokenizer, choice, options["logprobs"], options["echo"] and full, prompt_ids
+                )
+            return {"text": choice.prompt_text + choice.text if full else None,
+                    "index": choice.index, "logprobs": logprobs,
+                    "finish_reason": choice.finish}  # fmt: skip
+
+        def usage() -> dict:
+            prompt_tokens = sum(len(ids) for _, ids in options["prompts"])
+            completion = sum(len(c.ids) for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}  # fmt: skip
+
+        header = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
+                  "model": model_name}  # fmt: skip
+
+        if not options["stream"]:
+            try:
+                while any(c.finish is None for c in choices):
+                    try:
+                        index, event = await asyncio.wait_for(events.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await http.is_disconnected():
+                            cancel()
+                            return _error("client disconnected", status=499)
+                        continue
+                    problem = update(index, event)
+                    if problem:
+                        cancel()
+                        return _error(problem, None, 500, "server_error")
+            except asyncio.CancelledError:
+                cancel()
+                raise
+            return {**header, "choices": [render(c, True) for c in choices], "usage": usage()}
+
+        async def stream():
+            try:
+                if options["echo"]:  # the prompt first, as OpenAI streams echo
+                    for c in choices:
+                        chunk = {"text": c.prompt_text, "index": c.index, "logprobs": None,
+                                 "finish_reason": None}  # fmt: skip
+                        yield f"data: {json.dumps({**header, 'choices': [chunk]})}\n\n"
+                while any(c.finish is None or c.sent < len(c.text) for c in choices):
+                    index, event = await events.get()
+                    problem = update(index, event)
+                    if problem:
+                        error = {"error": {"message": problem, "type": "server_error"}}
+                        yield f"data: {json.dumps(error)}\n\n"
+                        break
+                    choice = choices[index]
+                    # Hold back text that may still grow into a stop string or a full character.
+                    hold = max((len(s) - 1 for s in options["stop"]), default=0)
+                    ready = len(choice.text) if choice.finish else max(len(choice.text) - hold, 0)
+                    if choice.text[choice.sent : ready].endswith("\ufffd") and not choice.finish:
+                        ready -= 1
+                    delta = choice.text[choice.sent : ready]
+                    with_token = options["logprobs"] is not None and "token" in event
+                    if not delta and choice.finish is None and not with_token:
+                        continue  # (with logprobs every token gets its chunk)
+                    choice.sent = max(choice.sent, ready)
+                    logprobs = None
+                    if with_token:
+                        top = event["top"][: options["logprobs"]]
+                        logprobs = {
+                            "tokens": [_token_text(tokenizer, event["token"])],
+                            "token_logprobs": [event["logprob"]],
+                            "top_logprobs": [{_token_text(tokenizer, i): v for i, v in top}],
+                        }
+                    chunk = {"text": delta, "index": index, "logprobs": logprobs,
+                             "finish_reason": choice.finish}  # fmt: skip
+                    yield f"data: {json.dumps({**header, 'choices': [chunk]})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we finished): free the slots either way
+                cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

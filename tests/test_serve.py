@@ -1,0 +1,316 @@
+"""The OpenAI-compatible server (scripts/serve.py) driven by the `openai` client: results equal
+`generate` for the same request alone, streaming, n > 1, stop strings, echo + logprobs equal
+`loglikelihood`, bad requests, a full queue, a client that leaves, SIGTERM draining."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import opt_jax
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "alpha beta gamma delta red blue green good bad movie plot actor what is the".split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_dir(directory: Path, max_positions: int) -> Path:
+    config = opt_jax.OPTConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                               num_attention_heads=4, max_position_embeddings=max_positions,
+                               init_std=0.3, dropout=0.0)  # fmt: skip
+    params = opt_jax.init_params(config, 0)
+    opt_jax.save_pretrained(directory, config, params)
+    opt_jax.train_tokenizer([" ".join(WORDS)] * 50, 300).save(directory)
+    return directory
+
+
+class Server:
+    def __init__(self, model_dir: Path, *flags: str):
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model_dir),
+             "--port", str(self.port), *flags],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.proc.kill()
+        raise RuntimeError("the server did not become healthy in 180 s")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = _model_dir(tmp_path_factory.mktemp("serve_model"), 256)
+    server = Server(model_dir, "--max_batch", "4", "--max_length", "256")
+    config, params = opt_jax.load_pretrained(model_dir)
+    yield server, model_dir, config, params, opt_jax.OPTTokenizer.from_pretrained(model_dir)
+    server.close()
+
+
+def _client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _alone(config, params, ids, n_new, **options):
+    out = opt_jax.generate(opt_jax.OPTForCausalLM(config), params, np.array([ids]),
+                           max_new_tokens=n_new, **options)  # fmt: skip
+    return out.sequences[0, len(ids) :].tolist()
+
+
+def test_health_and_models(served):
+    server, model_dir = served[:2]
+    models = _client(server).models.list()
+    assert [m.id for m in models.data] == [model_dir.name]
+
+
+def test_concurrent_greedy_requests_each_equal_generate_alone(served):
+    """Text and token prompts sent at once (continuous batching): token-identical to
+    `generate` on each prompt alone, text = decode(tokens), usage counted."""
+    server, model_dir, config, params, tokenizer = served
+    client = _client(server)
+    prompts = ["alpha beta", "gamma delta red blue green", [2, 17, 40, 41], "what is the movie"]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = client.completions.create(model=model_dir.name, prompt=prompts[i],
+                                               max_tokens=12, temperature=0)  # fmt: skip
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for prompt, result in zip(prompts, results, strict=True):
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        want = _alone(config, params, ids, 12, eos_token_id=[])
+        (choice,) = result.choices
+        stop = want.index(2) + 1 if 2 in want else len(want)  # EOS ends a choice
+        assert choice.text == tokenizer.decode(want[:stop])
+        assert choice.finish_reason == ("stop" if 2 in want else "length")
+        assert result.usage.prompt_tokens == len(ids)
+        assert result.usage.completion_tokens == stop
+
+
+def test_seeded_sampling_n2_and_streaming_equal_generate(served):
+    server, model_dir, config, params, tokenizer = served
+    client = _client(server)
+    args = dict(model=model_dir.name, prompt="alpha beta gamma", max_tokens=10, n=2, seed=11,
+                temperature=0.9, top_p=0.95, logprobs=2)  # fmt: skip
+    full = client.completions.create(**args)
+    ids = tokenizer.encode(args["prompt"])
+    for choice in full.choices:
+        key = jax.random.fold_in(jax.random.key(11), choice.index)
+        want = _alone(config, params, ids, 10, eos_token_id=[], do_sample=True,
+                      temperature=0.9, top_p=0.95, top_k=None, prng_key=key)  # fmt: skip
+        stop = want.index(2) + 1 if 2 in want else len(want)
+        assert choice.text == tokenizer.decode(want[:stop])
+        assert len(choice.logprobs.token_logprobs) == stop
+        assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    streamed = {0: "", 1: ""}
+    finish = {}
+    for chunk in client.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert streamed == {c.index: c.text for c in full.choices}
+    assert finish == {c.index: c.finish_reason for c in full.choices}
+
+
+def test_stop_strings_cut_the_text(served):
+    server, model_dir, config, params, tokenizer = served
+    client = _client(server)
+    ask = dict(model=model_dir.name, prompt="alpha", max_tokens=16, temperature=0)
+    free = client.completions.create(**ask)
+    text = free.choices[0].text
+    stop = text[3:6]
+    assert stop and stop in text
+    cut = client.completions.create(**ask, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**ask, stop=stop, stream=True)
+    )
+    assert streamed == cut.choices[0].text
+
+
+def test_echo_logprobs_equal_loglikelihood(served):
+    """What lm-eval's local-completions backend asks: echo the prompt with its log-probs."""
+    server, model_dir, config, params, tokenizer = served
+    context, continuation = "alpha beta", " gamma delta"
+    result = _client(server).completions.create(
+        model=model_dir.name,
+        prompt=context + continuation,
+        max_tokens=0,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+    )
+    choice = result.choices[0]
+    assert choice.text == context + continuation
+    lps = choice.logprobs.token_logprobs
+    assert lps[0] is None  # the `</s>` prefix has no context
+    from opt_jax.evaluation import loglikelihood
+
+    ((want, _),) = loglikelihood(
+        opt_jax.OPTForCausalLM(config), params, tokenizer, [(context, continuation)]
+    )
+    n = len(tokenizer.encode(context + continuation)) - len(tokenizer.encode(context))
+    assert sum(lps[-n:]) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "request_args, status, field",
+    [
+        ({"prompt": "alpha", "temperature": 5}, 400, "temperature"),
+        ({"prompt": "alpha", "n": 99}, 400, "n"),
+        ({"prompt": "alpha " * 300}, 400, "prompt"),
+        ({"prompt": "alpha", "max_tokens": 300}, 400, "max_tokens"),
+        ({"prompt": "alpha", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": [5, 9999]}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": "alpha", "seed": "x"}, 400, "seed"),
+        ({"prompt": "alpha", "logprobs": 9}, 400, "logprobs"),
+        ({"prompt": "alpha", "bogus": 1}, 400, "bogus"),
+        ({"prompt": "alpha", "model": "gpt-4"}, 404, "model"),
+    ],
+)  # fmt: skip
+def test_bad_requests_name_the_field(served, request_args, status, field):
+    import httpx
+
+    server = served[0]
+    response = httpx.post(server.url + "/v1/completions", json=request_args, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["message"]
+    # ... and the server still answers
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "alpha", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_full_queue_answers_429(served):
+    """An engine that is not running keeps requests waiting: the second one finds the queue
+    full."""
+    from fastapi.testclient import TestClient
+
+    from opt_jax.serving.engine import Engine, Request
+    from opt_jax.serving.server import create_app
+
+    _, _, config, params, tokenizer = served
+    engine = Engine(config, params, max_batch=1, max_length=32, max_queue=1)
+    engine.submit(Request([2, 5], 4, lambda c, e: None))  # fills the queue
+    client = TestClient(create_app(engine, tokenizer, "tiny"))
+    response = client.post("/v1/completions", json={"prompt": "alpha", "max_tokens": 2})
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_disconnect_frees_the_slot_and_sigterm_drains(tmp_path):
+    """One slot: a streaming client that leaves early must not hold it for its 1500 tokens;
+    SIGTERM lets the request in flight finish before the process exits."""
+    import httpx
+
+    model_dir = _model_dir(tmp_path / "model", 2048)
+    server = Server(model_dir, "--max_batch", "1", "--max_length", "2048")
+    try:
+        body = {"prompt": "alpha", "max_tokens": 1500, "temperature": 0, "stream": True}
+        started = time.time()
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                break  # the first event, then leave
+        short = httpx.post(server.url + "/v1/completions", timeout=120,
+                           json={"prompt": "beta", "max_tokens": 3, "temperature": 0})  # fmt: skip
+        waited = time.time() - started
+        assert short.status_code == 200
+        body = {"prompt": "beta", "max_tokens": 1500, "temperature": 0}
+        long = httpx.post(server.url + "/v1/completions", timeout=300, json=body)
+        full = time.time() - started - waited
+        assert waited < full / 2, (waited, full)  # the departed client's slot was freed
+        results = {}
+
+        def ask():
+            results["r"] = httpx.post(server.url + "/v1/completions", timeout=300,
+                                      json={"prompt": "gamma", "max_tokens": 1000})  # fmt: skip
+            results["done"] = time.time()
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(min(full / 6, 2.0))  # in flight
+        signalled = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=300)
+        response = results["r"]  # finished, not cut off
+        assert response.status_code == 200
+        assert results["done"] > signalled  # it was still running when SIGTERM came
+        assert json.loads(response.text)["usage"]["completion_tokens"] >= 1
+        # uvicorn re-raises the signal once it has drained, so the exit is the signal's
+        assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
+        assert long.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        server.close()
+
+
+def test_lm_eval_local_completions_against_the_server_matches_our_backend(served, monkeypatch):
+    """lm-eval's `local-completions` model (the OpenAI API with echo + logprobs) on the server
+    gives our in-process backend's per-request log-likelihoods and metrics."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import opt_jax.eval_harness  # noqa: F401
+
+    server, model_dir = served[:2]
+    monkeypatch.chdir(ROOT)  # the task YAMLs name their data relative to the repository
+    manager = TaskManager(include_path=str(ROOT / "tests" / "eval_tasks"))
+    remote = (f"model={model_dir.name},base_url={server.url}/v1/completions,"
+              f"tokenizer_backend=huggingface,tokenizer={model_dir},num_concurrent=2,"
+              "max_retries=1,tokenized_requests=True,add_bos_token=True")  # fmt: skip
+    runs = {
+        name: lm_eval.simple_evaluate(model=name, model_args=args, tasks=["opt_jax_mc"],
+                                      task_manager=manager, limit=8, log_samples=True)
+        for name, args in (("local-completions", remote),
+                           ("opt_jax", f"pretrained={model_dir},batch_size=8"))
+    }  # fmt: skip
+    a, b = (
+        [float(x) for s in r["samples"]["opt_jax_mc"] for pair in s["filtered_resps"]
+         for x in pair]
+        for r in (runs["local-completions"], runs["opt_jax"])
+    )  # fmt: skip
+    assert len(a) == len(b) == 8 * 4 * 2
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert runs["local-completions"]["results"]["opt_jax_mc"][metric] == pytest.approx(
+            runs["opt_jax"]["results"]["opt_jax_mc"][metric]
+        )
