@@ -314,3 +314,43 @@ def test_lm_eval_local_completions_against_the_server_matches_our_backend(served
         assert runs["local-completions"]["results"]["opt_jax_mc"][metric] == pytest.approx(
             runs["opt_jax"]["results"]["opt_jax_mc"][metric]
         )
+
+
+def test_a_failing_request_does_not_stop_the_engine(served, monkeypatch):
+    """An exception while serving one request becomes that request's error; the next request
+    is served normally."""
+    from opt_jax.serving.engine import Engine, Request
+
+    _, _, config, params, _ = served
+    engine = Engine(config, params, max_batch=2, max_length=64)
+    engine.start()
+    try:
+        real, calls = engine._prefill, []
+
+        def flaky(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected failure")
+            return real(*args)
+
+        monkeypatch.setattr(engine, "_prefill", flaky)
+        events = {0: [], 1: []}
+        finished = [threading.Event(), threading.Event()]
+
+        def emitter(k):
+            def emit(choice, event):
+                events[k].append(event)
+                if "error" in event or "finish_reason" in event:
+                    finished[k].set()
+
+            return emit
+
+        engine.submit(Request([2, 5, 9], 4, emitter(0), temperature=0.0))
+        assert finished[0].wait(60) and "injected failure" in events[0][-1]["error"]
+        engine.submit(Request([2, 5, 9], 4, emitter(1), temperature=0.0))
+        assert finished[1].wait(60) and events[1][-1] == {"finish_reason": "length"}
+        assert [e["token"] for e in events[1] if "token" in e] == _alone(
+            config, params, [2, 5, 9], 4, eos_token_id=[]
+        )
+    finally:
+        engine.stop()

@@ -383,3 +383,42 @@ def test_a_task_on_a_config_without_its_fields_is_named(tmp_path):
         tasks.build(config, str(tmp_path), resuming=False)
     with pytest.raises(ValueError, match=r"config.task 'ner' is not one of"):
         tasks.build(tiny_train_config(task="ner"), str(tmp_path), resuming=False)
+
+
+def test_classification_resumes_exactly_on_a_two_device_mesh(base, tmp_path):
+    """SIGTERM at step 4 then a resume gives the uninterrupted run's parameters bit for bit,
+    with the batch (labels included) split over 2 emulated devices."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import assert_trees_equal
+
+    from opt_jax.checkpoints import orbax_io
+
+    train_file, dev_file = _sentiment(tmp_path, n_train=32, n_dev=8)
+    overrides = {"task": "classification", "init_from": base, "data.train_file": train_file,
+                 "data.eval_file": dev_file, "data.text_field": "text",
+                 "data.text_pair_field": "", "data.label_field": "label",
+                 "num_train_steps": 8, "eval_every_steps": 4,
+                 "checkpoint_every_steps": 4}  # fmt: skip
+    helper = ROOT / "tests" / "train_helpers.py"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(helper.parent))
+
+    def run(workdir, *flags):
+        cmd = [sys.executable, str(helper), str(workdir), json.dumps(overrides), "--devices", "2",
+               *flags]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def final(workdir):  # the exported parameters (this process has one device)
+        return opt_jax.load_pretrained(workdir / "export")[1]
+
+    run(tmp_path / "straight")
+    run(tmp_path / "resumed", "--sigterm-at", "4")
+    assert orbax_io.TrainCheckpoints(tmp_path / "resumed", keep=2).latest_step() == 4
+    run(tmp_path / "resumed")
+    assert_trees_equal(final(tmp_path / "resumed"), final(tmp_path / "straight"))
+    assert _metrics(tmp_path / "resumed")[-1]["eval_accuracy"] == pytest.approx(
+        _metrics(tmp_path / "straight")[-1]["eval_accuracy"]
+    )

@@ -273,7 +273,13 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            self._iteration(block=True)
+            try:
+                self._iteration(block=True)
+            except Exception as e:  # fail the requests in the step, keep serving the rest
+                for slot, entry in enumerate(self.slots):
+                    if entry is not None:
+                        entry[0].emit(entry[1], {"error": f"decoding failed: {e}"})
+                        self.slots[slot] = None
 
     def _run_once_until(self, done: threading.Event) -> None:
         while not done.is_set():
