@@ -175,8 +175,7 @@ def _logprobs_block(tokenizer, choice: Choice, k: int, echo: bool, prompt_ids) -
                 None if entry is None
                 else {_token_text(tokenizer, i_): lp for i_, lp in entry[1][:k]}
             )  # fmt: skip
-    count = len(choice.ids)
-    for t, lp, top in zip(choice.ids[:count], choice.logprobs, choice.tops, strict=False):
+    for t, lp, top in zip(choice.ids, choice.logprobs, choice.tops, strict=True):
         tokens.append(_token_text(tokenizer, t))
         token_logprobs.append(lp)
         top_logprobs.append({_token_text(tokenizer, i): v for i, v in top[:k]})
@@ -272,16 +271,16 @@ def create_app(engine, tokenizer, model_name: str):
                 choice.finish = event["finish_reason"]
             return None
 
-        def render(choice: Choice, full: bool) -> dict:
+        def render(choice: Choice) -> dict:
+            """A finished choice as the non-streaming response lists it."""
             prompt_ids = options["prompts"][choice.index // n][1]
             logprobs = None
             if options["logprobs"] is not None:
                 logprobs = _logprobs_block(
-                    tokenizer, choice, options["logprobs"], options["echo"] and full, prompt_ids
+                    tokenizer, choice, options["logprobs"], options["echo"], prompt_ids
                 )
-            return {"text": choice.prompt_text + choice.text if full else None,
-                    "index": choice.index, "logprobs": logprobs,
-                    "finish_reason": choice.finish}  # fmt: skip
+            return {"text": choice.prompt_text + choice.text, "index": choice.index,
+                    "logprobs": logprobs, "finish_reason": choice.finish}  # fmt: skip
 
         def usage() -> dict:
             prompt_tokens = sum(len(ids) for _, ids in options["prompts"])
@@ -309,7 +308,7 @@ def create_app(engine, tokenizer, model_name: str):
             except asyncio.CancelledError:
                 cancel()
                 raise
-            return {**header, "choices": [render(c, True) for c in choices], "usage": usage()}
+            return {**header, "choices": [render(c) for c in choices], "usage": usage()}
 
         async def stream():
             try:
