@@ -14,6 +14,12 @@ Formats (symmetric absmax, zero point 0), per Linear with kernel W [*in, *out]:
   are multiplied in higher precision with the dequantised weight rows, all others in int8 x int8
   with row-wise (vector-wise) activation scales, int32 accumulation.
 Scales keep their output channels' logical axes, so sharding rules shard them with the kernel.
+
+Memory: XLA converts a quantised kernel to float where it is used, but in an unrolled model it
+schedules the conversions of every layer together (a 125m forward pass held all 340 MB of
+float kernels at once). With `scan_layers=True` each scan step converts one layer's kernels
+(26 MB), so load big quantised models that way (`load_pretrained(path, quantize="int8",
+scan_layers=True)`; scripts/generate.py and scripts/serve.py do).
 Embeddings (and the tied LM head) and LayerNorms stay in the compute dtype: they are a small
 share of a large model's bytes, the embedding is read by a gather rather than a matmul, and the
 LM head's errors go straight into every logit.
@@ -36,6 +42,17 @@ def _axes(names):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+def _per_call(weights, x):
+    """The quantised weights, tied to this call's activations by an optimization barrier.
+
+    Inside a decode loop the weights are loop-invariant, and XLA hoists their conversion to
+    float out of the loop: every Linear's float copy then lives for the whole loop (a 6.7b int8
+    model asked for 34 GB at its first `generate`). Through the barrier the weights depend on
+    the activations, so each conversion happens where it is used and is freed after it.
+    """
+    return jax.lax.optimization_barrier((weights, x))
+
+
 def quantized_matmul(linear, x, n_in: int):
     """x [.., *in] . W for a quantised Linear (its params are declared here, so the module's
     parameter tree is the quantised one). Returns [.., *out] in the compute dtype."""
@@ -52,12 +69,14 @@ def quantized_matmul(linear, x, n_in: int):
         scale = linear.param(
             "scale", _axes((None, *out_axes)), (k // group, *linear.features), jnp.float32
         )
+        (packed, scale), x = _per_call((packed, scale), x)
         w = dequantize_int4(packed, scale, group).reshape(in_shape + linear.features)
         return jnp.tensordot(x.astype(dtype), w.astype(dtype), n_in)
     q = linear.param(
         "kernel", _axes(linear.in_axes + out_axes), in_shape + linear.features, jnp.int8
     )
     scale = linear.param("scale", _axes(out_axes), linear.features, jnp.float32)
+    q, x = _per_call(q, x)
     if cfg.quantization == "int8":
         # Scaling the output per channel equals dequantising W first, without a float copy.
         y = jnp.tensordot(x.astype(dtype), q.astype(dtype), n_in)

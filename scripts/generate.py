@@ -64,6 +64,8 @@ def _load(path, dtype, quantize):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path} is not a directory")
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+    if quantize:  # layer by layer: only one layer's weights are ever dequantised at a time
+        overrides["scan_layers"] = True
     # An HF directory or an orbax checkpoint (ours); quantised as it loads when asked.
     return opt_jax.load_pretrained(path, quantize=quantize, **overrides)
 

@@ -2,12 +2,18 @@
 
   python scripts/random_checkpoint.py --out random_opt
   python scripts/random_checkpoint.py --out random_125m --preset 125m   # a public size's shape
+  python scripts/random_checkpoint.py --out opt-6.7b-random --preset 6.7b --dtype float16
 
 Builds a small OPT (4 layers, 256 wide; or the shape of --preset), trains a byte-level BPE
 tokenizer on the standard library's sources, saves both as an HF directory, loads them back,
 checks the reload is exact, and prints the parameter count and the next-token logits of a code
 prompt. Handy for trying scripts/convert.py and scripts/generate.py (and transformers) on a
 machine with no weights.
+
+--dtype float16 / bfloat16 stores the weights in that dtype. Models above --stream_above
+parameters (default 1B) are written tensor by tensor into 2 GB safetensors shards straight from
+their shapes (normal(0, init_std) weights, LayerNorms 1, biases 0), so a 6.7b checkpoint (13 GB
+in float16) is made with a few GB of memory; they are not reloaded for the bitwise check.
 """
 
 import json
@@ -23,6 +29,60 @@ import opt_jax
 flags.DEFINE_string("out", "random_opt", "Where the HF directory is written.")
 flags.DEFINE_integer("seed", 0, "Parameter init seed.")
 flags.DEFINE_string("preset", "", "A public size whose shape to use (125m, 350m, ...).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "Stored weight dtype.")
+flags.DEFINE_float("stream_above", 1e9, "Write models with more parameters tensor by tensor.")
+SHARD_BYTES = 2 * 1024**3
+
+
+def write_streaming(out: str, config, seed: int) -> int:
+    """Writes random weights of `config` as sharded safetensors, one tensor in memory at a time
+    (plus the shard being filled). Returns the parameter count."""
+    import math
+
+    import ml_dtypes
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    from opt_jax.checkpoints.hf import SAFE_INDEX, hf_name, hf_shape
+
+    dtype = {"float32": np.float32, "float16": np.float16,
+             "bfloat16": ml_dtypes.bfloat16}[config.param_dtype]  # fmt: skip
+    specs = traverse_util.flatten_dict(opt_jax.abstract_params(config))
+    plan, shard, size = [], [], 0
+    for path, spec in specs.items():
+        nbytes = math.prod(spec.shape) * np.dtype(dtype).itemsize
+        if shard and size + nbytes > SHARD_BYTES:
+            plan.append(shard)
+            shard, size = [], 0
+        shard.append((path, spec))
+        size += nbytes
+    plan.append(shard)
+    rng = np.random.default_rng(seed)
+    names, weight_map, total, count = [], {}, 0, 0
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for i, shard in enumerate(plan):
+        name = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for path, spec in shard:
+            shape = hf_shape(path, spec.shape)
+            if path[-1] in ("kernel", "embedding"):
+                value = rng.standard_normal(shape, np.float32) * config.init_std
+            elif path[-1] == "scale":
+                value = np.ones(shape, np.float32)
+            else:
+                value = np.zeros(shape, np.float32)
+            tensors[hf_name(path)] = value.astype(dtype)
+            weight_map[hf_name(path)] = name
+            total += tensors[hf_name(path)].nbytes
+            count += value.size
+        save_file(tensors, str(Path(out) / name), metadata={"format": "pt"})
+        names.append(name)
+        print(f"[random_checkpoint] wrote {name} ({len(tensors)} tensors)", flush=True)
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(out) / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    config.save_hf(out)
+    return count
 
 
 def main(argv):
@@ -38,8 +98,9 @@ def main(argv):
     )
 
     # Embedding rows rounded up past the tokenizer, as OPT pads 50265 ids to 50272 rows.
-    if flags.FLAGS.preset:
-        config = opt_jax.preset(flags.FLAGS.preset)  # its 50272 rows cover the 4096 ids
+    dtype = flags.FLAGS.dtype
+    if flags.FLAGS.preset:  # its 50272 rows cover the 4096 ids
+        config = opt_jax.preset(flags.FLAGS.preset, dtype=dtype, param_dtype=dtype)
     else:
         config = opt_jax.OPTConfig(
             vocab_size=4096 + 8,
@@ -48,7 +109,16 @@ def main(argv):
             ffn_dim=1024,
             num_attention_heads=4,
             max_position_embeddings=512,
+            dtype=dtype,
+            param_dtype=dtype,
         )
+    size = sum(x.size for x in jax.tree.leaves(opt_jax.abstract_params(config)))
+    if size > flags.FLAGS.stream_above:
+        count = write_streaming(out, config, flags.FLAGS.seed)
+        tokenizer.save(out)
+        print(f"[random_checkpoint] wrote {count:,} random parameters ({dtype}) to {out} in "
+              f"{time.time() - start:.1f}s")  # fmt: skip
+        return
     params = opt_jax.init_params(config, flags.FLAGS.seed)
     opt_jax.save_pretrained(out, config, params)
     tokenizer.save(out)

@@ -42,6 +42,8 @@ def main(argv):
 
     f = flags.FLAGS
     overrides = {"dtype": f.dtype, "param_dtype": f.dtype} if f.dtype else {}
+    if f.quantize:  # layer by layer: only one layer's weights are ever dequantised at a time
+        overrides["scan_layers"] = True
     try:
         config, params = opt_jax.load_pretrained(
             f.model, architecture="OPTForCausalLM", quantize=f.quantize, **overrides
