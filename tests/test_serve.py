@@ -354,3 +354,32 @@ def test_a_failing_request_does_not_stop_the_engine(served, monkeypatch):
         )
     finally:
         engine.stop()
+
+
+def test_engine_with_quantized_scanned_weights_equals_generate(served):
+    """`serve.py --quantize` loads int8 weights with scan_layers (a stacked KV cache): greedy
+    results still equal generate's on the same parameters."""
+    from opt_jax.serving.engine import Engine, Request
+
+    model_dir = served[1]
+    config, params = opt_jax.load_pretrained(model_dir, quantize="int8", scan_layers=True)
+    engine = Engine(config, params, max_batch=2, max_length=64)
+    engine.start()
+    try:
+        results = {0: [], 1: []}
+        done = [threading.Event(), threading.Event()]
+        prompts = [[2, 5, 9, 14], [2, 40, 41]]
+        for k, prompt in enumerate(prompts):
+
+            def emit(choice, event, k=k):
+                results[k].append(event)
+                if "finish_reason" in event or "error" in event:
+                    done[k].set()
+
+            engine.submit(Request(prompt, 6, emit, temperature=0.0, stop_ids=()))
+        for k, prompt in enumerate(prompts):
+            assert done[k].wait(120), results[k]
+            tokens = [e["token"] for e in results[k] if "token" in e]
+            assert tokens == _alone(config, params, prompt, 6, eos_token_id=[])
+    finally:
+        engine.stop()

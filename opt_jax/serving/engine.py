@@ -115,10 +115,22 @@ class Engine:
             return logits.astype(jnp.float32), cache
 
         def insert(cache, row, slot):
-            def put(big, small):
-                return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, 0)
+            """Copies a one-row cache into slot `slot` of the engine's cache."""
+            stacked = not isinstance(cache.key, tuple)  # scan_layers: [L, B, ...]
 
-            return jax.tree.map(put, cache, row)
+            def put(big, small, axis):
+                small = small.astype(big.dtype)
+                return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis)
+
+            def kv(big, small):
+                if stacked:
+                    return put(big, small, 1)
+                return tuple(put(b, s, 0) for b, s in zip(big, small, strict=True))
+
+            return KVCache(key=kv(cache.key, row.key), value=kv(cache.value, row.value),
+                           slot_mask=put(cache.slot_mask, row.slot_mask, 0),
+                           index=put(cache.index, row.index, 0),
+                           position=put(cache.position, row.position, 0))  # fmt: skip
 
         def decode(params, head, state, active, options, keys):
             """One token for each of the R slots the state holds (R = self.rows, see
