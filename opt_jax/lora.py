@@ -87,6 +87,11 @@ def merge(config: OPTConfig, params) -> tuple[OPTConfig, dict]:
     an adapter-free config and params with the same outputs (dropout aside)."""
     if not config.lora_rank:
         raise ValueError("config.lora_rank is 0: nothing to merge")
+    if config.quantization != "none":
+        raise ValueError(
+            f"the base is quantised ({config.quantization}): adapters cannot be folded into "
+            "its integer kernels; keep them unmerged or merge into the float base"
+        )
     scale = config.lora_alpha / config.lora_rank
     flat = traverse_util.flatten_dict(params)
     out = {k: v for k, v in flat.items() if k[-1] not in LEAVES}
@@ -308,7 +313,8 @@ def load_adapter(directory, config: OPTConfig, params) -> tuple[OPTConfig, dict]
                     f"{directory}: {name}.{what} is {got}, this base with r={r} needs {want} "
                     "(an adapter for a different base model or rank?)"
                 )
-        dtype = flat[module + ("kernel",)].dtype
+        kernel_dtype = flat[module + ("kernel",)].dtype  # int8 / uint8 for a quantised base
+        dtype = config.params_dtype if config.quantization != "none" else kernel_dtype
         flat[module + ("lora_A",)] = jnp.asarray(a.T.reshape(in_shape + (r,)), dtype)
         flat[module + ("lora_B",)] = jnp.asarray(b.T.reshape((r,) + out_shape), dtype)
     params = traverse_util.unflatten_dict(flat)

@@ -187,3 +187,52 @@ def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
         _ours(adapted_config, adapted, ids, None), _ours(merged_config, merged, ids, None),
         rtol=1e-5, atol=1e-5,
     )  # fmt: skip
+
+
+def test_qlora_trains_adapters_on_a_frozen_int8_base(tmp_path):
+    """lora.quantize_base=int8: the base is quantised once and stays bitwise frozen, only the
+    adapters train and hold Adam state; the export (quantised base + unmerged adapters) equals
+    the base loaded with quantize="int8" plus WORKDIR/adapter."""
+    import orbax.checkpoint as ocp
+    from conftest import assert_trees_equal
+    from train_helpers import tiny_train_config
+
+    from opt_jax.checkpoints import orbax_io
+    from opt_jax.training import train
+
+    base_config = opt_jax.OPTConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2,
+                                    ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                    dropout=0.0)  # fmt: skip
+    opt_jax.save_pretrained(tmp_path / "base", base_config, opt_jax.init_params(base_config, 0))
+    opt_jax.train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300).save(tmp_path / "base")
+    config = tiny_train_config(
+        **{"lora.rank": 4, "lora.alpha": 8.0, "lora.quantize_base": "int8",
+           "num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4,
+           "init_from": str(tmp_path / "base"), "optim.learning_rate": 1e-2}
+    )  # fmt: skip
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
+                "num_attention_heads", "max_position_embeddings"):  # fmt: skip
+        config.model[key] = None
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    ckpts = orbax_io.TrainCheckpoints(workdir, keep=2)
+    state = ckpts.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpts.close()
+    trained_base, adapters = lora.split(state["state"]["params"])
+    _, quantized = opt_jax.load_pretrained(tmp_path / "base", quantize="int8")
+    assert_trees_equal(trained_base, quantized)  # int8 kernels and scales untouched
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(adapters))
+    moments = [x for x in jax.tree.leaves(state["state"]["opt_state"]) if np.ndim(x) > 0]
+    assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(adapters))
+    exported_config, exported = opt_jax.load_pretrained(workdir / "export")
+    assert exported_config.quantization == "int8" and exported_config.lora_rank == 4
+    again_config, again = opt_jax.load_pretrained(
+        tmp_path / "base", quantize="int8", adapter=workdir / "adapter"
+    )
+    ids = np.array([[2, 5, 9, 14, 33, 7]])
+    np.testing.assert_allclose(
+        _ours(exported_config, exported, ids, None), _ours(again_config, again, ids, None),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="adapters cannot be folded into its integer kernels"):
+        lora.merge(exported_config, exported)

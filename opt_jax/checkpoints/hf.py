@@ -263,8 +263,8 @@ def load_pretrained(
     if adapter is not None:
         from opt_jax import lora
 
-        config, params = load_pretrained(path, shardings=shardings, **overrides)
-        return lora.load_adapter(adapter, config, params)
+        config, params = load_pretrained(path, shardings=shardings, quantize=quantize, **overrides)
+        return lora.load_adapter(adapter, config, params)  # QLoRA: onto the quantised base
     if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
         config, params = orbax_io.load_params(path, shardings, **overrides)
         if quantize is not None:  # orbax restores whole arrays: quantise after loading

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 8.0  # scale alpha / rank
     c.lora.dropout = 0.0  # on the adapters' input
     c.lora.targets = ("q_proj$", "v_proj$")  # regexes over "decoder/layers_0/self_attn/q_proj"
+    # QLoRA (Dettmers et al. 2023): "int8" | "int4" | "llm_int8" quantises the frozen base of a
+    # fine-tune (init_from) before the adapters are added; "" keeps it in param_dtype.
+    c.lora.quantize_base = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", comma-separated globs, or .jsonl files

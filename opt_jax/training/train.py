@@ -170,6 +170,19 @@ def resolve_model(config, workdir: str, resuming: bool, task):
         init_config, **_model_overrides(config), **lora_fields(config), **head
     )
     params = _with_head(init_config, opt_config, params, config.seed, path)
+    method = config.lora.get("quantize_base", "") if "lora" in config else ""
+    if method:  # QLoRA: the frozen base is quantised before the adapters are added
+        if not opt_config.lora_rank or task.architecture != "OPTForCausalLM":
+            raise ValueError(
+                "lora.quantize_base quantises the frozen base of a LoRA fine-tune: it needs "
+                "lora.rank > 0 and a language-modelling task"
+            )
+        from opt_jax.quantization import quantize
+
+        quantized, params = quantize(
+            opt_config.replace(lora_rank=0, scan_layers=init_config.scan_layers), params, method
+        )
+        opt_config = opt_config.replace(quantization=quantized.quantization)
     if opt_config.scan_layers != init_config.scan_layers:
         params = (stack_layers(params, opt_config.num_hidden_layers) if opt_config.scan_layers
                   else unstack_layers(params))  # fmt: skip
@@ -484,7 +497,8 @@ def _export(workdir, cfg, params, tokenizer, is_main, hf=False):
     """Params-only export for inference (generate.py --model WORKDIR/export), written by every
     process (orbax gathers the shards) and swapped in whole: a crash never leaves a half-written
     export. A LoRA run exports the merged model, and its adapters as a PEFT directory in
-    WORKDIR/adapter. `hf`: an HF directory (safetensors) instead, which transformers'
+    WORKDIR/adapter (a QLoRA run exports its quantised base with the adapters beside it). `hf`:
+    an HF directory (safetensors) instead, which transformers'
     OPTForSequenceClassification / OPTForQuestionAnswering load (the task heads' export)."""
     if cfg.lora_rank:
         if is_main:
@@ -493,7 +507,8 @@ def _export(workdir, cfg, params, tokenizer, is_main, hf=False):
             lora.save_adapter(adapter + ".tmp", cfg, params)
             shutil.rmtree(adapter, ignore_errors=True)
             os.replace(adapter + ".tmp", adapter)
-        cfg, params = lora.merge(cfg, params)
+        if cfg.quantization == "none":  # a quantised (QLoRA) base keeps its adapters unmerged
+            cfg, params = lora.merge(cfg, params)
     export, staging = (os.path.join(workdir, n) for n in ("export", "export.tmp"))
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
