@@ -29,6 +29,12 @@ flags.DEFINE_integer(
     "lora_rank", 0, "LoRA rank on q_proj and v_proj (0: full training); only adapters train."
 )
 flags.DEFINE_bool("table", False, "Print the table of every preset on common meshes.")
+flags.DEFINE_bool(
+    "inference_table",
+    False,
+    "Print which presets fit one 80 GB GPU / one TPU v5e host for "
+    "decoding (batch 1, 2048 tokens) in bfloat16, int8 and int4.",
+)
 
 # (preset, data, fsdp, tensor, global batch): meshes people use for each size.
 TABLE = [
@@ -98,9 +104,45 @@ def _check(f, data: int, fsdp: int) -> None:
         )
 
 
+INFERENCE_FORMATS = ("none", "int8", "int4")
+
+
+def inference_table() -> str:
+    """Decoding memory (parameters + KV cache, batch 1 x 2048 tokens, bfloat16 compute) of
+    every preset in each weight format, on one 80 GB GPU and on a TPU v5e host (8 chips of
+    16 GB, tensor-parallel over all 8 where the heads divide, else 4)."""
+    lines = [
+        "| preset | weights | GiB on one device | fits one 80 GB GPU | GiB per chip, v5e host "
+        "(tensor 8) | fits a v5e host |",
+        "|---|---|---|---|---|---|",
+    ]
+    for preset in opt_jax.PRESETS:
+        for method in INFERENCE_FORMATS:
+            cfg = opt_jax.preset(preset, dtype="bfloat16", param_dtype="bfloat16",
+                                 quantization=method)  # fmt: skip
+            one = memory.plan(cfg, {}, 1, 2048)["inference_total"]
+            tensor = 8 if cfg.num_attention_heads % 8 == 0 else 4
+            chip = memory.plan(cfg, {"tensor": tensor}, 1, 2048)["inference_total"]
+            name = {"none": "bfloat16", "int8": "int8", "int4": "int4 (g128)"}[method]
+            lines.append(
+                f"| {preset} | {name} | {_gib(one)} | "
+                f"{'yes' if memory.fits(one, 'h100-80gb') else 'no'} | {_gib(chip)} | "
+                f"{'yes' if memory.fits(chip, 'tpu-v5e') else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.inference_table:
+        print(inference_table())
+        print(
+            "\nParameters (embeddings bfloat16, Linear kernels in the format) + KV cache "
+            "(bfloat16, batch 1 x 2048), 90% of device memory usable; "
+            "`python scripts/plan_memory.py --inference_table`"
+        )
+        return
     if f.table:
         print(HEADER)
         for preset, data, fsdp, tensor, batch in TABLE:

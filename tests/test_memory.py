@@ -55,3 +55,13 @@ def test_plan_rejects_what_cannot_be_sharded():
         memory.plan(opt_jax.preset("125m"), {"tensor": 8}, 8, 128)
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by data x fsdp = 4"):
         memory.plan(opt_jax.preset("125m"), {"data": 4}, 6, 128)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_plan_counts_quantized_parameters_exactly(method):
+    """plan_memory's quantised formats (--inference_table) count the bytes opt_jax.quantize
+    really produces."""
+    cfg = opt_jax.preset("125m", num_hidden_layers=2)
+    qcfg, qparams = opt_jax.quantize(cfg, opt_jax.init_params(cfg, 0), method)
+    plan = memory.plan(qcfg, {}, 1, 256)
+    assert plan["params"] == sum(x.nbytes for x in jax.tree.leaves(qparams))
