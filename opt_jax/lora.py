@@ -49,17 +49,17 @@ def is_trained(path: tuple[str, ...]) -> bool:
 
 def split(params) -> tuple[dict, dict]:
     """(base params, adapters): the lora_A / lora_B leaves apart from everything else."""
-    flat = traverse_util.flatten_dict(params)
-    adapters = {k: v for k, v in flat.items() if k[-1] in LEAVES}
-    base = {k: v for k, v in flat.items() if k[-1] not in LEAVES}
-    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+    from opt_jax.training.step import partition
+
+    adapters, base = partition(params, lambda path: path[-1] in LEAVES)
+    return base, adapters
 
 
 def combine(base, adapters) -> dict:
     """The union of a base tree and an adapter tree (split's inverse)."""
-    flat = traverse_util.flatten_dict(base)
-    flat.update(traverse_util.flatten_dict(adapters))
-    return traverse_util.unflatten_dict(flat)
+    from opt_jax.training.step import merge
+
+    return merge(adapters, base)
 
 
 def add_adapters(config: OPTConfig, base_params, seed: int = 0) -> dict:

@@ -141,9 +141,13 @@ def test_bad_adapters_are_named(base, tmp_path):
         config.replace(lora_rank=-1)
 
 
-def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
-    """scripts/train.py with lora.rank: the base stays bitwise, only adapters hold Adam state,
-    WORKDIR/adapter (PEFT) on the base equals WORKDIR/export (merged)."""
+def _train_lora(tmp_path, overrides: dict):
+    """Trains 4 LoRA steps (rank 4) from a tiny HF base in tmp_path/base.
+
+    Returns:
+      (the base's float params, the workdir, the restored final train state)
+    """
+    import orbax.checkpoint as ocp
     from train_helpers import tiny_train_config
 
     from opt_jax.checkpoints import orbax_io
@@ -157,8 +161,7 @@ def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
     opt_jax.train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300).save(tmp_path / "base")
     config = tiny_train_config(
         **{"lora.rank": 4, "lora.alpha": 8.0, "num_train_steps": 4, "eval_every_steps": 4,
-           "checkpoint_every_steps": 4, "init_from": str(tmp_path / "base"),
-           "data.tokenizer": str(tmp_path / "base")}
+           "checkpoint_every_steps": 4, "init_from": str(tmp_path / "base"), **overrides}
     )  # fmt: skip
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
                 "num_attention_heads", "max_position_embeddings"):  # fmt: skip
@@ -166,10 +169,15 @@ def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, workdir)
     ckpts = orbax_io.TrainCheckpoints(workdir, keep=2)
-    import orbax.checkpoint as ocp
-
     state = ckpts.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpts.close()
+    return base_params, workdir, state
+
+
+def test_lora_training_updates_only_adapters_and_exports_both(tmp_path):
+    """scripts/train.py with lora.rank: the base stays bitwise, only adapters hold Adam state,
+    WORKDIR/adapter (PEFT) on the base equals WORKDIR/export (merged)."""
+    base_params, workdir, state = _train_lora(tmp_path, {"data.tokenizer": str(tmp_path / "base")})
     trained_base, adapters = lora.split(state["state"]["params"])
     from conftest import assert_trees_equal
 
@@ -193,31 +201,11 @@ def test_qlora_trains_adapters_on_a_frozen_int8_base(tmp_path):
     """lora.quantize_base=int8: the base is quantised once and stays bitwise frozen, only the
     adapters train and hold Adam state; the export (quantised base + unmerged adapters) equals
     the base loaded with quantize="int8" plus WORKDIR/adapter."""
-    import orbax.checkpoint as ocp
     from conftest import assert_trees_equal
-    from train_helpers import tiny_train_config
 
-    from opt_jax.checkpoints import orbax_io
-    from opt_jax.training import train
-
-    base_config = opt_jax.OPTConfig(vocab_size=304, hidden_size=32, num_hidden_layers=2,
-                                    ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
-                                    dropout=0.0)  # fmt: skip
-    opt_jax.save_pretrained(tmp_path / "base", base_config, opt_jax.init_params(base_config, 0))
-    opt_jax.train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300).save(tmp_path / "base")
-    config = tiny_train_config(
-        **{"lora.rank": 4, "lora.alpha": 8.0, "lora.quantize_base": "int8",
-           "num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4,
-           "init_from": str(tmp_path / "base"), "optim.learning_rate": 1e-2}
-    )  # fmt: skip
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
-                "num_attention_heads", "max_position_embeddings"):  # fmt: skip
-        config.model[key] = None
-    workdir = tmp_path / "run"
-    train.train_and_evaluate(config, workdir)
-    ckpts = orbax_io.TrainCheckpoints(workdir, keep=2)
-    state = ckpts.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    ckpts.close()
+    _, workdir, state = _train_lora(
+        tmp_path, {"lora.quantize_base": "int8", "optim.learning_rate": 1e-2}
+    )
     trained_base, adapters = lora.split(state["state"]["params"])
     _, quantized = opt_jax.load_pretrained(tmp_path / "base", quantize="int8")
     assert_trees_equal(trained_base, quantized)  # int8 kernels and scales untouched
