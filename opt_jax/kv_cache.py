@@ -129,6 +129,11 @@ def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int
         `lax.dynamic_update_slice` would clamp and silently overwrite the last slots.
     """
 
+    if buffer.shape[0] == 1:  # one row: a plain in-place update (a vmap of one row made XLA
+        # squeeze the batch axis and copy the whole buffer every decode step)
+        starts = tuple(index[0] if d == axis else 0 for d in range(buffer.ndim))
+        return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), starts)
+
     def one_row(row, new, start):
         starts = tuple(start if d == axis - 1 else 0 for d in range(row.ndim))
         return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), starts)

@@ -89,10 +89,68 @@ class Linear(nn.Module):
         b = self.param(
             "lora_B", zeros_init((None,) + self.out_axes), (r,) + self.features, cfg.params_dtype
         )
-        x = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
+        x = Dropout(cfg.lora_dropout)(x, deterministic=deterministic or not cfg.lora_dropout)
         h = jnp.tensordot(x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype), n_in)  # [.., r]
         h = jnp.tensordot(h, b.astype(cfg.compute_dtype), 1)
         return (cfg.lora_alpha / r) * h
+
+
+class Dropout(nn.Module):
+    """Dropout whose keep mask comes from a counter-based hash instead of threefry bits.
+
+    jax.random.bernoulli draws one threefry word per element (~20 rounds of integer work), and
+    XLA fuses that generation into the mask's consumers, the forward select and the backward
+    one. For the 125m shape (4 x 256 tokens, dropout 0.1) dropout cost ~0.55 s of a 4.7 s
+    training step on 2 CPU cores; with this mask the step takes ~0.45 s less.
+    Here threefry draws only two 32-bit seeds per leading index (row), and each element hashes
+    its index within the row with them (`keep_mask`): about five times fewer integer operations,
+    and the mask depends only on the element's coordinates, so every mesh sees the same one.
+    Same "dropout" rng stream and the same contract as nn.Dropout: drop with probability
+    `rate` (quantised to 2**-32), scale kept values by 1 / (1 - rate).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jax.lax.select(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+def _mix32(h):
+    """A bijective 32-bit integer hash with low bias (Wellons' "lowbias32" constants)."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """bool [shape], True with probability 1 - rate, independent across elements.
+
+    Row r (index r on the leading axis) gets two seeds (a, b) from threefry; element i of the
+    row (its row-major index over the other axes) keeps iff mix(mix(i ^ a) ^ b) >= rate * 2**32.
+    Within a row mix is a bijection, so no two elements share a value; across rows, two
+    elements share one only if both 32-bit seeds coincide.
+    """
+    if not shape:
+        return keep_mask(key, (1,), rate)[0]
+    rows = shape[0]
+    seeds = jax.random.bits(key, (2, rows), jnp.uint32)
+    # Kept out of the elementwise loop below, which would otherwise recompute them per element.
+    seeds = jax.lax.optimization_barrier(seeds)
+    inner = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, 0, -1):
+        inner = inner + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    expand = (slice(None),) + (None,) * (len(shape) - 1)
+    h = _mix32(_mix32(inner ^ seeds[0][expand]) ^ seeds[1][expand])
+    threshold = min(round(rate * 2.0**32), 2**32 - 1)
+    return h >= jnp.uint32(threshold)
 
 
 def lora_targeted(config: OPTConfig, path: tuple[str, ...]) -> bool:
@@ -204,7 +262,7 @@ class OPTAttention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
             if head_mask is not None:  # as transformers: after the softmax, before dropout
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-            dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
             out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
         # out: [B, T, N, H]
         out = dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
@@ -273,7 +331,7 @@ class OPTDecoderLayer(nn.Module):
         h, cache_kv, probs = OPTAttention(cfg, name="self_attn")(
             h, allowed, cache_kv, index, deterministic, head_mask, probs_out
         )
-        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = residual + Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
             x = attn_norm(x)
 
@@ -284,7 +342,7 @@ class OPTDecoderLayer(nn.Module):
         )  # [B, T, F]
         h = nn.with_logical_constraint(act(h), (ax.BATCH, ax.LENGTH, ax.MLP))
         h = dense(cfg, cfg.hidden_size, (ax.MLP,), (ax.EMBED,), name="fc2")(h, deterministic)
-        x = residual + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = residual + Dropout(cfg.dropout)(h, deterministic=deterministic)
         if not cfg.do_layer_norm_before:
             x = ffn_norm(x)
         if cfg.layerdrop > 0 and not deterministic:

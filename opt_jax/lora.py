@@ -299,8 +299,14 @@ def load_adapter(directory, config: OPTConfig, params) -> tuple[OPTConfig, dict]
         scan_layers=False,
     )
     flat = traverse_util.flatten_dict(base)
+    # The float kernels' [*in, *out] shapes: a quantised base stores its kernels otherwise
+    # (int8 [*out, *in], int4 packed), but adapters have the float layer's dimensions.
+    from opt_jax.model import abstract_params
+
+    float_config = config.replace(quantization="none", lora_rank=0, scan_layers=False)
+    float_shapes = traverse_util.flatten_dict(abstract_params(float_config))
     for name, module in adapted.items():
-        kernel_shape = flat[module + ("kernel",)].shape
+        kernel_shape = float_shapes[module + ("kernel",)].shape
         n_in = 2 if module[-1] == "out_proj" else 1
         in_shape, out_shape = kernel_shape[:n_in], kernel_shape[n_in:]
         a = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight")

@@ -26,14 +26,16 @@ def causal_lm_loss(
       (mean loss over counted targets, number of counted targets). The mean is 0 when no
       target counts.
     """
-    targets = input_ids[:, 1:]
-    weights = (
-        jnp.ones(targets.shape, jnp.float32)
-        if attention_mask is None
-        else (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
-    )
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), targets
-    )
+    # Shift the labels, not the logits: logits[:, :-1] would copy the whole [B, T - 1, V] float
+    # array (and its gradient back into a padded [B, T, V] one), the largest tensors of a step.
+    # The last position predicts nothing and gets weight 0.
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    if attention_mask is None:
+        weights = jnp.ones(input_ids.shape, jnp.float32)
+    else:
+        mask = attention_mask.astype(jnp.float32)
+        weights = mask[:, 1:] * mask[:, :-1]
+    weights = jnp.pad(weights[:, : input_ids.shape[1] - 1], ((0, 0), (0, 1)))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     count = weights.sum()
     return (losses * weights).sum() / jnp.maximum(count, 1.0), count

@@ -7,6 +7,7 @@ import pytest
 from conftest import ragged_batch
 
 import opt_jax
+from opt_jax import layers
 from opt_jax import model as model_lib
 
 CONFIG = opt_jax.OPTConfig(
@@ -91,6 +92,32 @@ def test_dropout_only_in_training_mode(params):
     np.testing.assert_array_equal(train(0), train(0))
     assert not np.allclose(train(0), train(1))
     assert not np.allclose(train(0), eval_a)
+
+
+def test_dropout_masks_drop_at_the_rate_independently_and_rescale():
+    """The hashed keep masks (layers.keep_mask) behave as Bernoulli draws: the drop rate is
+    `rate` within 5 standard deviations, rows, neighbouring elements and keys are uncorrelated,
+    and kept values are scaled by 1 / (1 - rate) so the expectation is unchanged."""
+    shape = (32, 128, 256)
+    n = np.prod(shape)
+    for rate in (0.1, 0.5):
+        keep = np.asarray(layers.keep_mask(jax.random.key(0), shape, rate))
+        assert abs((1 - keep.mean()) - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    keep = np.asarray(layers.keep_mask(jax.random.key(0), shape, 0.1)).astype(np.float64)
+    rows = keep.reshape(shape[0], -1)
+    bound = 5 / np.sqrt(rows.shape[1])
+    assert np.abs(np.corrcoef(rows) - np.eye(shape[0])).max() < bound
+    assert abs(np.corrcoef(keep[..., :-1].ravel(), keep[..., 1:].ravel())[0, 1]) < 5 / np.sqrt(n)
+    other = np.asarray(layers.keep_mask(jax.random.key(1), shape, 0.1)).astype(np.float64)
+    assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 5 / np.sqrt(n)
+    x = jnp.ones(shape)
+    out = layers.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    out = np.asarray(out)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1 / 0.9, rtol=1e-6)
+    assert abs(kept.mean() - 0.9) < 5 * np.sqrt(0.09 / n)
+    assert layers.Dropout(1.0).apply({}, x, False).sum() == 0
+    assert layers.Dropout(0.1).apply({}, x, True) is x
 
 
 def test_layerdrop_skips_whole_layers(params):

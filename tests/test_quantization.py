@@ -40,8 +40,12 @@ def _numpy_dequantized(qconfig, qparams):
             w = values * np.repeat(scale, group, axis=0)
             expected = PARAMS_FLAT[key].shape
             out[key] = jnp.asarray(w.reshape(expected), jnp.float32)
-        else:
-            out[key] = jnp.asarray(q.astype(np.float64) * scale, jnp.float32)
+        else:  # stored [*out, *in] with a scale per output channel
+            n_out = scale.ndim
+            w = q.astype(np.float64) * scale.reshape(scale.shape + (1,) * (q.ndim - n_out))
+            w = w.transpose(list(range(n_out, q.ndim)) + list(range(n_out)))
+            assert w.shape == PARAMS_FLAT[key].shape
+            out[key] = jnp.asarray(w, jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 
@@ -66,7 +70,7 @@ def test_weight_only_formats_equal_the_dequantized_float_model(method, group):
     # Kernels are stored as promised: int8, or two int4 values per byte.
     q = qparams["model"]["decoder"]["layers_0"]["fc1"]
     if method == "int8":
-        assert q["kernel"].dtype == jnp.int8 and q["kernel"].shape == (32, 64)
+        assert q["kernel"].dtype == jnp.int8 and q["kernel"].shape == (64, 32)  # [out, in]
         assert q["scale"].shape == (64,)
     else:
         assert q["kernel"].dtype == jnp.uint8 and q["kernel"].shape == (16, 64)
@@ -78,9 +82,10 @@ def test_llm_int8_matmul_matches_a_numpy_reference_and_beats_plain_int8_on_outli
     x = rng.randn(6, 48).astype(np.float32)
     x[:, [5, 17]] *= 40.0  # outlier features, as OPT grows them from 6.7B up
     w = (rng.randn(48, 20) * 0.1).astype(np.float32)
-    q, scale = quantization._quantize_int8(w, 1)
+    q, scale = quantization._quantize_int8(w, 1)  # q [in, out]; stored (and taken) as [out, in]
+    stored = jnp.asarray(q.T)
     got = np.asarray(
-        quantization.llm_int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), 1, 6.0)
+        quantization.llm_int8_matmul(jnp.asarray(x), stored, jnp.asarray(scale), 1, 6.0)
     )
     # numpy: outlier columns in float with dequantised rows; the rest int8 x int8, row scales.
     wd = q.astype(np.float64) * scale
@@ -93,7 +98,7 @@ def test_llm_int8_matmul_matches_a_numpy_reference_and_beats_plain_int8_on_outli
     # Against the same int8 weights in float: what quantising the activations costs.
     exact = x.astype(np.float64) @ wd
     plain = np.asarray(
-        quantization.llm_int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), 1, np.inf)
+        quantization.llm_int8_matmul(jnp.asarray(x), stored, jnp.asarray(scale), 1, np.inf)
     )
     err_plain, err_llm = np.abs(plain - exact).max(), np.abs(got - exact).max()
     assert err_plain > 10 * err_llm, (err_plain, err_llm)

@@ -6,6 +6,9 @@ Used by scripts/benchmark.py (fraction of bound for every workload) and by the t
 
 from __future__ import annotations
 
+import os
+import platform
+
 import jax
 
 from opt_jax.config import OPTConfig
@@ -79,3 +82,42 @@ def decode_bytes_per_step(config: OPTConfig, batch: int, context: int, itemsize:
     params = sum(x.size for x in jax.tree.leaves(abstract_params(config)))
     cache = 2 * config.num_hidden_layers * batch * context * config.hidden_size
     return (params + cache) * itemsize
+
+
+# The vector and matrix extensions that decide a CPU's matmul and bandwidth peaks, as
+# /proc/cpuinfo names them (x86; "asimd", "sve" on ARM).
+CPU_FEATURES = (
+    "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_bf16", "amx_int8", "asimd", "sve", "sve2",
+)  # fmt: skip
+
+
+def cpu_description() -> dict:
+    """This machine's CPU: model name, the CPU_FEATURES it has, and its core count.
+
+    Benchmarks print it beside every number, so results from machines of the same nominal kind
+    (an AVX-512 and an AVX2-only AMD EPYC differ ~3x in matmul peak) are never taken for one.
+    Read from /proc/cpuinfo (Linux); elsewhere only platform.processor() is known.
+    """
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    features = [f for f in CPU_FEATURES if f in flags]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "features": features, "cores": cores}
+
+
+def describe_cpu(info: dict | None = None) -> str:
+    """One line: "Intel(R) Xeon(R) ... (avx2 fma avx512f ...), 2 cores"."""
+    info = info or cpu_description()
+    features = " ".join(info["features"]) or "no vector extensions listed"
+    return f"{info['model']} ({features}), {info['cores']} cores"

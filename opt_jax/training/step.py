@@ -168,16 +168,24 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_lo
         # Warm-up: the first steps, and any step before one has been accepted (no average yet).
         warm = (state.step < optim.spike_warmup_steps) | (state.step == state.skipped)
         ok &= warm | (loss <= optim.spike_factor * state.loss_avg)
-    updates, opt_state = tx.update(grads, state.opt_state, trained)
-    params = optax.apply_updates(trained, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+    def update(grads, opt_state, trained):
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state
+
+    # A skipped step leaves parameters and moments as they were. Under a cond, not a select of
+    # new against old, so an accepted step (nearly all of them) writes every buffer once, in
+    # place, instead of reading both versions of all of them.
+    params, opt_state = jax.lax.cond(
+        ok, update, lambda g, o, t: (t, o), grads, state.opt_state, trained
+    )
     # Running mean of accepted losses: exact mean for 100 steps, then an EMA of 0.99.
     weight = jnp.maximum(1.0 / (state.step + 1 - state.skipped).astype(jnp.float32), 0.01)
     loss_avg = jnp.where(ok, state.loss_avg + weight * (loss - state.loss_avg), state.loss_avg)
     new_state = TrainState(
         step=state.step + 1,
-        params=merge(keep(params, trained), frozen),
-        opt_state=keep(opt_state, state.opt_state),
+        params=merge(params, frozen),
+        opt_state=opt_state,
         loss_avg=loss_avg,
         skipped=state.skipped + (~ok).astype(jnp.int32),
     )
