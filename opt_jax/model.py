@@ -101,9 +101,15 @@ def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, c
         )
     source = "input_ids" if input_ids is not None else "inputs_embeds"
     shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    for name, value in (("attention_mask", attention_mask), ("position_ids", extras[0])):
+    named = (("attention_mask", attention_mask), ("position_ids", extras[0]),
+             ("segment_ids", extras[2]))  # fmt: skip
+    for name, value in named:
         if value is not None and value.shape != shape:
             raise ValueError(f"{name} shape {value.shape} does not match {source} shape {shape}")
+    if extras[2] is not None and cache is not None:
+        raise ValueError("segment_ids (packed sequences) take no cache: pass one or the other")
+    if extras[2] is not None and config.attention_impl == "flash":
+        raise ValueError("segment_ids need attention_impl 'einsum' or 'dot_product', not 'flash'")
     head_mask = extras[1]
     heads = (config.num_attention_heads,)
     if head_mask is not None and head_mask.shape not in (heads, (config.num_hidden_layers, *heads)):
@@ -196,6 +202,7 @@ class OPTDecoder(nn.Module):
         *,
         inputs_embeds: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         head_mask: jax.Array | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -211,6 +218,10 @@ class OPTDecoder(nn.Module):
             project_in), as transformers' inputs_embeds.
           position_ids: [B, T] 0-based positions replacing the ones derived from the mask
             (OPT's offset of 2 is added here, as in transformers).
+          segment_ids: [B, T] int, several sequences packed into one row: a token attends only
+            to earlier tokens of its own segment (equal ids in a contiguous run), and positions
+            restart at 0 in each segment. Each packed sequence then gets exactly what it gets
+            alone in a row. Without a cache only.
           head_mask: [L, N] or [N] (every layer): multiplies each head's attention
             probabilities, as transformers did (0 ablates a head).
           output_attentions: return each layer's attention probabilities [B, N, T, S].
@@ -223,8 +234,9 @@ class OPTDecoder(nn.Module):
         """
         cfg = self.config
         batch, length = _check_inputs(
-            cfg, input_ids, inputs_embeds, attention_mask, cache, (position_ids, head_mask)
-        )
+            cfg, input_ids, inputs_embeds, attention_mask, cache,
+            (position_ids, head_mask, segment_ids),
+        )  # fmt: skip
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         mask = attention_mask.astype(bool)  # [B, T]
@@ -241,10 +253,21 @@ class OPTDecoder(nn.Module):
             key_mask = write_rows(cache.slot_mask, mask, cache.index)  # [B, S]
             key_slots = jnp.arange(cache.max_length)
             query_slots = cache.index[:, None] + jnp.arange(length)  # [B, T]
+        if segment_ids is not None:
+            # Real tokens before this one in its segment: the running count minus the count
+            # before the segment's first token (the run starts where the id changes).
+            count = jnp.cumsum(real, axis=1)
+            starts = segment_ids != jnp.pad(
+                segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1
+            )
+            before = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
+            positions = (count - before) * real - 1
         if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
             positions = position_ids.astype(jnp.int32)
         # Causal in slot order, and never attend to a padding slot.
         allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+        if segment_ids is not None:  # nor across packed sequences
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
         # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
         if inputs_embeds is None:
@@ -321,7 +344,7 @@ class OPTDecoder(nn.Module):
 
 
 # The inputs every module takes besides input_ids / attention_mask, with transformers' names
-# (see OPTDecoder.__call__): inputs_embeds, position_ids, head_mask, output_attentions,
+# (see OPTDecoder.__call__): inputs_embeds, position_ids, segment_ids, head_mask, output_attentions,
 # output_hidden_states. The heads pass them through as **inputs.
 
 
@@ -337,8 +360,8 @@ class OPTModel(nn.Module):
         """input_ids, attention_mask: [B, T] -> ModelOutput (last_hidden_state [B, T, P]).
 
         inputs: inputs_embeds [B, T, P] instead of input_ids (pass None for those),
-        position_ids [B, T], head_mask [L, N] or [N], output_attentions, output_hidden_states;
-        see OPTDecoder.__call__.
+        position_ids [B, T], segment_ids [B, T], head_mask [L, N] or [N], output_attentions,
+        output_hidden_states; see OPTDecoder.__call__.
         """
         return self.decoder(input_ids, attention_mask, cache, deterministic, **inputs)
 

@@ -1,12 +1,13 @@
 """Quantised formats against float32, measured in one run: parameter bytes, held-out
-perplexity and batch-1 decode speed.
+perplexity and decode speed at batch 1 and 8.
 
   python scripts/random_checkpoint.py --preset 125m --out /tmp/opt-125m-random
   python scripts/benchmark_quant.py --model /tmp/opt-125m-random --trained demo_out
 
 --model: an HF directory (the 125m shape with random weights above): bytes (the sum of the
 parameter arrays' nbytes, as the quantisation issue defines them), perplexity of --text and
-the decode speed of `generate` (prompt 32, --tokens new tokens, greedy, median of --reps).
+the decode speed of `generate` (prompt 32, --tokens new tokens, greedy, batch 1 and 8, median of
+--reps interleaved rounds).
 --trained: a training workdir (the demo's): perplexity of its held-out tokens
 (WORKDIR/data/eval.npy, the first --eval_tokens) under each format. Prints a markdown table
 and the CPU; --output writes JSON.
@@ -15,7 +16,6 @@ and the CPU; --output writes JSON.
 import json
 import os
 import statistics
-import subprocess
 import sysconfig
 import time
 
@@ -30,14 +30,6 @@ flags.DEFINE_integer("eval_tokens", 32768, "Held-out tokens of --trained to scor
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 FORMATS = ("float32", "int8", "llm_int8", "int4")
-
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown CPU")  # fmt: skip
-    vector = "AVX-512" if " avx512f" in out else "AVX2" if " avx2" in out else "?"
-    return f"{name} ({vector}), {os.cpu_count()} logical CPUs"
 
 
 def _formats(config, params):
@@ -59,22 +51,32 @@ def _perplexity(config, params, tokens, max_length=512):
     return perplexity(model, params, tokens, max_length=length, stride=length // 2)["perplexity"]
 
 
-def _decode_speed(config, params, tokens: int, reps: int) -> float:
+def _decode_speeds(models, tokens: int, reps: int, batch: int) -> dict[str, float]:
+    """Tokens/s of greedy decoding (prompt 32, `tokens` new) per format at one batch size:
+    the median of `reps` rounds, each round timing every format once (interleaved, so a slow
+    moment of the machine does not fall on one format only)."""
     import numpy as np
 
     import opt_jax
 
-    model = opt_jax.OPTForCausalLM(config)
-    prompt = np.arange(3, 35, dtype=np.int32)[None]
-    run = lambda: opt_jax.generate(model, params, prompt, max_new_tokens=tokens,  # noqa: E731
-                                   eos_token_id=[]).sequences  # fmt: skip
-    run()  # compile
-    times = []
+    prompt = np.tile(np.arange(3, 35, dtype=np.int32), (batch, 1))
+    runs = {
+        name: lambda c=c, p=p: (
+            opt_jax.generate(
+                opt_jax.OPTForCausalLM(c), p, prompt, max_new_tokens=tokens, eos_token_id=[]
+            ).sequences
+        )
+        for name, (c, p) in models.items()
+    }
+    for run in runs.values():
+        run()  # compile
+    times = {name: [] for name in runs}
     for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch * tokens / statistics.median(t) for name, t in times.items()}
 
 
 def main(argv):
@@ -83,6 +85,7 @@ def main(argv):
     import numpy as np
 
     import opt_jax
+    from opt_jax.parallel import roofline
 
     f = flags.FLAGS
     config, params = opt_jax.load_pretrained(f.model)
@@ -94,13 +97,13 @@ def main(argv):
     if f.trained:
         trained = opt_jax.load_pretrained(os.path.join(f.trained, "export"))
         held_out = np.load(os.path.join(f.trained, "data", "eval.npy"))[: f.eval_tokens]
-    rows = []
+    rows, models = [], {}
     for name, qconfig, qparams in _formats(config, params):
+        models[name] = (qconfig, qparams)
         row = {
             "format": name,
             "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(qparams))),
             "perplexity": _perplexity(qconfig, qparams, text_tokens),
-            "decode_tokens_per_s": _decode_speed(qconfig, qparams, f.tokens, f.reps),
         }
         if trained is not None:
             tconfig, tparams = trained
@@ -109,27 +112,35 @@ def main(argv):
             row["trained_perplexity"] = _perplexity(tconfig, tparams, held_out.tolist())
         rows.append(row)
         print(f"[quant] {row}", flush=True)
+    for batch in (1, 8):
+        speeds = _decode_speeds(models, f.tokens, f.reps, batch)
+        for row in rows:
+            row[f"decode_tokens_per_s_batch{batch}"] = speeds[row["format"]]
+        print(f"[quant] decode batch {batch}: {speeds}", flush=True)
     base = rows[0]
-    print(f"CPU: {_cpu()}")
+    cpu = roofline.describe_cpu()
+    print(f"CPU: {cpu}")
     print("| format | parameter MB | vs float32 | perplexity (random 125m, "
           f"{os.path.basename(text_path)}) | change | demo model held-out perplexity | change "
-          "| decode tokens/s (batch 1) | vs float32 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| decode tokens/s, batch 1 | vs float32 | batch 8 | vs float32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         trained_cells = "| - | -"
         if "trained_perplexity" in r:
             change = r["trained_perplexity"] / base["trained_perplexity"] - 1
             trained_cells = f"| {r['trained_perplexity']:.3f} | {change:+.2%}"
+        speed_cells = "".join(
+            f" {r[key]:.1f} | {r[key] / base[key]:.2f}x |"
+            for key in ("decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8")
+        )
         print(
             f"| {r['format']} | {r['param_bytes'] / 1e6:.1f} | "
             f"{r['param_bytes'] / base['param_bytes']:.3f}x | {r['perplexity']:.1f} | "
-            f"{r['perplexity'] / base['perplexity'] - 1:+.2%} {trained_cells} | "
-            f"{r['decode_tokens_per_s']:.1f} | "
-            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |"
+            f"{r['perplexity'] / base['perplexity'] - 1:+.2%} {trained_cells} |" + speed_cells
         )
     if f.output:
         with open(f.output, "w") as out:
-            json.dump({"cpu": _cpu(), "rows": rows}, out, indent=2)
+            json.dump({"cpu": cpu, "rows": rows}, out, indent=2)
 
 
 if __name__ == "__main__":

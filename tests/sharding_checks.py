@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import opt_jax  # noqa: E402
-from opt_jax import sharding, train  # noqa: E402
+from opt_jax import layers, sharding, train  # noqa: E402
 from opt_jax.training.experiment import base_config  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -66,6 +66,9 @@ def main():
         params
     )
     ref_state, ref_metrics = jax.jit(step)(train.fresh_state(params, tx), batch)
+    ref_masks = np.asarray(
+        jax.jit(lambda k: layers.keep_mask(k, (8, 12, 32), 0.1))(jax.random.key(3))
+    )
     ref_tokens = opt_jax.generate(
         model, params, ids, mask, max_new_tokens=6, eos_token_id=[]
     ).sequences
@@ -108,6 +111,16 @@ def main():
             tokens = opt_jax.generate(
                 model, sharded, ids, mask, max_new_tokens=6, eos_token_id=[]
             ).sequences
+            # Dropout masks depend only on each element's coordinates (layers.keep_mask), so
+            # one computed with activations sharded on this mesh equals the unsharded one.
+            act = sharding.logical_to_shardings(
+                jax.sharding.PartitionSpec(sharding.BATCH, sharding.LENGTH, sharding.MLP),
+                mesh,
+                rules,
+            )
+            masks = jax.jit(lambda k: layers.keep_mask(k, (8, 12, 32), 0.1), out_shardings=act)(
+                jax.random.key(3)
+            )
         mu = new_state.opt_state[1][0].mu["model"]["decoder"]["layers_0"]["fc1"]["kernel"]
         print(
             json.dumps(
@@ -118,6 +131,8 @@ def main():
                     "embed_shard": list(emb.sharding.shard_shape(emb.shape)),
                     "adam_mu_fc1_shard": list(mu.sharding.shard_shape(mu.shape)),
                     "logits_rel": rel(logits, ref_logits),
+                    "dropout_masks_equal": bool((np.asarray(masks) == ref_masks).all()),
+                    "dropout_masks_shard": list(masks.sharding.shard_shape(masks.shape)),
                     "loss_rel": rel(metrics["loss"], ref_metrics["loss"]),
                     # The key bias's true gradient is 0 (softmax is shift-invariant): Adam turns
                     # its float noise into lr-sized steps, so it is compared in absolute terms.

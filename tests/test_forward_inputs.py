@@ -1,7 +1,8 @@
 """The forward arguments researchers use in transformers (output_hidden_states,
-output_attentions, head_mask, inputs_embeds, position_ids), checked against transformers'
-PyTorch OPT on the pre-LN and post-LN + project_in/out variants with left padding, and across
-jit, scan_layers, the KV cache and the attention implementations."""
+output_attentions, head_mask, inputs_embeds, position_ids) and our segment_ids (packed
+sequences), checked against transformers' PyTorch OPT on the pre-LN and post-LN +
+project_in/out variants with left padding, and across jit, scan_layers, the KV cache and the
+attention implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,27 @@ def test_attentions_with_the_kv_cache_and_fused_attention(models):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_sequences_get_what_they_get_alone(models, variant):
+    """Three sequences packed into one row (then padding) with segment_ids: each one's logits
+    are transformers' logits for that sequence on its own, positions restarting at 0."""
+    hf, config, params = models[variant]
+    rng = np.random.RandomState(7)
+    pieces = [rng.randint(3, config.vocab_size, n) for n in (5, 3, 4)]
+    row = np.concatenate(pieces + [np.ones(2, int)])[None]  # 12 tokens, 2 of padding
+    segments = np.concatenate([np.full(len(p), k + 1) for k, p in enumerate(pieces)] + [[0, 0]])
+    mask = (segments > 0)[None].astype(np.int32)
+    for impl in ("einsum", "dot_product"):
+        cfg = config.replace(attention_impl=impl)
+        logits = np.asarray(_ours(cfg, params, row, mask, segment_ids=segments[None]).logits)[0]
+        start = 0
+        for piece in pieces:
+            alone = _hf(hf, input_ids=piece[None], attention_mask=np.ones((1, len(piece)))).logits
+            got = logits[start : start + len(piece)]
+            assert max_rel_diff(got, alone[0].numpy()) < TOL, (variant, impl)
+            start += len(piece)
+
+
 def test_bad_forward_inputs_name_the_problem(models):
     _, config, params = models["pre_ln"]
     model = opt_jax.OPTForCausalLM(config)
@@ -166,6 +188,12 @@ def test_bad_forward_inputs_name_the_problem(models):
         (dict(inputs_embeds=embeds[..., :3]), None, r"inputs_embeds must be \[batch, length, 16\]"),
         (dict(position_ids=ids[:, :4]), ids, r"position_ids shape \(3, 4\) does not match"),
         (dict(head_mask=jnp.ones((3, 4))), ids, r"head_mask must be \[num_heads\]"),
+        (dict(segment_ids=ids[:, :4]), ids, r"segment_ids shape \(3, 4\) does not match"),
+        (
+            dict(segment_ids=ids, cache=opt_jax.KVCache.init(config, 3, 16)),
+            ids,
+            "segment_ids .packed sequences. take no cache",
+        ),
     ]
     for kwargs, input_ids, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -46,6 +46,12 @@ EXPECTED_SHARDS = {  # q_proj kernel [D=32, N=8, H=4] and fc1 kernel [32, F=64] 
 }
 
 
+# A dropout mask [B=8, T=12, F=32] sharded as activations are: batch over data and fsdp, the
+# MLP dimension over tensor.
+MASK_SHARDS = {"data=8": [1, 12, 32], "fsdp=8": [1, 12, 32], "tensor=8": [8, 12, 4],
+               "2x2x2": [2, 12, 16]}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(EXPECTED_SHARDS))
 def test_sharded_forward_train_step_and_generation_match_one_device(eight_device_results, mesh):
@@ -54,6 +60,7 @@ def test_sharded_forward_train_step_and_generation_match_one_device(eight_device
     assert r["q_proj_shard"] == q and r["fc1_shard"] == fc1
     assert r["adam_mu_fc1_shard"] == fc1  # optimizer state sharded like its parameter
     assert r["logits_rel"] <= 1e-5
+    assert r["dropout_masks_equal"] and r["dropout_masks_shard"] == MASK_SHARDS[mesh]
     assert r["loss_rel"] <= 1e-5 and r["grad_norm_rel"] <= 1e-5
     assert r["params_rel"] <= 1e-5
     assert r["k_bias_abs"] <= 2 * 6e-4  # see sharding_checks.py: Adam on a zero gradient
