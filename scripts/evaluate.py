@@ -34,6 +34,7 @@ flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per task (default: 
 flags.DEFINE_integer("limit", None, "At most this many documents per task.")
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute and param dtype.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "llm_int8"], "Quantise weights as they load.")
 flags.DEFINE_bool("benchmark", False, "Time --tasks with our backend and lm-eval's hf backend.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
@@ -54,12 +55,16 @@ def resolve_model(path: str) -> str:
     )
 
 
-def perplexities(model_dir, files, max_length, stride, batch_size, dtype) -> dict:
+def perplexities(model_dir, files, max_length, stride, batch_size, dtype, quantize=None) -> dict:
     import opt_jax
     from opt_jax.evaluation import perplexity
 
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-    config, params = opt_jax.load_pretrained(model_dir, architecture="OPTForCausalLM", **overrides)
+    if quantize:  # one layer's kernels dequantised at a time (see scripts/generate.py)
+        overrides["scan_layers"] = True
+    config, params = opt_jax.load_pretrained(
+        model_dir, architecture="OPTForCausalLM", quantize=quantize, **overrides
+    )
     tokenizer = opt_jax.OPTTokenizer.from_pretrained(model_dir)
     model = opt_jax.OPTForCausalLM(config)
     max_length = max_length or config.max_position_embeddings
@@ -88,10 +93,15 @@ def perplexities(model_dir, files, max_length, stride, batch_size, dtype) -> dic
     return {"perplexity": math.exp(total_nll / total_tokens), "files": results}
 
 
-def run_tasks(model_dir, f, backend: str = "opt_jax") -> dict:
+def run_tasks(model_dir, f, backend: str = "opt_jax", task_manager=None) -> dict:
+    """lm-eval on --tasks with `backend`; "seconds" times the evaluation itself (backend
+    construction, requests, metrics), not the indexing of the task files (`task_manager`)."""
     from opt_jax import eval_harness
 
+    task_manager = task_manager or eval_harness.task_manager_for(f.tasks, f.include_path)
     args = {"batch_size": f.batch_size, "dtype": f.dtype, "max_length": f.max_length}
+    if backend == "opt_jax":
+        args["quantize"] = f.quantize
     if backend == "hf":  # transformers (PyTorch) on the CPU unless CUDA is there
         import torch
 
@@ -100,7 +110,7 @@ def run_tasks(model_dir, f, backend: str = "opt_jax") -> dict:
     start = time.time()
     out = eval_harness.evaluate(
         model_dir, f.tasks, include_path=f.include_path, model=backend, model_args=args,
-        num_fewshot=f.num_fewshot, limit=f.limit,
+        num_fewshot=f.num_fewshot, limit=f.limit, task_manager=task_manager,
     )  # fmt: skip
     return {"results": out["results"], "seconds": time.time() - start}
 
@@ -143,12 +153,17 @@ def main(argv):
         results = {"model": model_dir}
         if f.perplexity:
             results["perplexity"] = perplexities(
-                model_dir, f.perplexity, f.max_length, f.stride, f.batch_size, f.dtype
+                model_dir, f.perplexity, f.max_length, f.stride, f.batch_size, f.dtype, f.quantize
             )
         if f.tasks:
-            results["tasks"] = run_tasks(model_dir, f)
+            from opt_jax import eval_harness
+
+            manager = eval_harness.task_manager_for(f.tasks, f.include_path)
+            if f.benchmark:  # imports and first-touch costs shared by both, paid up front
+                import torch  # noqa: F401  (lm-eval seeds torch whichever backend runs)
+            results["tasks"] = run_tasks(model_dir, f, task_manager=manager)
         if f.benchmark:
-            hf = run_tasks(model_dir, f, backend="hf")
+            hf = run_tasks(model_dir, f, backend="hf", task_manager=manager)
             ours = results["tasks"]["seconds"]
             from opt_jax.eval_harness import TIMINGS
 

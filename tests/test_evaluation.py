@@ -69,6 +69,14 @@ def test_perplexity_script_matches_transformers(checkpoint, tmp_path):
     expected, count = _torch_perplexity(hf_model, ids, 64, 24)
     assert count == len(ids) - 1  # every token after `</s>` scored once
     assert got == pytest.approx(expected, rel=1e-4)
+    # --quantize: the weights quantised as they load, a perturbation of the float model.
+    subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--model", directory, "--perplexity", str(path),
+         "--max_length", "64", "--stride", "24", "--quantize", "int8", "--output", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    quantized = json.loads(out.read_text())["perplexity"]
+    assert quantized != got and quantized == pytest.approx(got, rel=0.05)
     # Disjoint windows (stride == max_length): the same recipe, in-process.
     config, params = opt_jax.load_pretrained(directory)
     ours = perplexity(opt_jax.OPTForCausalLM(config), params, ids, max_length=64, stride=64)

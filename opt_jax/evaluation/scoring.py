@@ -31,7 +31,7 @@ from opt_jax.tokenizer import OPTTokenizer
 # attention over longer rows costs more, and 15.5 s for length buckets without packing.)
 PACK_LENGTH = 128
 BUCKET = 32
-SCORED_BUCKET = 32  # scored positions per row, rounded up (the LM head's shapes)
+SCORED_BUCKET = 64  # scored positions per batch, rounded up (the LM head's shapes)
 _PROGRAMS: dict = {}
 
 
@@ -41,8 +41,8 @@ def _programs(config):
 
       hidden(params, inputs [B, T], mask [B, T], segments [B, T]) -> [B, T, P] final hidden
         states of packed rows;
-      head(params, hidden, positions [B, K], targets [B, K]) -> (log p(target) [B, K], target
-        is the argmax [B, K]) at the K scored positions per row.
+      head(params, hidden, positions [K], targets [K]) -> (log p(target) [K], target is the
+        argmax [K]) at the batch's K scored positions (indices into its B x T tokens).
 
     Only the scored positions go through the LM head: its [P, V] matmul and the log-softmax
     over V would otherwise cost as much as the whole decoder for short continuations.
@@ -55,10 +55,10 @@ def _programs(config):
             return out.last_hidden_state
 
         def head(params, hidden, positions, targets):
-            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, P]
+            hidden = hidden.reshape(-1, hidden.shape[-1])[positions]  # [K, P]
             table = params["model"]["decoder"]["embed_tokens"]["embedding"]
             logits = jnp.einsum(
-                "bkp,vp->bkv",
+                "kp,vp->kv",
                 hidden.astype(config.compute_dtype),
                 table.astype(config.compute_dtype),
             ).astype(jnp.float32)
@@ -144,34 +144,31 @@ def score_pairs(
     results: list = [None] * len(requests)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        scored = _round_up(max(sum(requests[i][2] for i in row) for row in batch), SCORED_BUCKET)
+        scored = _round_up(sum(requests[i][2] for row in batch for i in row), SCORED_BUCKET)
         inputs = np.full((batch_size, length), config.pad_token_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         segments = np.zeros((batch_size, length), np.int32)
-        positions = np.zeros((batch_size, scored), np.int32)
-        targets = np.zeros((batch_size, scored), np.int32)
-        spans = []  # (request, row, first scored slot, count)
+        positions = np.zeros((scored,), np.int32)  # into the batch's flattened tokens
+        targets = np.zeros((scored,), np.int32)
+        spans, slot = [], 0  # (request, first scored slot, count)
         for j, row in enumerate(batch):
-            offset, slot = 0, 0
+            offset = 0
             for segment, i in enumerate(row, start=1):
                 inp, tgt, n = requests[i]
                 end = offset + len(inp)
-                inputs[j, offset:end], mask[j, offset:end], segments[j, offset:end] = (
-                    inp,
-                    1,
-                    segment,
-                )
-                positions[j, slot : slot + n] = np.arange(end - n, end)
-                targets[j, slot : slot + n] = tgt[len(tgt) - n :]
-                spans.append((i, j, slot, n))
+                inputs[j, offset:end], segments[j, offset:end] = inp, segment
+                mask[j, offset:end] = 1
+                positions[slot : slot + n] = j * length + np.arange(end - n, end)
+                targets[slot : slot + n] = tgt[len(tgt) - n :]
+                spans.append((i, slot, n))
                 offset, slot = end, slot + n
         mask[len(batch) :, 0] = 1  # filler rows: one real token each
         hidden = hidden_fn(params, inputs, mask, segments)
         logp, greedy = (np.asarray(x) for x in head_fn(params, hidden, positions, targets))
-        for i, j, slot, n in spans:
+        for i, slot, n in spans:
             results[i] = (
-                float(logp[j, slot : slot + n].astype(np.float64).sum()),
-                bool(greedy[j, slot : slot + n].all()),
+                float(logp[slot : slot + n].astype(np.float64).sum()),
+                bool(greedy[slot : slot + n].all()),
             )
         if progress is not None:
             progress(len(spans))
