@@ -3,6 +3,7 @@
   python scripts/benchmark.py                      # 125m shape, float32, ours only
   python scripts/benchmark.py --compare hf         # interleaved with transformers (PyTorch)
   python scripts/benchmark.py --smoke              # tiny shape, a few tokens (CI keeps it alive)
+  python scripts/benchmark.py --quantize llm_int8  # also: quantised decode vs our float32
 
 Workloads (random weights): greedy decode at batch 1 and 8 (prompt 32, 128 new tokens, EOS
 ignored), prefill (1 x 512), and a training step (4 x 256, AdamW + clipping, dropout on).
@@ -41,6 +42,9 @@ flags.DEFINE_integer("threads", None, "Torch threads (default: this machine's co
 flags.DEFINE_string("measure_load", None, "(internal) see measure_load().")
 flags.DEFINE_bool("scale", False, "Also: compile time vs depth (scan_layers) and load memory.")
 flags.DEFINE_bool("sweep", False, "Also: a sampling sweep over traced values (recompiles?).")
+flags.DEFINE_enum(
+    "quantize", None, ["int8", "int4", "llm_int8"], "Also: decode with these weights vs float32."
+)
 flags.DEFINE_string("out", "benchmark_results", "Output prefix: writes OUT.json and OUT.md.")
 FLAGS = flags.FLAGS
 
@@ -306,6 +310,41 @@ def run_workloads(config, peers, smoke, reps, limits):
     return results
 
 
+def quantized_decode_results(config, smoke: bool, reps: int, method: str) -> list[dict]:
+    """Decode tokens/s with `method`'s weights against our float32 weights (the same random
+    model), batch 1 and 8, the two timed in alternation so that the machine's drift hits both."""
+    params = opt_jax.init_params(config, 0)
+    qconfig, qparams = opt_jax.quantize(config, params, method)
+    prompt, new = (8, 8) if smoke else (32, 128)
+    rows = []
+    for batch in (1, 8):
+        ids = np.random.RandomState(0).randint(4, min(config.vocab_size, 50265), (batch, prompt))
+        runs = {
+            name: lambda c=c, p=p, ids=ids: opt_jax.generate(
+                opt_jax.OPTForCausalLM(c), p, ids, max_new_tokens=new, eos_token_id=[]
+            )
+            for name, (c, p) in (("float32", (config, params)), (method, (qconfig, qparams)))
+        }
+        times = {name: [] for name in runs}
+        for run in runs.values():
+            run()  # compile
+        for _ in range(reps):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        speed = {name: batch * new / statistics.median(t) for name, t in times.items()}
+        row = {
+            "workload": f"decode batch {batch}, {method} weights",
+            "tokens_per_s": speed[method],
+            "float32_tokens_per_s": speed["float32"],
+            "vs_float32": speed[method] / speed["float32"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def compile_seconds(config, smoke: bool) -> dict:
     """Lower + compile time of the training step and of generation, from shapes only."""
     from opt_jax.generation import api
@@ -529,6 +568,7 @@ def main(argv):
             + (["--smoke"] if FLAGS.smoke else [f"--preset {FLAGS.preset}"])
             + ([f"--dtype {FLAGS.dtype}"] if FLAGS.dtype != "float32" else [])
             + ([f"--compare {FLAGS.compare}"] if FLAGS.compare else [])
+            + ([f"--quantize {FLAGS.quantize}"] if FLAGS.quantize else [])
         ),
     }
     table = markdown(results, meta)
@@ -551,6 +591,15 @@ def main(argv):
             f"{load['ratio']:.2f}x its size.\n"
         )
         results = results + scale + [load]
+    if FLAGS.quantize:
+        quantized = quantized_decode_results(config, FLAGS.smoke, reps, FLAGS.quantize)
+        table += "\n\n| workload | tok/s | our float32 tok/s | vs float32 |\n|---|---|---|---|\n"
+        for r in quantized:
+            table += (
+                f"| {r['workload']} | {r['tokens_per_s']:.1f} | "
+                f"{r['float32_tokens_per_s']:.1f} | {r['vs_float32']:.2f}x |\n"
+            )
+        results = results + quantized
     if FLAGS.sweep:
         sweep = sweep_result(config, FLAGS.smoke)
         table += (

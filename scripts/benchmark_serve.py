@@ -38,18 +38,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown CPU")  # fmt: skip
-    flags_line = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    vector = "AVX-512" if "avx512f" in flags_line else "AVX2" if "avx2" in flags_line else "?"
-    return f"{name} ({vector}), {os.cpu_count()} logical CPUs"
-
-
 def _request(url: str, tokens: int, stream: bool):
     """(seconds, time to first token, completion tokens) of one completion."""
     import httpx
@@ -141,8 +129,10 @@ def main(argv):
         "sequential": sum(r[2] for r in sequential) / sum(r[0] for r in sequential),
         "hf_sequential": f.tokens * len(hf_times) / sum(hf_times),
     }
+    from opt_jax.parallel import roofline
+
     report = {
-        "cpu": _cpu(),
+        "cpu": roofline.describe_cpu(),
         "clients": f.clients,
         "tokens_per_request": f.tokens,
         "tokens_per_s": rates,

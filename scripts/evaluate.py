@@ -115,18 +115,6 @@ def run_tasks(model_dir, f, backend: str = "opt_jax", task_manager=None) -> dict
     return {"results": out["results"], "seconds": time.time() - start}
 
 
-def _cpu() -> str:
-    """The CPU model and its widest vector extension (numbers from different CPUs differ)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), "unknown")  # fmt: skip
-    vector = "avx512" if "avx512f" in info else ("avx2" if "avx2" in info else "no avx2")
-    return f"{model}, {vector}, {os.cpu_count()} cores"
-
-
 def table(results: dict) -> str:
     rows = ["| what | metric | value |", "|---|---|---|"]
     for path, r in results.get("perplexity", {}).get("files", {}).items():
@@ -166,13 +154,14 @@ def main(argv):
             hf = run_tasks(model_dir, f, backend="hf", task_manager=manager)
             ours = results["tasks"]["seconds"]
             from opt_jax.eval_harness import TIMINGS
+            from opt_jax.parallel import roofline
 
             results["benchmark"] = {
                 "opt_jax_s": ours,
                 "opt_jax_first_result_s": TIMINGS.get("first_result_s"),
                 "hf_s": hf["seconds"],
                 "speedup": hf["seconds"] / ours,
-                "cpu": _cpu(),
+                "cpu": roofline.describe_cpu(),
             }
             print(
                 f"[evaluate] opt_jax {ours:.1f} s, lm-eval hf {hf['seconds']:.1f} s: "

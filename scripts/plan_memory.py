@@ -57,15 +57,15 @@ def _row(preset, data, fsdp, tensor, batch, seq_len, dtype, param_dtype, remat, 
     fit = [name for name in memory.ACCELERATORS if memory.fits(p["train_total"], name)]
     return p, (
         f"| {preset} | {data}x{fsdp}x{tensor} | {batch}x{seq_len} | {_gib(p['params'])} | "
-        f"{_gib(p['optimizer'])} | {_gib(p['gradients'] + p['update'])} | "
-        f"{_gib(p['activations'] + p['logits'])} | {_gib(p['train_total'])} | "
+        f"{_gib(p['optimizer'])} | {_gib(p['activations'] + p['logits'])} | "
+        f"{_gib(p['update'])} | {_gib(p['train_total'])} | "
         f"{', '.join(fit) or 'none'} |"
     )
 
 
 HEADER = (
-    "| preset | mesh (data x fsdp x tensor) | batch x seq | params | optimizer | grads + update "
-    "| activations + logits | train total (GiB/device) | fits (90%) |\n"
+    "| preset | mesh (data x fsdp x tensor) | batch x seq | params | optimizer "
+    "| activations + logits | update | train total (GiB/device) | fits (90%) |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 

@@ -111,7 +111,8 @@ def test_benchmark_smoke(tmp_path):
     import json
 
     out = tmp_path / "bench"
-    _run("scripts/benchmark.py", "--smoke", "--scale", "--compare", "hf", "--out", str(out))
+    _run("scripts/benchmark.py", "--smoke", "--scale", "--compare", "hf", "--quantize", "llm_int8",
+         "--out", str(out))  # fmt: skip
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["workload"] for r in results][:2] == ["decode batch 1", "decode batch 8"]
     assert all(r["opt_jax"]["tokens_per_s"] > 0 and r["ratio"] > 0 for r in results[:4])
@@ -119,3 +120,6 @@ def test_benchmark_smoke(tmp_path):
     assert "| decode batch 1 |" in table and "| compile train_step, scan |" in table
     load = next(r for r in results if r["workload"].startswith("load HF checkpoint"))
     assert load["peak_growth_mb"] > 0
+    quantized = [r for r in results if r["workload"].endswith("llm_int8 weights")]
+    assert len(quantized) == 2 and all(r["vs_float32"] > 0 for r in quantized)
+    assert "| decode batch 1, llm_int8 weights |" in table

@@ -75,7 +75,8 @@ def plan(
 
     Returns:
       dict of byte counts: params, optimizer, gradients, update, activations, logits,
-      train_total, kv_cache, inference_total.
+      temporaries (the step's peak beyond params and optimizer state: the larger of
+      activations + logits and update), train_total, kv_cache, inference_total.
     """
     names = sharding.MESH_AXES
     mesh = AbstractMesh(tuple(mesh_shape.get(n, 1) for n in names), names)
@@ -110,15 +111,19 @@ def plan(
         "params": params,
         "optimizer": optimizer_moments * trained,
         "gradients": trained,
-        # The step computes the new params and moments before they replace the donated ones:
-        # XLA's memory_analysis shows one state-sized set of temporaries for it.
+        # The update (under a cond, so that a skipped step keeps the old state) writes the new
+        # params and moments before they replace the donated ones: a state-sized set of
+        # temporaries, into which XLA reuses the gradients' buffers as they are consumed.
         "update": trained * (1 + optimizer_moments),
         "activations": int(activations),
         "logits": int(logits),
         "kv_cache": int(math.ceil(kv_per_device)),
     }
-    train_parts = ("params", "optimizer", "gradients", "update", "activations", "logits")
-    out["train_total"] = sum(out[k] for k in train_parts)
+    # The step's two peaks come one after the other: the forward and backward pass (saved
+    # activations, logits and their gradient), then the update. XLA's memory_analysis of the
+    # compiled step matches the larger of the two (tests/test_memory.py).
+    out["temporaries"] = max(out["activations"] + out["logits"], out["update"])
+    out["train_total"] = out["params"] + out["optimizer"] + out["temporaries"]
     out["inference_total"] = out["params"] + out["kv_cache"]
     return out
 
