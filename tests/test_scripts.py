@@ -121,5 +121,5 @@ def test_benchmark_smoke(tmp_path):
     load = next(r for r in results if r["workload"].startswith("load HF checkpoint"))
     assert load["peak_growth_mb"] > 0
     quantized = [r for r in results if r["workload"].endswith("llm_int8 weights")]
-    assert len(quantized) == 2 and all(r["vs_float32"] > 0 for r in quantized)
+    assert len(quantized) == 1 and quantized[0]["vs_float32"] > 0  # smoke: batch 1 only
     assert "| decode batch 1, llm_int8 weights |" in table
