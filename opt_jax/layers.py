@@ -230,9 +230,7 @@ class OPTAttention(nn.Module):
         )  # [B, T, N, H]
         q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
 
-        if cache_kv is None:
-            k_spec = v_spec = "bsnh"
-        else:
+        if cache_kv is not None:
             # The cache is heads-major so this step's contractions read it without a transpose.
             cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
             cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
@@ -240,7 +238,6 @@ class OPTAttention(nn.Module):
             cache_k = nn.with_logical_constraint(cache_k, KV_AXES)
             cache_v = nn.with_logical_constraint(cache_v, KV_AXES)
             k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
-            k_spec = v_spec = "bnsh"
 
         no_dropout = deterministic or not cfg.attention_dropout
         fused_ok = no_dropout and head_mask is None and not probs_out
@@ -249,21 +246,27 @@ class OPTAttention(nn.Module):
             out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
         elif cfg.attention_impl == "dot_product" and fused_ok:
             # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
-            if k_spec == "bnsh":
+            if cache_kv is not None:
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
             out = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=1.0
             )
         else:
-            # Softmax in float32 whatever the compute dtype; masking with `where` (not an added
-            # bias) so a masked score never overflows to -inf.
-            scores = jnp.einsum(f"btnh,{k_spec}->bnts", q, k).astype(jnp.float32)
+            # Heads-major operands [B, N, T, H] (the cache already is): with [B, T, N, H] ones
+            # XLA:CPU fused the softmax into the probabilities x values product and ran the
+            # attention 2-3x slower (experiments/perf). Softmax in float32 whatever the compute
+            # dtype; masking with `where` (not an added bias) so a masked score never overflows.
+            q = q.transpose(0, 2, 1, 3)
+            if cache_kv is None:
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            scores = jnp.einsum("bnth,bnsh->bnts", q, k).astype(jnp.float32)
             scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
             if head_mask is not None:  # as transformers: after the softmax, before dropout
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
             dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            out = jnp.einsum(f"bnts,{v_spec}->btnh", dropped, v.astype(cfg.compute_dtype))
+            out = jnp.einsum("bnts,bnsh->bnth", dropped, v.astype(cfg.compute_dtype))
+            out = out.transpose(0, 2, 1, 3)
         # out: [B, T, N, H]
         out = dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
             out, deterministic

@@ -101,6 +101,21 @@ def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, c
         )
     source = "input_ids" if input_ids is not None else "inputs_embeds"
     shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if attention_mask is not None and attention_mask.ndim == 3:
+        if attention_mask.shape != (*shape, shape[1]):
+            raise ValueError(
+                f"a full attention_mask must be [batch, length, length] = {(*shape, shape[1])} "
+                f"for {source} shape {shape}, got shape {attention_mask.shape}"
+            )
+        conflicts = {
+            "a cache": cache is not None,
+            "segment_ids": extras[2] is not None,
+            "attention_impl 'flash'": config.attention_impl == "flash",
+        }
+        for name, bad in conflicts.items():
+            if bad:
+                raise ValueError(f"a full [B, T, T] attention_mask takes no {name}")
+        attention_mask = None  # checked
     named = (("attention_mask", attention_mask), ("position_ids", extras[0]),
              ("segment_ids", extras[2]))  # fmt: skip
     for name, value in named:
@@ -211,7 +226,11 @@ class OPTDecoder(nn.Module):
 
         Args:
           input_ids: [B, T] token ids, or None when inputs_embeds is given (exactly one).
-          attention_mask: [B, T], 1 for real tokens; None means no padding.
+          attention_mask: [B, T], 1 for real tokens; None means no padding. Or a full mask
+            [B, T, T]: which earlier tokens each token attends to, used as given (no causal mask
+            is added), for any tree of sequences in a row (several continuations sharing one
+            context: evaluation/scoring.py). A token is real if it attends to itself, and its
+            position is the number of tokens it attends to, minus one. Without a cache.
           cache: optional KVCache (see kv_cache.py).
           deterministic: False enables dropout ("dropout" rng).
           inputs_embeds: [B, T, P] token embeddings (what `embed_tokens` would give, before
@@ -237,6 +256,10 @@ class OPTDecoder(nn.Module):
             cfg, input_ids, inputs_embeds, attention_mask, cache,
             (position_ids, head_mask, segment_ids),
         )  # fmt: skip
+        full = None
+        if attention_mask is not None and attention_mask.ndim == 3:
+            full = attention_mask.astype(bool)  # [B, T, S=T]
+            attention_mask = jnp.diagonal(full, axis1=1, axis2=2)  # a token sees itself
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         mask = attention_mask.astype(bool)  # [B, T]
@@ -262,12 +285,16 @@ class OPTDecoder(nn.Module):
             )
             before = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
             positions = (count - before) * real - 1
+        if full is not None:
+            positions = jnp.where(mask, full.sum(axis=2) - 1, -1)
         if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
             positions = position_ids.astype(jnp.int32)
         # Causal in slot order, and never attend to a padding slot.
         allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
         if segment_ids is not None:  # nor across packed sequences
             allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if full is not None:
+            allowed = full
 
         # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
         if inputs_embeds is None:

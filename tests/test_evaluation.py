@@ -114,8 +114,9 @@ def test_loglikelihood_matches_transformers_and_compiles_few_shapes(checkpoint):
         f._cache_size() - b for f, b in zip(scoring._PROGRAMS[config], before, strict=True)
     )
     # Packed rows: one decoder shape for the whole call; the LM head's few scored-position
-    # buckets compile only the small head program.
-    assert hidden == 1 and head <= 2, (hidden, head)
+    # buckets (the multiples of 64 its batches' scored tokens round up to) compile only the
+    # small head program.
+    assert hidden == 1 and head <= 3, (hidden, head)
     for (context, continuation), (score, _) in zip(requests, got, strict=True):
         context_ids, continuation_ids = scoring.encode_pair(tokenizer, context, continuation)
         logp = _torch_logp(hf_model, context_ids + continuation_ids)
@@ -135,6 +136,51 @@ def test_loglikelihood_matches_transformers_and_compiles_few_shapes(checkpoint):
     assert len(windows) > 1
     expected = sum(_torch_logp(hf_model, c + t)[-len(t) :].sum() for c, t in windows)
     assert rolling == pytest.approx(expected, rel=1e-4)
+
+
+def test_shared_contexts_score_as_alone(checkpoint):
+    """Continuations of one context share it in a row; a group too long for one row is split,
+    and contexts truncated differently (long continuations) are not shared: every score equals
+    the request scored on its own."""
+    _, directory, _ = checkpoint
+    config, params = opt_jax.load_pretrained(directory)
+    model = opt_jax.OPTForCausalLM(config)
+    rng = np.random.default_rng(3)
+    tokens = lambda n: rng.integers(4, config.vocab_size, n).tolist()  # noqa: E731
+    long_context, context = tokens(90), tokens(40)
+    pairs = [(context, tokens(15)) for _ in range(5)]  # 40 + 5 x 14 > 96: two units
+    pairs += [(long_context, tokens(n)) for n in (10, 10, 12)]  # left-truncated to 96
+    pairs += [(tokens(3), tokens(2)), (context, tokens(1))]
+    units = scoring._share_contexts(
+        [((c + x)[-97:][:-1], None, len(x)) for c, x in pairs], config.max_position_embeddings
+    )
+    assert sorted(len(members) for members, _ in units) == [1, 1, 1, 1, 2, 4], units
+    together = scoring.score_pairs(model, params, pairs, batch_size=2)
+    for pair, (score, greedy) in zip(pairs, together, strict=True):
+        [(alone, alone_greedy)] = scoring.score_pairs(model, params, [pair], batch_size=1)
+        assert score == pytest.approx(alone, rel=1e-5) and greedy == alone_greedy
+
+
+def test_score_targets_is_the_log_softmax_and_first_argmax():
+    """The vocabulary-chunked head equals log_softmax and argmax over the whole vocabulary,
+    ties included (a tie goes to the first index, as argmax), whatever the chunking."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((37, 8)).astype(np.float32)
+    table[20] = table[5]  # an exact tie between vocabulary entries 5 and 20
+    hidden = rng.standard_normal((6, 8)).astype(np.float32)
+    hidden[0] = hidden[1] = table[5] * 3  # 5 and 20 tie for the maximum of rows 0 and 1
+    targets = np.array([5, 20, 0, 36, 11, 2], np.int32)
+    logits = hidden @ table.T
+    targets[2] = logits[2].argmax()
+    expected = jax.nn.log_softmax(jnp.asarray(logits), -1)[np.arange(6), targets]
+    for chunks in (1, 4, 5, 16):
+        logp, greedy = scoring.score_targets(hidden, table, targets, chunks)
+        np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-6)
+        assert greedy.tolist() == (logits.argmax(-1) == targets).tolist(), chunks
+    assert logits[1, 5] == logits[1, 20] and greedy[0] and greedy[2] and not greedy[1]
 
 
 def test_bad_requests_are_errors(checkpoint):

@@ -1,8 +1,8 @@
 """The forward arguments researchers use in transformers (output_hidden_states,
-output_attentions, head_mask, inputs_embeds, position_ids) and our segment_ids (packed
-sequences), checked against transformers' PyTorch OPT on the pre-LN and post-LN +
-project_in/out variants with left padding, and across jit, scan_layers, the KV cache and the
-attention implementations."""
+output_attentions, head_mask, inputs_embeds, position_ids), our segment_ids (packed sequences)
+and full [B, T, T] masks (shared contexts), checked against transformers' PyTorch OPT on the
+pre-LN and post-LN + project_in/out variants with left padding, and across jit, scan_layers,
+the KV cache and the attention implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +177,26 @@ def test_packed_sequences_get_what_they_get_alone(models, variant):
             start += len(piece)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_full_mask_shares_one_context_between_continuations(models, variant):
+    """A [B, T, T] attention_mask laying out one context, then two continuations that each see
+    the context and themselves: every token's logits are transformers' for context +
+    continuation alone (positions counted from what each token sees), padding included."""
+    hf, config, params = models[variant]
+    rng = np.random.RandomState(8)
+    context, first, second = (rng.randint(3, config.vocab_size, n) for n in (4, 3, 2))
+    row = np.concatenate([context, first, second, np.ones(2, int)])[None]  # 11 tokens
+    branch = np.array([0] * 4 + [1] * 3 + [2] * 2 + [-1] * 2)  # -1: padding
+    sees = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+    full = np.tril(sees & (branch[:, None] >= 0) & (branch[None, :] >= 0))[None]
+    logits = np.asarray(_ours(config, params, row, full.astype(np.int32)).logits)[0]
+    for span, tokens in ((slice(4, 7), first), (slice(7, 9), second)):
+        whole = np.concatenate([context, tokens])[None]
+        alone = _hf(hf, input_ids=whole, attention_mask=np.ones(whole.shape)).logits[0].numpy()
+        assert max_rel_diff(logits[:4], alone[:4]) < TOL, variant
+        assert max_rel_diff(logits[span], alone[4:]) < TOL, variant
+
+
 def test_bad_forward_inputs_name_the_problem(models):
     _, config, params = models["pre_ln"]
     model = opt_jax.OPTForCausalLM(config)
@@ -193,6 +213,16 @@ def test_bad_forward_inputs_name_the_problem(models):
             dict(segment_ids=ids, cache=opt_jax.KVCache.init(config, 3, 16)),
             ids,
             "segment_ids .packed sequences. take no cache",
+        ),
+        (
+            dict(attention_mask=jnp.ones((3, 11, 10), bool)),
+            ids,
+            r"a full attention_mask must be \[batch, length, length\] = \(3, 11, 11\)",
+        ),
+        (
+            dict(attention_mask=jnp.ones((3, 11, 11), bool), segment_ids=ids),
+            ids,
+            r"a full \[B, T, T\] attention_mask takes no segment_ids",
         ),
     ]
     for kwargs, input_ids, message in cases:

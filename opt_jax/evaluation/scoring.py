@@ -4,7 +4,9 @@ batched and length-bucketed so a few shapes compile once, and sliding-window per
 Token-level core: `score_pairs(model, params, pairs)` takes (context ids, continuation ids)
 pairs, as lm-eval's `_loglikelihood_tokens` does: the model reads (context + continuation)[:-1]
 (left-truncated to max_length tokens) and the last len(continuation) positions are scored.
-Short requests are packed several to a row, kept apart by the decoder's segment_ids.
+Short requests are packed several to a row, and continuations of the same context (the
+choices of a multiple-choice question) share one copy of it: a full [B, T, T] attention mask
+keeps each continuation to its context and itself.
 Text level: `loglikelihood` applies OPT's tokenizer contract (`</s>` before the context) and
 lm-eval's pair encoding (trailing context spaces move to the continuation; the continuation is
 what encoding the whole string adds to encoding the context).
@@ -24,14 +26,14 @@ import numpy as np
 from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.tokenizer import OPTTokenizer
 
-# Requests are packed several to a row (segment_ids keep them apart) into rows of this many
-# tokens, or of the longest request rounded up to BUCKET if that is longer, capped at the
+# Requests are packed several to a row (the attention mask keeps them apart) into rows of this
+# many tokens, or of the longest request rounded up to BUCKET if that is longer, capped at the
 # model's context: one shape for the decoder per call, and little padding. (128: 400 requests
 # of ~26 tokens scored in 14.0 s on 2 CPU cores, against 14.8 s with 64, 16.5 s with 256, whose
 # attention over longer rows costs more, and 15.5 s for length buckets without packing.)
 PACK_LENGTH = 128
 BUCKET = 32
-SCORED_BUCKET = 64  # scored positions per batch, rounded up (the LM head's shapes)
+SCORED_BUCKET = 64  # the LM head's smallest shape (scored positions per batch): see _head_width
 _PROGRAMS: dict = {}
 
 
@@ -39,8 +41,8 @@ def _programs(config):
     """Two jitted programs, so that a new number of scored positions recompiles only the small
     second one:
 
-      hidden(params, inputs [B, T], mask [B, T], segments [B, T]) -> [B, T, P] final hidden
-        states of packed rows;
+      hidden(params, inputs [B, T], segments [B, T], branches [B, T]) -> [B, T, P] final hidden
+        states of packed rows (see `tree_mask`);
       head(params, hidden, positions [K], targets [K]) -> (log p(target) [K], target is the
         argmax [K]) at the batch's K scored positions (indices into its B x T tokens).
 
@@ -50,24 +52,76 @@ def _programs(config):
     if config not in _PROGRAMS:
         decoder = OPTModel(config)
 
-        def hidden(params, inputs, mask, segments):
-            out = decoder.apply({"params": params["model"]}, inputs, mask, segment_ids=segments)
+        def hidden(params, inputs, segments, branches):
+            mask = tree_mask(segments, branches)
+            out = decoder.apply({"params": params["model"]}, inputs, mask)
             return out.last_hidden_state
 
         def head(params, hidden, positions, targets):
             hidden = hidden.reshape(-1, hidden.shape[-1])[positions]  # [K, P]
             table = params["model"]["decoder"]["embed_tokens"]["embedding"]
-            logits = jnp.einsum(
-                "kp,vp->kv",
-                hidden.astype(config.compute_dtype),
-                table.astype(config.compute_dtype),
-            ).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return chosen, jnp.argmax(logits, axis=-1) == targets
+            return score_targets(
+                hidden.astype(config.compute_dtype), table.astype(config.compute_dtype), targets
+            )
 
         _PROGRAMS[config] = (jax.jit(hidden), jax.jit(head))
     return _PROGRAMS[config]
+
+
+VOCAB_CHUNKS = 16
+
+
+def score_targets(hidden, table, targets, chunks: int = VOCAB_CHUNKS):
+    """(log p(target) [K], whether the target is the argmax [K]) of logits hidden . table^T.
+
+    hidden: [K, P]; table: [V, P] (the tied LM head); targets: [K] int.
+    The [K, V] logits are made in `chunks` slices of the vocabulary with a running log-sum-exp:
+    on XLA:CPU one [K, V] array and the log-softmax over it cost 1.6x the time for K = 768
+    (a fresh 154 MB buffer per call, and reductions over it), and the slices fit the cache.
+    The greedy flag is exact, ties included: the target must be the first maximum, as argmax.
+    """
+    vocab = table.shape[0]
+    width = -(-vocab // chunks)
+    slices = jnp.pad(table, ((0, chunks * width - vocab), (0, 0))).reshape(chunks, width, -1)
+    rows = hidden.shape[0]
+
+    def step(carry, xs):
+        top, total, chosen, first = carry  # running max, sum of exp(logit - max), ...
+        piece, start = xs
+        column = start + jnp.arange(width)
+        logits = jnp.einsum("kp,vp->kv", hidden, piece).astype(jnp.float32)
+        logits = jnp.where(column[None, :] < vocab, logits, -jnp.inf)  # padding columns
+        piece_top = logits.max(axis=-1)
+        piece_first = jnp.where(logits == piece_top[:, None], column[None, :], vocab).min(-1)
+        new_top = jnp.maximum(top, piece_top)
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(-1)
+        first = jnp.where(piece_top > top, piece_first, first)  # an earlier tie stays first
+        local = targets - start
+        inside = (local >= 0) & (local < width)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[:, None], -1)[:, 0]
+        chosen = jnp.where(inside, picked, chosen)
+        return (new_top, total, chosen, first), None
+
+    zeros = jnp.zeros((rows,), jnp.float32)
+    start = (jnp.full((rows,), -jnp.inf), zeros, zeros, jnp.zeros((rows,), jnp.int32))
+    (top, total, chosen, first), _ = jax.lax.scan(step, start, (slices, jnp.arange(chunks) * width))
+    return chosen - (top + jnp.log(total)), first == targets
+
+
+def tree_mask(segments: jax.Array, branches: jax.Array) -> jax.Array:
+    """[B, T] segment ids (0: padding) and branch ids -> the decoder's full [B, T, T] mask.
+
+    A row holds units one after the other: a context (branch 0) followed by the continuations
+    that share it (branches 1, 2, ...). A token attends causally to its own unit's context and
+    to its own branch, so every continuation sees exactly what it would see after the context
+    alone in a row (and gets the same positions: the decoder counts what each token sees).
+    """
+    length = segments.shape[1]
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]  # [T, S]
+    same_unit = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    key_branch, query_branch = branches[:, None, :], branches[:, :, None]
+    on_path = (key_branch == 0) | (key_branch == query_branch)
+    return causal[None] & same_unit & on_path
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -103,8 +157,10 @@ def score_pairs(
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation, whether greedy decoding gives it) per pair.
 
-    Requests are packed into rows of PACK_LENGTH tokens (each attends only to itself, with its
-    own positions: the same numbers as scoring it alone), `batch_size` rows per forward pass.
+    Requests are packed into rows of PACK_LENGTH tokens, `batch_size` rows per forward pass;
+    requests with the same context (after truncation) share one copy of it. Each continuation
+    attends only to its context and itself, with its own positions: the same numbers as
+    scoring it alone.
 
     Args:
       model: an OPTForCausalLM. params: its parameters.
@@ -138,32 +194,43 @@ def score_pairs(
         return []
     longest = max(len(r[0]) for r in requests)
     length = min(limit, max(_round_up(longest, BUCKET), PACK_LENGTH))
-    rows = _pack([len(r[0]) for r in requests], length)
+    units = _share_contexts(requests, length)
+    rows = _pack([u[1] for u in units], length)
     hidden_fn, head_fn = _programs(config)
     params = nn.unbox(params)
     results: list = [None] * len(requests)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        scored = _round_up(sum(requests[i][2] for row in batch for i in row), SCORED_BUCKET)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    counts = [sum(requests[i][2] for row in b for u in row for i in units[u][0]) for b in batches]
+    widest = _round_up(max(counts), SCORED_BUCKET)
+    for batch, count in zip(batches, counts, strict=True):
+        scored = _head_width(count, widest)
         inputs = np.full((batch_size, length), config.pad_token_id, np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        segments = np.zeros((batch_size, length), np.int32)
+        segments = np.zeros((batch_size, length), np.int32)  # 0: padding
+        branches = np.zeros((batch_size, length), np.int32)  # 0: a unit's shared context
         positions = np.zeros((scored,), np.int32)  # into the batch's flattened tokens
         targets = np.zeros((scored,), np.int32)
         spans, slot = [], 0  # (request, first scored slot, count)
         for j, row in enumerate(batch):
             offset = 0
-            for segment, i in enumerate(row, start=1):
-                inp, tgt, n = requests[i]
-                end = offset + len(inp)
-                inputs[j, offset:end], segments[j, offset:end] = inp, segment
-                mask[j, offset:end] = 1
-                positions[slot : slot + n] = j * length + np.arange(end - n, end)
-                targets[slot : slot + n] = tgt[len(tgt) - n :]
-                spans.append((i, slot, n))
-                offset, slot = end, slot + n
-        mask[len(batch) :, 0] = 1  # filler rows: one real token each
-        hidden = hidden_fn(params, inputs, mask, segments)
+            for segment, u in enumerate(row, start=1):
+                inp, _, n = requests[units[u][0][0]]  # the unit's members share a context
+                context = len(inp) - n + 1  # through the first scored position
+                end = offset + context
+                inputs[j, offset:end], segments[j, offset:end] = inp[:context], segment
+                last_context = j * length + end - 1
+                for branch, i in enumerate(units[u][0], start=1):
+                    inp, tgt, n = requests[i]
+                    rest = inp[context:]  # the continuation but its last token
+                    stop = end + len(rest)
+                    inputs[j, end:stop], segments[j, end:stop] = rest, segment
+                    branches[j, end:stop] = branch
+                    positions[slot] = last_context
+                    positions[slot + 1 : slot + n] = j * length + np.arange(end, stop)
+                    targets[slot : slot + n] = tgt[len(tgt) - n :]
+                    spans.append((i, slot, n))
+                    end, slot = stop, slot + n
+                offset = end
+        hidden = hidden_fn(params, inputs, segments, branches)
         logp, greedy = (np.asarray(x) for x in head_fn(params, hidden, positions, targets))
         for i, slot, n in spans:
             results[i] = (
@@ -173,6 +240,37 @@ def score_pairs(
         if progress is not None:
             progress(len(spans))
     return results
+
+
+def _head_width(count: int, widest: int) -> int:
+    """Scored positions the LM head computes for a batch that scores `count`: rounded up to a
+    multiple of 64, or of 256 past 256, but at most `widest` (the call's largest batch rounded
+    up to 64). A call compiles a few head shapes (0.26 s each for the 125m shape on 2 CPU
+    cores), each of which wastes little."""
+    step = SCORED_BUCKET if count <= 4 * SCORED_BUCKET else 4 * SCORED_BUCKET
+    return min(_round_up(count, step), widest)
+
+
+def _share_contexts(requests, length: int) -> list[tuple[list[int], int]]:
+    """Group requests (inputs, targets, scored) whose inputs agree up to their first scored
+    position, i.e. one context with several continuations (a multiple-choice question), into
+    units of at most `length` tokens: the context once, then each continuation but its last
+    token. Returns (request indices, unit length) per unit."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (inp, _, n) in enumerate(requests):
+        groups.setdefault(tuple(inp[: len(inp) - n + 1]), []).append(i)
+    units = []
+    for context, members in groups.items():
+        unit, size = [], len(context)
+        for i in members:
+            extra = requests[i][2] - 1
+            if unit and size + extra > length:  # full: the next unit repeats the context
+                units.append((unit, size))
+                unit, size = [], len(context)
+            unit.append(i)
+            size += extra
+        units.append((unit, size))
+    return units
 
 
 def encode_pair(tokenizer: OPTTokenizer, context: str, continuation: str):
