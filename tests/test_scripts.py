@@ -106,6 +106,23 @@ def test_generate_cli_streams_from_hf_and_orbax(tmp_path):
     assert proc_out.startswith("class A:")
 
 
+def test_profile_ops_names_the_training_steps_operations():
+    """The per-operation profile of a (tiny) training step: matmul rows traced back to the
+    model code, forward and backward, and no leftover HLO dumps."""
+    import glob
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "opt_jax_hlo_*")))
+    out = _run("scripts/profile_ops.py", "--smoke", "--workload", "train", "--top", "200")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")][2:]
+    assert rows and all(float(r[0].strip("| ")) >= 0 for r in rows)
+    sources = {r[5].strip(" |") for r in rows}
+    assert any(s.endswith("fc1/dot_general") and not s.startswith("backward") for s in sources)
+    assert any(s.startswith("backward") and s.endswith("fc1/dot_general") for s in sources)
+    assert "CPU: " in out and "wall " in out
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "opt_jax_hlo_*"))) == before
+
+
 def test_benchmark_smoke(tmp_path):
     """The benchmark never rots: its tiny mode runs both peers and writes JSON + markdown."""
     import json
