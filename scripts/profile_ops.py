@@ -175,8 +175,7 @@ def profile():
     )
     print(f"{what}, {'smoke' if FLAGS.smoke else FLAGS.preset} shape, float32")
     print(f"CPU: {roofline.describe_cpu()}")
-    print(f"wall {wall:.1f} ms per call; operations add up to {total:.1f} ms (concurrent ones")
-    print("overlap)\n")
+    print(f"wall {wall:.1f} ms per call; operations add up to {total:.1f} ms (they overlap)\n")
     print("| ms per call | share | per call | kind | shape | from |")
     print("|---|---|---|---|---|---|")
     for r in rows[: FLAGS.top]:
