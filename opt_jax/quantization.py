@@ -15,7 +15,9 @@ Formats (symmetric absmax, zero point 0), per Linear with kernel W [*in, *out]:
   activation columns (hidden dimensions) holding any value above `llm_int8_threshold` (6.0)
   are multiplied in higher precision with the dequantised weight rows, all others in int8 x int8
   with row-wise (vector-wise) activation scales, int32 accumulation.
-Scales keep their output channels' logical axes, so sharding rules shard them with the kernel.
+Scales keep their output channels' logical axes, so sharding rules shard them with the kernel;
+int4's packed rows shard with the leading input axis (out_proj's: the heads, under tensor
+parallelism), tested on a 2 x 2 x 2 mesh in tests/sharding_checks.py.
 
 Memory: XLA converts a quantised kernel to float where it is used, but in an unrolled model it
 schedules the conversions of every layer together (a 125m forward pass held all 340 MB of
@@ -64,9 +66,11 @@ def quantized_matmul(linear, x, n_in: int):
     dtype = cfg.compute_dtype
     if cfg.quantization == "int4":
         group = cfg.quant_group_size
-        first = linear.in_axes[0] if n_in == 1 else None
+        # The packed rows run over the flattened input features, the leading input axis
+        # outermost (out_proj: heads, then head_dim), so blocks of rows are blocks of that axis
+        # and shard with it; a group's scale may straddle shards, so scales stay whole.
         packed = linear.param(
-            "kernel", _axes((first, *out_axes)), (k // 2, *linear.features), jnp.uint8
+            "kernel", _axes((linear.in_axes[0], *out_axes)), (k // 2, *linear.features), jnp.uint8
         )
         scale = linear.param(
             "scale", _axes((None, *out_axes)), (k // group, *linear.features), jnp.float32

@@ -82,6 +82,18 @@ def test_lora_adapters_shard_like_their_kernels(eight_device_results):
 
 
 @pytest.mark.slow
+def test_quantized_params_shard_like_their_kernels(eight_device_results):
+    r = eight_device_results["quantized 2x2x2"]
+    # out_proj [N=8 x H=4, D=32]: int4 packs it into [16, 32] rows, which split with the heads
+    # over tensor and D over fsdp; int8 (LLM.int8()) stores it [D, N, H].
+    assert r["int4"]["out_proj_shape"] == [16, 32] and r["int4"]["out_proj_shard"] == [8, 16]
+    assert r["llm_int8"]["out_proj_shape"] == [32, 8, 4]
+    assert r["llm_int8"]["out_proj_shard"] == [16, 4, 4]
+    for method in ("int4", "llm_int8"):
+        assert r[method]["logits_rel"] <= 1e-5 and r[method]["tokens_equal"], method
+
+
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     (r,) = _python(str(HERE / "sharding_checks.py"), "restore", str(tmp_path))
     assert r["restored_bitwise"]  # saved on fsdp=8, restored on tensor=4 x data=2
