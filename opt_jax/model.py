@@ -289,12 +289,12 @@ class OPTDecoder(nn.Module):
             positions = jnp.where(mask, full.sum(axis=2) - 1, -1)
         if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
             positions = position_ids.astype(jnp.int32)
-        # Causal in slot order, and never attend to a padding slot.
-        allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
-        if segment_ids is not None:  # nor across packed sequences
-            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-        if full is not None:
+        if full is not None:  # used as given
             allowed = full
+        else:  # causal in slot order, and never attend to a padding slot
+            allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+            if segment_ids is not None:  # nor across packed sequences
+                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
         # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
         if inputs_embeds is None:

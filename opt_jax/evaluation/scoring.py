@@ -204,33 +204,11 @@ def score_pairs(
     counts = [sum(requests[i][2] for row in b for u in row for i in units[u][0]) for b in batches]
     widest = _round_up(max(counts), SCORED_BUCKET)
     for batch, count in zip(batches, counts, strict=True):
-        scored = _head_width(count, widest)
-        inputs = np.full((batch_size, length), config.pad_token_id, np.int32)
-        segments = np.zeros((batch_size, length), np.int32)  # 0: padding
-        branches = np.zeros((batch_size, length), np.int32)  # 0: a unit's shared context
-        positions = np.zeros((scored,), np.int32)  # into the batch's flattened tokens
-        targets = np.zeros((scored,), np.int32)
-        spans, slot = [], 0  # (request, first scored slot, count)
-        for j, row in enumerate(batch):
-            offset = 0
-            for segment, u in enumerate(row, start=1):
-                inp, _, n = requests[units[u][0][0]]  # the unit's members share a context
-                context = len(inp) - n + 1  # through the first scored position
-                end = offset + context
-                inputs[j, offset:end], segments[j, offset:end] = inp[:context], segment
-                last_context = j * length + end - 1
-                for branch, i in enumerate(units[u][0], start=1):
-                    inp, tgt, n = requests[i]
-                    rest = inp[context:]  # the continuation but its last token
-                    stop = end + len(rest)
-                    inputs[j, end:stop], segments[j, end:stop] = rest, segment
-                    branches[j, end:stop] = branch
-                    positions[slot] = last_context
-                    positions[slot + 1 : slot + n] = j * length + np.arange(end, stop)
-                    targets[slot : slot + n] = tgt[len(tgt) - n :]
-                    spans.append((i, slot, n))
-                    end, slot = stop, slot + n
-                offset = end
+        arrays, spans = _layout(
+            [[units[u][0] for u in row] for row in batch], requests, config.pad_token_id,
+            (batch_size, length), _head_width(count, widest),
+        )  # fmt: skip
+        inputs, segments, branches, positions, targets = arrays
         hidden = hidden_fn(params, inputs, segments, branches)
         logp, greedy = (np.asarray(x) for x in head_fn(params, hidden, positions, targets))
         for i, slot, n in spans:
@@ -241,6 +219,46 @@ def score_pairs(
         if progress is not None:
             progress(len(spans))
     return results
+
+
+def _layout(rows, requests, pad_id: int, shape: tuple[int, int], scored: int):
+    """One batch's arrays. rows: per row, its units (lists of request indices that share a
+    context), each laid out as the context, then every member's continuation but its last
+    token.
+
+    Returns ((inputs, segments, branches) [B, T], (positions, targets) [scored]) and spans
+    (request, first scored slot, count). Positions index the batch's flattened B x T tokens:
+    a member's first target is predicted at the context's last token, the rest at its own.
+    """
+    inputs = np.full(shape, pad_id, np.int32)
+    segments = np.zeros(shape, np.int32)  # 0: padding
+    branches = np.zeros(shape, np.int32)  # 0: a unit's shared context
+    positions = np.zeros((scored,), np.int32)
+    targets = np.zeros((scored,), np.int32)
+    spans, slot = [], 0
+    for j, row in enumerate(rows):
+        end = 0
+        for segment, members in enumerate(row, start=1):
+            inp, _, n = requests[members[0]]
+            context = len(inp) - n + 1  # through the first scored position
+            inputs[j, end : end + context], segments[j, end : end + context] = (
+                inp[:context],
+                segment,
+            )
+            end += context
+            last_context = j * shape[1] + end - 1
+            for branch, i in enumerate(members, start=1):
+                inp, tgt, n = requests[i]
+                rest = inp[context:]  # the continuation but its last token
+                stop = end + len(rest)
+                inputs[j, end:stop], segments[j, end:stop] = rest, segment
+                branches[j, end:stop] = branch
+                positions[slot] = last_context
+                positions[slot + 1 : slot + n] = j * shape[1] + np.arange(end, stop)
+                targets[slot : slot + n] = tgt[len(tgt) - n :]
+                spans.append((i, slot, n))
+                end, slot = stop, slot + n
+    return (inputs, segments, branches, positions, targets), spans
 
 
 def _head_width(count: int, widest: int) -> int:
