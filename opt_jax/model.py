@@ -506,6 +506,12 @@ def init_params(config: OPTConfig, rng: jax.Array | int = 0, module: nn.Module |
 
 def abstract_params(config: OPTConfig, module: nn.Module | None = None):
     """ShapeDtypeStructs of the parameters, with no memory used (`jax.eval_shape`)."""
+    if module is None and not config.scan_layers and config.num_hidden_layers > 1:
+        # Every decoder layer has the same parameters: trace one (the scanned model's) and name
+        # it per layer, rather than trace them all (0.8 s of every 125m checkpoint load).
+        from opt_jax.checkpoints.hf import unstack_layers
+
+        return jax.eval_shape(unstack_layers, abstract_params(config.replace(scan_layers=True)))
     module = module or model_for(config)
     variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())
     return nn.unbox(variables["params"])

@@ -53,16 +53,23 @@ flags.DEFINE_integer("length", None, "Tokens per row (train 256, prefill 512, de
 flags.DEFINE_integer("new_tokens", 64, "decode: tokens generated per call.")
 flags.DEFINE_integer("reps", 3, "Profiled calls (after one warm-up call).")
 flags.DEFINE_integer("top", 30, "Rows of the table.")
+flags.DEFINE_enum(
+    "quantize", None, ["int8", "int4", "llm_int8"], "prefill/decode with these weights."
+)
 flags.DEFINE_bool("smoke", False, "A tiny model and short inputs: checks the script runs.")
 FLAGS = flags.FLAGS
 
 DEFAULTS = {"train": (4, 256), "prefill": (1, 512), "decode": (1, 32)}
 
 
-def workload(config, kind: str, batch: int, length: int, new_tokens: int):
+def workload(config, kind: str, batch: int, length: int, new_tokens: int, quantize=None):
     """A no-argument callable that runs the workload once and waits for it."""
-    model = opt_jax.OPTForCausalLM(config)
     params = opt_jax.init_params(config, 0)
+    if quantize:
+        if kind == "train":
+            raise ValueError("--quantize profiles prefill or decode, not training")
+        config, params = opt_jax.quantize(config, params, quantize)
+    model = opt_jax.OPTForCausalLM(config)
     ids = np.random.default_rng(0).integers(4, config.vocab_size, (batch, length), np.int32)
     if kind == "prefill":
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
@@ -157,7 +164,7 @@ def profile():
         batch, length = DEFAULTS[FLAGS.workload]
         new_tokens = FLAGS.new_tokens
     batch, length = FLAGS.batch or batch, FLAGS.length or length
-    run = workload(config, FLAGS.workload, batch, length, new_tokens)
+    run = workload(config, FLAGS.workload, batch, length, new_tokens, FLAGS.quantize)
     run()  # compile outside the profile
     trace_dir = tempfile.mkdtemp(prefix="opt_jax_trace_")
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -173,7 +180,8 @@ def profile():
     what = f"{FLAGS.workload} {batch} x {length}" + (
         f", {new_tokens} new tokens" if FLAGS.workload == "decode" else ""
     )
-    print(f"{what}, {'smoke' if FLAGS.smoke else FLAGS.preset} shape, float32")
+    shape = "smoke" if FLAGS.smoke else FLAGS.preset
+    print(f"{what}, {shape} shape, {FLAGS.quantize or 'float32'} weights")
     print(f"CPU: {roofline.describe_cpu()}")
     print(f"wall {wall:.1f} ms per call; operations add up to {total:.1f} ms (they overlap)\n")
     print("| ms per call | share | per call | kind | shape | from |")

@@ -31,6 +31,28 @@ def test_every_preset_builds_abstractly_with_published_size(name):
     assert abs(count / opt_jax.PUBLISHED_PARAMS[name] - 1) < 0.025, count
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"architecture": "OPTForSequenceClassification", "num_labels": 3}, {"lora_rank": 2},
+     {"quantization": "int4", "quant_group_size": 16}, {"word_embed_proj_dim": 16}],
+)  # fmt: skip
+def test_abstract_params_equal_the_unrolled_models_own_init(overrides):
+    """abstract_params traces one (scanned) layer and names it per layer: the same tree as
+    tracing the unrolled model's init."""
+    import flax.linen as nn
+
+    from opt_jax.model import _dummy_ids, model_for
+
+    cfg = opt_jax.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=32, **overrides,
+    )  # fmt: skip
+    init = jax.eval_shape(model_for(cfg).init, jax.random.key(0), _dummy_ids())["params"]
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), opt_jax.abstract_params(cfg)) == (
+        jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(init))
+    )
+
+
 def test_preset_table_facts():
     assert opt_jax.preset("350m").do_layer_norm_before is False
     assert opt_jax.preset("facebook/opt-350m").word_embed_proj_dim == 512

@@ -77,6 +77,26 @@ def test_weight_only_formats_equal_the_dequantized_float_model(method, group):
         assert q["scale"].shape == (2, 64)  # 32 input rows in groups of 16
 
 
+@pytest.mark.parametrize("rows", [1, 5, quantization.LIMB_MAX_ROWS + 1])
+def test_weight_only_int8_keeps_float_activations(rows):
+    """Decode shapes take the int8 limbs of x, longer inputs a float copy of W: both equal
+    x . dequant(W) to float32 accuracy, also for rows whose values span 12 orders of magnitude."""
+    rng = np.random.RandomState(1)
+    x = rng.randn(rows, 96).astype(np.float32)
+    x[0, :48] *= 1e-6  # small values beside large ones in one row
+    x[-1] *= 1e6
+    w = (rng.randn(96, 40) * 0.1).astype(np.float32)
+    q, scale = quantization._quantize_int8(w, 1)
+    exact = x.astype(np.float64) @ (q.astype(np.float64) * scale)
+    got = quantization.int8_matmul(jnp.asarray(x), jnp.asarray(q.T), jnp.asarray(scale), 1)
+    bound = np.abs(x).astype(np.float64) @ np.abs(q * scale) * 2e-6  # float32's own rounding
+    assert np.all(np.abs(np.asarray(got) - exact) <= bound + 1e-30)
+    limbs, limb_scale = quantization.int8_limbs(jnp.asarray(x))
+    assert limbs.dtype == jnp.int8 and limbs.shape == (quantization.ACTIVATION_LIMBS * rows, 96)
+    back = (np.asarray(limbs, np.float64) * np.asarray(limb_scale)).reshape(-1, rows, 96).sum(0)
+    assert np.all(np.abs(back - x) <= np.abs(x).max(1, keepdims=True) * 2.0**-23)
+
+
 def test_llm_int8_matmul_matches_a_numpy_reference_and_beats_plain_int8_on_outliers():
     rng = np.random.RandomState(0)
     x = rng.randn(6, 48).astype(np.float32)

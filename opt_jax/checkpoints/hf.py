@@ -330,13 +330,13 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
 
             n_out = len(spec.shape) - _num_in_axes(p)
             q, scale = quantize_kernel(array, n_out, config, "/".join(p[:-1]))
-            flat[p], flat[p[:-1] + ("scale",)] = jnp.asarray(q), jnp.asarray(scale)
+            flat[p], flat[p[:-1] + ("scale",)] = jax.device_put(q), jax.device_put(scale)
             del value, array
             continue
         if p in flat_shardings:
             flat[p] = jax.device_put(array, flat_shardings[p])
-        else:
-            flat[p] = jnp.asarray(array)
+        else:  # a fresh host buffer (read, not mapped): device_put need not copy it again
+            flat[p] = jax.device_put(array)
         del value, array
     missing = sorted(hf_name(p) for p in expected if p not in flat)
     if missing or unexpected:
