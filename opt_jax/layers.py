@@ -199,6 +199,17 @@ def token_embedding_init(config: OPTConfig):
     return nn.with_logical_partitioning(init, (ax.VOCAB, ax.EMBED_PROJ))
 
 
+def _write_cache(cache_kv, new_k, new_v, index):
+    """(key, value) caches [B, N, S, H] with this call's [B, N, T, H] written at `index`."""
+    cache_k = write_rows(cache_kv[0], new_k, index, axis=2)
+    cache_v = write_rows(cache_kv[1], new_v, index, axis=2)
+    # Sharded like the activations: batch over data/fsdp, heads over tensor.
+    return (
+        nn.with_logical_constraint(cache_k, KV_AXES),
+        nn.with_logical_constraint(cache_v, KV_AXES),
+    )
+
+
 class OPTAttention(nn.Module):
     """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention)."""
 
@@ -236,21 +247,35 @@ class OPTAttention(nn.Module):
         )  # [B, T, N, H]
         q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
 
-        if cache_kv is not None:
-            # The cache is heads-major so this step's contractions read it without a transpose.
-            cache_k = write_rows(cache_kv[0], k.transpose(0, 2, 1, 3), index, axis=2)
-            cache_v = write_rows(cache_kv[1], v.transpose(0, 2, 1, 3), index, axis=2)
-            # Sharded like the activations: batch over data/fsdp, heads over tensor.
-            cache_k = nn.with_logical_constraint(cache_k, KV_AXES)
-            cache_v = nn.with_logical_constraint(cache_v, KV_AXES)
-            k, v, cache_kv = cache_k, cache_v, (cache_k, cache_v)  # [B, N, S, H]
-
         no_dropout = deterministic or not cfg.attention_dropout
         fused_ok = no_dropout and head_mask is None and not probs_out
-        probs = None
         if cfg.attention_impl == "flash" and cache_kv is None and fused_ok:
-            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
+            path = "flash"
         elif cfg.attention_impl == "dot_product" and fused_ok:
+            path = "dot_product"
+        else:
+            path = "einsum"
+        # A one-row decoding step (einsum path) attends to the cache as it was and to its own
+        # key and value separately, and writes them afterwards. When it read the updated cache,
+        # XLA:CPU fused the write (a plain dynamic_update_slice for one row, see write_rows)
+        # into both of its consumers, the attention and the decode loop's carry, and copied
+        # every layer's cache 4 times per step (7% of a 125m batch-1 step). Several rows write
+        # through a vmap that XLA keeps in place, and reading the unwritten cache there made the
+        # attention products slower (batch 8: 143 -> 197 ms per 64 steps), so they do not.
+        one_step = cache_kv is not None and x.shape[:2] == (1, 1) and path == "einsum"
+        if cache_kv is not None:
+            # The cache is heads-major so this step's contractions read it without a transpose.
+            new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, N, T, H]
+            if one_step:
+                k, v = cache_kv  # before this step's write
+            else:
+                cache_kv = _write_cache(cache_kv, new_k, new_v, index)
+                k, v = cache_kv  # [B, N, S, H]
+
+        probs = None
+        if path == "flash":
+            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
+        elif path == "dot_product":
             # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
             if cache_kv is not None:
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
@@ -265,13 +290,26 @@ class OPTAttention(nn.Module):
             q = q.transpose(0, 2, 1, 3)
             if cache_kv is None:
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            scores = jnp.einsum("bnth,bnsh->bnts", q, k).astype(jnp.float32)
-            scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+            scores = jnp.einsum("bnth,bnsh->bnts", q, k.astype(q.dtype))
+            if one_step:  # this step's own slot scores against its own (unwritten) key
+                slot = (jnp.arange(k.shape[2])[None, :] == index[:, None])[:, None, None, :]
+                own = jnp.einsum("bnth,bnth->bnt", q, new_k.astype(q.dtype))[..., None]
+                scores = jnp.where(slot, own, scores)  # slot: [B, 1, 1, S]
+            scores = jnp.where(allowed[:, None, :, :], scores.astype(jnp.float32), MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
             if head_mask is not None:  # as transformers: after the softmax, before dropout
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
             dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+            if one_step:
+                own = jnp.where(slot, dropped, 0).sum(-1, keepdims=True)  # [B, N, 1, 1]
+                dropped = jnp.where(slot, 0, dropped)
             out = jnp.einsum("bnts,bnsh->bnth", dropped, v.astype(cfg.compute_dtype))
+            if one_step:
+                out = out + own * new_v.astype(cfg.compute_dtype)
+                # The write after the reads: XLA orders operations by their data only, so the
+                # written values take a (zero) term from this step's attention output.
+                after = 0 * out[:, :, :1, :1]
+                cache_kv = _write_cache(cache_kv, new_k + after, new_v + after, index)
             out = out.transpose(0, 2, 1, 3)
         # out: [B, T, N, H]
         out = dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
