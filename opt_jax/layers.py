@@ -259,7 +259,7 @@ class OPTAttention(nn.Module):
         # key and value separately, and writes them afterwards. When it read the updated cache,
         # XLA:CPU fused the write (a plain dynamic_update_slice for one row, see write_rows)
         # into both of its consumers, the attention and the decode loop's carry, and copied
-        # every layer's cache 4 times per step (7% of a 125m batch-1 step). Several rows write
+        # every layer's cache 4 times per step (8% of a 125m batch-1 step). Several rows write
         # through a vmap that XLA keeps in place, and reading the unwritten cache there made the
         # attention products slower (batch 8: 143 -> 197 ms per 64 steps), so they do not.
         one_step = cache_kv is not None and x.shape[:2] == (1, 1) and path == "einsum"

@@ -88,6 +88,17 @@ def quantized_matmul(linear, x, n_in: int):
     return llm_int8_matmul(x, q, scale, n_in, cfg.llm_int8_threshold).astype(dtype)
 
 
+_ROWS_BY_ROWS = (((1,), (1,)), ((), ()))  # dot_general: [M, K] . [O, K] -> [M, O]
+
+
+def _as_rows(x, q, n_in: int):
+    """x [.., *in] and a kernel q [*out, *in] as x2 [M, K] float32 and w2 [O, K], with the shape
+    [.., *out] that a product [M, O] is reshaped to."""
+    k = int(np.prod(x.shape[-n_in:]))
+    out_shape = x.shape[:-n_in] + q.shape[: q.ndim - n_in]
+    return x.reshape((-1, k)).astype(jnp.float32), q.reshape((-1, k)), out_shape
+
+
 ACTIVATION_LIMBS = 3
 # Up to this many rows of activations int8_matmul multiplies their limbs in int8 (measured on an
 # AMD EPYC, fc1's shape: 32 rows 2.2 ms against 4.0 for the float copy, 64 rows 5.3 against 4.7).
@@ -126,20 +137,17 @@ def int8_matmul(x, q, scale, n_in: int):
     float32 one at these shapes (and three rows avoid its missing one-row kernel). The int32
     sums hold K * 127^2 < 2^31 for K < 133,000 (OPT-175B's widest input is 49,152).
     """
-    lead, in_shape, out_shape = x.shape[:-n_in], x.shape[-n_in:], q.shape[: q.ndim - n_in]
-    k = int(np.prod(in_shape))
-    x2 = x.reshape((-1, k)).astype(jnp.float32)  # [M, K]
-    rows, w2 = x2.shape[0], q.reshape((-1, k))  # w2: [O, K]
-    contract = (((1,), (1,)), ((), ()))
+    x2, w2, out_shape = _as_rows(x, q, n_in)
+    rows = x2.shape[0]
     if rows > LIMB_MAX_ROWS:
         # Many rows (prefill, scoring): the float copy of W is shared by all of them, while
         # XLA:CPU's int8 product slows down past a few dozen rows (5x float32's time at 512).
-        y = jax.lax.dot_general(x2, w2.astype(jnp.float32), contract)
+        y = jax.lax.dot_general(x2, w2.astype(jnp.float32), _ROWS_BY_ROWS)
     else:
         xq, limb_scale = int8_limbs(x2)  # [L * M, K], [L * M, 1]
-        acc = jax.lax.dot_general(xq, w2, contract, preferred_element_type=jnp.int32)
+        acc = jax.lax.dot_general(xq, w2, _ROWS_BY_ROWS, preferred_element_type=jnp.int32)
         y = (acc.astype(jnp.float32) * limb_scale).reshape((-1, rows, acc.shape[-1])).sum(0)
-    return (y * scale.reshape(-1).astype(jnp.float32)).reshape(lead + out_shape)
+    return (y * scale.reshape(-1).astype(jnp.float32)).reshape(out_shape)
 
 
 def dequantize_int4(packed, scale, group: int):
@@ -171,22 +179,18 @@ def llm_int8_matmul(x, q, scale, n_in: int, threshold: float):
     with more outliers than that the dense product runs, which computes the same thing, and
     with none (most calls below 6.7B parameters) nothing runs.
     """
-    lead, in_shape, out_shape = x.shape[:-n_in], x.shape[-n_in:], q.shape[: q.ndim - n_in]
-    k = int(np.prod(in_shape))
-    x2 = x.reshape((-1, k)).astype(jnp.float32)  # [M, K]
-    rows = x2.shape[0]
+    x2, w2, out_shape = _as_rows(x, q, n_in)
+    rows, k = x2.shape
     if rows == 1:
         # XLA:CPU runs a one-row int8 product ~15x slower than a two-row one (no library
         # kernel takes it): one row of zeros costs nothing next to that.
         x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
-    w2 = q.reshape((-1, k))  # [O, K] int8
     flat_scale = scale.reshape(-1).astype(jnp.float32)
     outlier = jnp.abs(x2).max(axis=0) > threshold  # [K]
     regular = jnp.where(outlier[None, :], 0.0, x2)
     row_scale = jnp.maximum(jnp.abs(regular).max(axis=1, keepdims=True), 1e-12) / INT8_MAX
     xq = jnp.clip(jnp.round(regular / row_scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    contract = (((1,), (1,)), ((), ()))
-    acc = jax.lax.dot_general(xq, w2, contract, preferred_element_type=jnp.int32)  # [M, O]
+    acc = jax.lax.dot_general(xq, w2, _ROWS_BY_ROWS, preferred_element_type=jnp.int32)  # [M, O]
     y = acc.astype(jnp.float32) * row_scale * flat_scale[None, :]
     if threshold != float("inf"):
         capacity = outlier_capacity(k)
@@ -196,12 +200,12 @@ def llm_int8_matmul(x, q, scale, n_in: int, threshold: float):
             used = jnp.arange(capacity) < outlier.sum()  # fill entries contribute nothing
             x_hi = jnp.where(used[None, :], x2[:, idx], 0.0)  # [M, C]
             w_hi = w2[:, idx].astype(jnp.float32) * flat_scale[:, None]  # [O, C]
-            return jax.lax.dot_general(x_hi, w_hi, contract)
+            return jax.lax.dot_general(x_hi, w_hi, _ROWS_BY_ROWS)
 
         def dense(x2, w2):
             high = jnp.where(outlier[None, :], x2, 0.0)
             w = w2.astype(jnp.float32) * flat_scale[:, None]
-            return jax.lax.dot_general(high, w, contract)
+            return jax.lax.dot_general(high, w, _ROWS_BY_ROWS)
 
         def none(x2, w2):  # the common case below 6.7B parameters: nothing to add
             return jnp.zeros((x2.shape[0], w2.shape[0]), jnp.float32)
@@ -209,7 +213,7 @@ def llm_int8_matmul(x, q, scale, n_in: int, threshold: float):
         count = outlier.sum()
         branch = (count > 0).astype(jnp.int32) + (count > capacity).astype(jnp.int32)
         y = y + jax.lax.switch(branch, (none, gathered, dense), x2, w2)
-    return y[:rows].reshape(lead + out_shape)
+    return y[:rows].reshape(out_shape)
 
 
 # ---------------------------------------------------------------------------------------------
