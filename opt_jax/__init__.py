@@ -39,7 +39,7 @@ from opt_jax.model import (
     param_logical_axes,
 )
 from opt_jax.quantization import dequantize, quantize
-from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
+from opt_jax.tokenizer import IncrementalDecoder, OPTTokenizer, train_tokenizer
 from opt_jax.validation import validate_token_ids
 
 __version__ = "0.1.0"
@@ -95,6 +95,7 @@ __all__ = [
     "GenerateOutput",
     "GenerationConfig",
     "CheckpointError",
+    "IncrementalDecoder",
     "KVCache",
     "ModelOutput",
     "OPTConfig",

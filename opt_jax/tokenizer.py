@@ -157,6 +157,42 @@ class OPTTokenizer:
         return self._tok.token_to_id(token)
 
 
+class IncrementalDecoder:
+    """The text of a growing sequence of token ids, decoded as the tokens arrive.
+
+    Streaming (scripts, the server) used to decode every token so far at each step: quadratic in
+    the length of a completion. This decodes only the tokens since the last complete
+    character. A byte-level BPE token can end inside a multi-byte UTF-8 character (its text
+    then ends in U+FFFD); such tokens wait until a later token completes the character, or
+    until `finish`. After `finish`, `text` equals `tokenizer.decode(all ids)`; before it,
+    `text` is a prefix of that (tested). Why it is exact: UTF-8 sequences are self-delimiting,
+    and a decoded piece that does not end in U+FFFD ends on a character boundary. So each piece
+    starts on a character boundary, and the pieces decode as the whole sequence would.
+    """
+
+    def __init__(self, tokenizer: OPTTokenizer, *, skip_special_tokens: bool = True):
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._pending: list[int] = []  # ids whose text is not in `text` yet
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Adds one id; returns the text it completes (often "", for a partial character)."""
+        self._pending.append(int(token))
+        piece = self._tokenizer.decode(self._pending, skip_special_tokens=self._skip)
+        if piece.endswith("\ufffd"):
+            return ""
+        self._pending.clear()
+        self.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """Decodes what is pending as it stands (an incomplete character as U+FFFD)."""
+        piece = self._tokenizer.decode(self._pending, skip_special_tokens=self._skip)
+        self._pending.clear()
+        self.text += piece
+        return piece
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
 ) -> OPTTokenizer:

@@ -102,3 +102,25 @@ def test_bad_tokenizers_are_rejected(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_incremental_decoding_equals_decoding_everything(tokenizer_dir):
+    """Token by token, the incremental text is always a prefix of decoding every id so far, and
+    equals the whole decode after finish(), on sequences that split multi-byte characters
+    across tokens and on random ids (invalid UTF-8 among them)."""
+    tok = OPTTokenizer.from_pretrained(tokenizer_dir)
+    rng = np.random.default_rng(0)
+    text = "é ü 日本 — 🙂 naïve, Größe: ∑ x² " * 3
+    split = [tok.encode(ch, add_prefix=False) for ch in text]  # one character's bytes per list
+    assert any(len(ids) > 1 for ids in split)  # characters whose bytes span several tokens
+    sequences = [[i for ids in split for i in ids], tok.encode(text)]
+    sequences += [rng.integers(0, tok.vocab_size, 60).tolist() for _ in range(20)]
+    for ids in sequences:
+        decoder = opt_jax.IncrementalDecoder(tok)
+        pieces = []
+        for n, i in enumerate(ids, start=1):
+            pieces.append(decoder.push(i))
+            assert tok.decode(ids[:n]).startswith(decoder.text)
+        pieces.append(decoder.finish())
+        assert decoder.text == "".join(pieces) == tok.decode(ids)
+    assert opt_jax.IncrementalDecoder(tok).finish() == ""

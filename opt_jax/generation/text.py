@@ -10,7 +10,7 @@ import numpy as np
 
 from opt_jax.generation.api import generate
 from opt_jax.generation.config import GenerationConfig
-from opt_jax.tokenizer import OPTTokenizer
+from opt_jax.tokenizer import IncrementalDecoder, OPTTokenizer
 
 # generate()'s keyword arguments that are not GenerationConfig options.
 _CALL_ARGUMENTS = ("seed", "prng_key", "streamer")
@@ -192,16 +192,16 @@ def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens
     thread.start()
     try:
         tokens: list[int] = [] if tokens_out is None else tokens_out
+        decoder = IncrementalDecoder(tokenizer)  # holds back incomplete characters
         shown = ""
         while (item := pieces.get()) is not done:
             if item in cfg.eos_token_id:
                 continue
             tokens.append(item)
-            text = _cut(tokenizer.decode(tokens), stop_strings)
-            # Hold back an incomplete multi-byte character until its next byte arrives, and any
-            # tail that could still grow into a stop string.
-            if text.endswith("\ufffd"):
+            if not decoder.push(item):
                 continue
+            # Hold back any tail that could still grow into a stop string.
+            text = _cut(decoder.text, stop_strings)
             text = text[: _safe_length(text, stop_strings)]
             if len(text) > len(shown):
                 yield text[len(shown) :]
@@ -209,7 +209,8 @@ def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens
         thread.join()
         if error:
             raise error[0]
-        final = _cut(tokenizer.decode(tokens), stop_strings)
+        decoder.finish()
+        final = _cut(decoder.text, stop_strings)
         if len(final) > len(shown):
             yield final[len(shown) :]
     finally:

@@ -25,6 +25,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from opt_jax.serving.engine import TOP_LOGPROBS, QueueFull, Request
+from opt_jax.tokenizer import IncrementalDecoder, OPTTokenizer
 
 FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "logprobs", "echo",
@@ -151,12 +152,13 @@ def parse(body, tokenizer, engine, model_name: str) -> dict:
 class Choice:
     """Host-side state of one choice: tokens so far, their log-probabilities, the text sent."""
 
-    def __init__(self, index: int, prompt_text: str):
+    def __init__(self, index: int, prompt_text: str, tokenizer: OPTTokenizer):
         self.index, self.prompt_text = index, prompt_text
         self.ids, self.logprobs, self.tops = [], [], []
         self.prompt_logprobs = None
         self.finish = None
-        self.text = ""  # final (stop strings cut)
+        self.decoder = IncrementalDecoder(tokenizer)  # the text of ids, as it completes
+        self.text = ""  # decoder.text cut at the first stop string
         self.sent = 0  # characters of text already streamed
 
 
@@ -220,7 +222,7 @@ def create_app(engine, tokenizer, model_name: str):
         seed = options["seed"]
         for p, (text, ids) in enumerate(options["prompts"]):
             for j in range(n):
-                choices.append(Choice(p * n + j, text if options["echo"] else ""))
+                choices.append(Choice(p * n + j, text if options["echo"] else "", tokenizer))
 
             def emit(choice, event, p=p):
                 loop.call_soon_threadsafe(events.put_nowait, (p * n + choice, event))
@@ -261,15 +263,27 @@ def create_app(engine, tokenizer, model_name: str):
                 choice.ids.append(event["token"])
                 choice.logprobs.append(event["logprob"])
                 choice.tops.append(event["top"])
-                text = tokenizer.decode(choice.ids, skip_special_tokens=True)
-                cut = min((text.find(s) for s in options["stop"] if s in text), default=-1)
-                choice.text = text if cut < 0 else text[:cut]
-                if cut >= 0:
-                    choice.finish = "stop"
-                    requests[index // n].stopped.add(index % n)
+                searched = len(choice.decoder.text)
+                if choice.decoder.push(event["token"]):
+                    apply_stops(index, choice, searched)
             if "finish_reason" in event and choice.finish is None:
-                choice.finish = event["finish_reason"]
+                searched = len(choice.decoder.text)
+                choice.decoder.finish()  # an incomplete last character, as decode shows it
+                apply_stops(index, choice, searched)
+                if choice.finish is None:
+                    choice.finish = event["finish_reason"]
             return None
+
+        def apply_stops(index: int, choice: Choice, searched: int) -> None:
+            """choice.text = the decoded text cut at its first stop string. Text before
+            `searched` was searched already: only a stop string ending after it can be new."""
+            text = choice.decoder.text
+            cuts = [text.find(s, max(searched - len(s) + 1, 0)) for s in options["stop"]]
+            cut = min((c for c in cuts if c >= 0), default=-1)
+            choice.text = text if cut < 0 else text[:cut]
+            if cut >= 0:
+                choice.finish = "stop"
+                requests[index // n].stopped.add(index % n)
 
         def render(choice: Choice) -> dict:
             """A finished choice as the non-streaming response lists it."""
@@ -325,11 +339,10 @@ def create_app(engine, tokenizer, model_name: str):
                         yield f"data: {json.dumps(error)}\n\n"
                         break
                     choice = choices[index]
-                    # Hold back text that may still grow into a stop string or a full character.
+                    # Hold back text that may still grow into a stop string (the decoder holds
+                    # back incomplete characters).
                     hold = max((len(s) - 1 for s in options["stop"]), default=0)
                     ready = len(choice.text) if choice.finish else max(len(choice.text) - hold, 0)
-                    if choice.text[choice.sent : ready].endswith("\ufffd") and not choice.finish:
-                        ready -= 1
                     delta = choice.text[choice.sent : ready]
                     with_token = options["logprobs"] is not None and "token" in event
                     if not delta and choice.finish is None and not with_token:
