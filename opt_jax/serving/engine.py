@@ -116,21 +116,12 @@ class Engine:
 
         def insert(cache, row, slot):
             """Copies a one-row cache into slot `slot` of the engine's cache."""
-            stacked = not isinstance(cache.key, tuple)  # scan_layers: [L, B, ...]
 
             def put(big, small, axis):
                 small = small.astype(big.dtype)
                 return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis)
 
-            def kv(big, small):
-                if stacked:
-                    return put(big, small, 1)
-                return tuple(put(b, s, 0) for b, s in zip(big, small, strict=True))
-
-            return KVCache(key=kv(cache.key, row.key), value=kv(cache.value, row.value),
-                           slot_mask=put(cache.slot_mask, row.slot_mask, 0),
-                           index=put(cache.index, row.index, 0),
-                           position=put(cache.position, row.position, 0))  # fmt: skip
+            return _cache_rows(put, cache, row)
 
         def decode(params, head, state, active, options, keys):
             """One token for each of the R slots the state holds (R = self.rows, see
@@ -419,15 +410,24 @@ def _resized(state, rows: int):
         return jnp.pad(x, pad)
 
     cache, *rest = state
-    return (_cache_rows(cache, fit), *(fit(x, 0) for x in rest))
+    return (_cache_rows(fit, cache), *(fit(x, 0) for x in rest))
 
 
-def _cache_rows(cache: KVCache, fn) -> KVCache:
-    """Applies fn(array, batch axis) to every array of the cache."""
-    stacked = not isinstance(cache.key, tuple)  # scan_layers: [L, B, ...]
-    kv = (lambda t: fn(t, 1)) if stacked else (lambda t: tuple(fn(x, 0) for x in t))
-    return KVCache(key=kv(cache.key), value=kv(cache.value), slot_mask=fn(cache.slot_mask, 0),
-                   index=fn(cache.index, 0), position=fn(cache.position, 0))  # fmt: skip
+def _cache_rows(fn, *caches: KVCache) -> KVCache:
+    """The cache whose every array is fn(that array of each of `caches`, its batch axis)."""
+    stacked = not isinstance(caches[0].key, tuple)  # scan_layers: [L, B, ...]
+
+    def kv(*per_cache):  # keys or values of every cache
+        if stacked:
+            return fn(*per_cache, 1)
+        return tuple(fn(*layer, 0) for layer in zip(*per_cache, strict=True))
+
+    def rows(field):
+        return fn(*(getattr(c, field) for c in caches), 0)
+
+    return KVCache(key=kv(*(c.key for c in caches)), value=kv(*(c.value for c in caches)),
+                   slot_mask=rows("slot_mask"), index=rows("index"),
+                   position=rows("position"))  # fmt: skip
 
 
 def _top(logp_row: np.ndarray) -> list[tuple[int, float]]:
