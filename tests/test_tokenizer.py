@@ -100,10 +100,6 @@ def test_bad_tokenizers_are_rejected(tmp_path):
         OPTTokenizer(gpt2_like)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_incremental_decoding_equals_decoding_everything(tokenizer_dir):
     """Token by token, the incremental text is always a prefix of decoding every id so far, and
     equals the whole decode after finish(), on sequences that split multi-byte characters
@@ -124,3 +120,7 @@ def test_incremental_decoding_equals_decoding_everything(tokenizer_dir):
         pieces.append(decoder.finish())
         assert decoder.text == "".join(pieces) == tok.decode(ids)
     assert opt_jax.IncrementalDecoder(tok).finish() == ""
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
