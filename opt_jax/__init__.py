@@ -1,9 +1,14 @@
 """opt_jax: Meta's OPT decoder language models in JAX/Flax, exactly matching transformers.
 
-Layout: config.py, model.py, layers.py, kv_cache.py (the model); generation/ (decoding);
-training/ (the loop, data, experiment configs); checkpoints/ (HF, metaseq, orbax); parallel/
-(sharding, meshes, multi-host, memory and speed bounds); evaluation/, interventions.py,
-lora.py, sweeps.py (research tools). The public API is re-exported here.
+Layout, bottom to top (a module imports only from the layers below it):
+- config.py, param_tree.py (the parameter tree's shared operations), parallel/ (logical axes,
+  meshes, multi-host start-up), tokenizer.py, validation.py, losses.py;
+- ops/ (attention kernels, quantised matmuls), kv_cache.py, layers.py, model.py: the model;
+- generation/ (decoding), quantization.py and lora.py (transforms of a model's parameters);
+- checkpoints/ (HF names and layouts, HF / metaseq / orbax / PEFT files), planning/ (memory
+  plans, speed bounds), evaluation/, interventions.py;
+- training/ (the loop, objectives, data, experiment configs), tasks/, serving/, sweeps.py.
+The public API is re-exported here.
 """
 
 import importlib
@@ -14,6 +19,7 @@ import warnings
 
 from opt_jax.checkpoints.hf import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
 from opt_jax.checkpoints.metaseq import load_metaseq
+from opt_jax.checkpoints.peft import save_adapter
 from opt_jax.config import PRESETS, PUBLISHED_PARAMS, OPTConfig, preset
 from opt_jax.generation import (
     GenerateOutput,
@@ -61,8 +67,12 @@ _MOVED_MODULES = {
     "checkpoint": "opt_jax.checkpoints.orbax_io",
     "sharding": "opt_jax.parallel.sharding",
     "distributed": "opt_jax.parallel.distributed",
-    "memory": "opt_jax.parallel.memory",
-    "roofline": "opt_jax.parallel.roofline",
+    "memory": "opt_jax.planning.memory",
+    "roofline": "opt_jax.planning.roofline",
+    # Moved in 0.2 (one-way layering: planning sits above the model, parallel/ below it).
+    "parallel.memory": "opt_jax.planning.memory",
+    "parallel.roofline": "opt_jax.planning.roofline",
+    "training.tasks": "opt_jax.training.objectives",
 }
 
 
@@ -119,6 +129,7 @@ __all__ = [
     "param_logical_axes",
     "preset",
     "quantize",
+    "save_adapter",
     "save_pretrained",
     "stream_text",
     "train_tokenizer",

@@ -47,6 +47,24 @@ ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
 QUANTIZATIONS = ("none", "int8", "int4", "llm_int8")
 
 
+# The OPTConfig fields that define the architecture (the function a checkpoint's weights
+# compute): a checkpoint and the config it is loaded with must agree on all of them.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "ffn_dim",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "do_layer_norm_before",
+    "_remove_final_layer_norm",
+    "word_embed_proj_dim",
+    "activation_function",
+    "enable_bias",
+    "layer_norm_elementwise_affine",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class OPTConfig:
     """Architecture of an OPT decoder. Defaults are opt-125m (and HF's OPTConfig defaults)."""

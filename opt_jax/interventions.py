@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opt_jax.model import OPTForCausalLM
+from opt_jax.param_tree import unstack_layers
 
 # site -> (module path below the layer, "input" or "output" of that module's __call__)
 SITES = {
@@ -90,8 +91,6 @@ def _run(model, params, input_ids, attention_mask, inputs, on_site):
     `on_site.sites` ({(layer, path, kind): name}, see _parse)."""
     config = model.config
     if config.scan_layers:  # intercept per layer: run the unrolled layout of the same weights
-        from opt_jax.checkpoints.hf import unstack_layers
-
         config = config.replace(scan_layers=False)
         model, params = type(model)(config), unstack_layers(params)
     sites = on_site.sites
@@ -191,8 +190,6 @@ def logit_lens(model, params, input_ids, attention_mask=None, **inputs) -> jax.A
     base = model.config.replace(scan_layers=False)
     plain = params
     if model.config.scan_layers:
-        from opt_jax.checkpoints.hf import unstack_layers
-
         plain = unstack_layers(params)
     readout = OPTForCausalLM(base)
     return jnp.stack(

@@ -16,14 +16,11 @@ import jax.numpy as jnp
 
 from opt_jax.config import ACTIVATIONS, OPTConfig
 from opt_jax.kv_cache import KV_AXES, write_rows
+from opt_jax.ops.attention import EINSUM, attention, choose_impl
+from opt_jax.ops.quantized import quantized_matmul
 from opt_jax.parallel import sharding as ax
 
 LAYER_NORM_EPS = 1e-5
-# Tile of the TPU flash-attention kernel: its key/value blocks must be multiples of 128.
-FLASH_BLOCK = 128
-# Finite "minus infinity" for masked attention scores: exp() of it is exactly 0, and a fully
-# masked row (a padding query) yields a uniform softmax instead of NaN, in any dtype.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,9 +53,7 @@ class Linear(nn.Module):
         cfg = self.config
         n_in = len(self.in_axes)
         if cfg.quantization != "none":
-            from opt_jax import quantization
-
-            y = quantization.quantized_matmul(self, x, n_in)
+            y = quantized_matmul(self, x, n_in)
         else:
             kernel = self.param(
                 "kernel",
@@ -236,25 +231,17 @@ class OPTAttention(nn.Module):
         cfg = self.config
         qkv_axes = (ax.HEADS, ax.HEAD_DIM)
         features = (cfg.num_attention_heads, cfg.head_dim)
+        project = lambda name: dense(cfg, features, (ax.EMBED,), qkv_axes, name=name)  # noqa: E731
         # HF scales q after its bias is added; keep that order for bitwise-close parity.
-        q = (
-            dense(cfg, features, (ax.EMBED,), qkv_axes, name="q_proj")(x, deterministic)
-            * cfg.head_dim**-0.5
-        )
-        k = dense(cfg, features, (ax.EMBED,), qkv_axes, name="k_proj")(x, deterministic)
-        v = dense(cfg, features, (ax.EMBED,), qkv_axes, name="v_proj")(
-            x, deterministic
-        )  # [B, T, N, H]
+        q = project("q_proj")(x, deterministic) * cfg.head_dim**-0.5  # [B, T, N, H]
         q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+        # Keys and values heads-major, the cache's layout, so no contraction transposes them.
+        k = project("k_proj")(x, deterministic).transpose(0, 2, 1, 3)  # [B, N, T, H]
+        v = project("v_proj")(x, deterministic).transpose(0, 2, 1, 3)
 
         no_dropout = deterministic or not cfg.attention_dropout
         fused_ok = no_dropout and head_mask is None and not probs_out
-        if cfg.attention_impl == "flash" and cache_kv is None and fused_ok:
-            path = "flash"
-        elif cfg.attention_impl == "dot_product" and fused_ok:
-            path = "dot_product"
-        else:
-            path = "einsum"
+        impl = choose_impl(cfg.attention_impl, cached=cache_kv is not None, fused_ok=fused_ok)
         # A one-row decoding step (einsum path) attends to the cache as it was and to its own
         # key and value separately, and writes them afterwards. When it read the updated cache,
         # XLA:CPU fused the write (a plain dynamic_update_slice for one row, see write_rows)
@@ -262,89 +249,32 @@ class OPTAttention(nn.Module):
         # every layer's cache 4 times per step (8% of a 125m batch-1 step). Several rows write
         # through a vmap that XLA keeps in place, and reading the unwritten cache there made the
         # attention products slower (batch 8: 143 -> 197 ms per 64 steps), so they do not.
-        one_step = cache_kv is not None and x.shape[:2] == (1, 1) and path == "einsum"
-        if cache_kv is not None:
-            # The cache is heads-major so this step's contractions read it without a transpose.
-            new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, N, T, H]
-            if one_step:
-                k, v = cache_kv  # before this step's write
-            else:
-                cache_kv = _write_cache(cache_kv, new_k, new_v, index)
-                k, v = cache_kv  # [B, N, S, H]
+        one_step = cache_kv is not None and x.shape[:2] == (1, 1) and impl == EINSUM
+        own = None
+        new_k, new_v = k, v
+        if one_step:
+            k, v = cache_kv  # before this step's write
+            slot = (jnp.arange(k.shape[2])[None, :] == index[:, None])[:, None, None, :]
+            own = (slot, new_k, new_v)  # slot: [B, 1, 1, S]
+        elif cache_kv is not None:
+            cache_kv = _write_cache(cache_kv, new_k, new_v, index)
+            k, v = cache_kv  # [B, N, S, H]
 
-        probs = None
-        if path == "flash":
-            out = _tpu_flash_attention(q, k, v, key_mask=allowed[:, -1, :])
-        elif path == "dot_product":
-            # jax.nn.dot_product_attention dispatches to cuDNN flash attention on NVIDIA GPUs.
-            if cache_kv is not None:
-                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, N, H]
-            out = jax.nn.dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=1.0
-            )
-        else:
-            # Heads-major operands [B, N, T, H] (the cache already is): with [B, T, N, H] ones
-            # XLA:CPU fused the softmax into the probabilities x values product and ran the
-            # attention 2-3x slower (experiments/perf). Softmax in float32 whatever the compute
-            # dtype; masking with `where` (not an added bias) so a masked score never overflows.
-            q = q.transpose(0, 2, 1, 3)
-            if cache_kv is None:
-                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            scores = jnp.einsum("bnth,bnsh->bnts", q, k.astype(q.dtype))
-            if one_step:  # this step's own slot scores against its own (unwritten) key
-                slot = (jnp.arange(k.shape[2])[None, :] == index[:, None])[:, None, None, :]
-                own = jnp.einsum("bnth,bnth->bnt", q, new_k.astype(q.dtype))[..., None]
-                scores = jnp.where(slot, own, scores)  # slot: [B, 1, 1, S]
-            scores = jnp.where(allowed[:, None, :, :], scores.astype(jnp.float32), MASK_VALUE)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-            if head_mask is not None:  # as transformers: after the softmax, before dropout
-                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-            dropped = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-            if one_step:
-                own = jnp.where(slot, dropped, 0).sum(-1, keepdims=True)  # [B, N, 1, 1]
-                dropped = jnp.where(slot, 0, dropped)
-            out = jnp.einsum("bnts,bnsh->bnth", dropped, v.astype(cfg.compute_dtype))
-            if one_step:
-                out = out + own * new_v.astype(cfg.compute_dtype)
-                # The write after the reads: XLA orders operations by their data only, so the
-                # written values take a (zero) term from this step's attention output.
-                after = 0 * out[:, :, :1, :1]
-                cache_kv = _write_cache(cache_kv, new_k + after, new_v + after, index)
-            out = out.transpose(0, 2, 1, 3)
+        dropout = Dropout(cfg.attention_dropout)
+        out, probs = attention(
+            q, k, v, allowed, impl, dtype=cfg.compute_dtype, head_mask=head_mask,
+            dropout=lambda p: dropout(p, deterministic=deterministic), own=own,
+        )  # fmt: skip
+        if one_step:
+            # The write after the reads: XLA orders operations by their data only, so the
+            # written values take a (zero) term from this step's attention output.
+            after = 0 * out[:, :1, :1, :1]
+            cache_kv = _write_cache(cache_kv, new_k + after, new_v + after, index)
         # out: [B, T, N, H]
         out = dense(cfg, cfg.hidden_size, qkv_axes, (ax.EMBED,), name="out_proj")(
             out, deterministic
         )
         return out, cache_kv, probs if probs_out else None
-
-
-def _tpu_flash_attention(q, k, v, key_mask):
-    """Pallas flash attention for TPUs (jax.experimental.pallas.ops.tpu.flash_attention): causal,
-    padding as segment ids, so a real query attends to real keys only.
-
-    Args:
-      q: [B, T, N, H], already scaled; k, v: [B, T, N, H].
-      key_mask: [B, T] bool. (Without a cache the last query sees every key, so the caller
-        passes allowed[:, -1, :].)
-    Off TPU it runs only inside `pltpu.force_tpu_interpret_mode()` (the tests).
-    """
-    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-
-    if q.shape[1] % FLASH_BLOCK:
-        raise ValueError(
-            f"attention_impl='flash' needs a sequence length that is a multiple of {FLASH_BLOCK} "
-            f"(the kernel's tile), got {q.shape[1]}"
-        )
-    segments = key_mask.astype(jnp.int32)
-    out = tpu_flash.flash_attention(
-        q.transpose(0, 2, 1, 3),
-        k.transpose(0, 2, 1, 3).astype(q.dtype),
-        v.transpose(0, 2, 1, 3).astype(q.dtype),
-        segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments),
-        causal=True,
-        sm_scale=1.0,
-    )
-    return out.transpose(0, 2, 1, 3)  # [B, T, N, H]
 
 
 class OPTDecoderLayer(nn.Module):

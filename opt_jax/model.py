@@ -26,6 +26,7 @@ from opt_jax.layers import (
     token_embedding_init,
 )
 from opt_jax.parallel import sharding as ax
+from opt_jax.param_tree import unstack_layers
 
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2
@@ -147,6 +148,61 @@ def _check_inputs(config: OPTConfig, input_ids, inputs_embeds, attention_mask, c
     return shape
 
 
+def positions_and_mask(attention_mask, cache, shape, position_ids=None, segment_ids=None):
+    """Each token's position and which keys each query may attend to.
+
+    Args:
+      attention_mask: None, [B, T] (1 for real tokens) or a full [B, T, T] mask (see
+        OPTDecoder.__call__).
+      cache: None or the KVCache this call writes into.
+      shape: (B, T) of the input.
+      position_ids, segment_ids: as OPTDecoder.__call__ takes them (already checked).
+
+    Returns:
+      (positions [B, T] int32 (0-based, -1 on padding), allowed [B, T, S] bool, key_mask
+      [B, S] bool (which key slots hold real tokens after this call), real [B, T] int32).
+    """
+    batch, length = shape
+    full = None
+    if attention_mask is not None and attention_mask.ndim == 3:
+        full = attention_mask.astype(bool)  # [B, T, S=T]
+        attention_mask = jnp.diagonal(full, axis1=1, axis2=2)  # a token sees itself
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, length), bool)
+    mask = attention_mask.astype(bool)  # [B, T]
+    real = mask.astype(jnp.int32)
+
+    if cache is None:
+        # Positions from the mask (cumsum * mask - 1): left padding shifts nothing.
+        positions = jnp.cumsum(real, axis=1) * real - 1
+        key_mask, key_slots = mask, jnp.arange(length)  # [B, S=T], [S]
+        query_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    else:
+        # Each row continues from its own real-token count and its own write slot.
+        positions = jnp.where(mask, cache.position[:, None] + jnp.cumsum(real, axis=1) - 1, -1)
+        key_mask = write_rows(cache.slot_mask, mask, cache.index)  # [B, S]
+        key_slots = jnp.arange(cache.max_length)
+        query_slots = cache.index[:, None] + jnp.arange(length)  # [B, T]
+    if segment_ids is not None:
+        # Real tokens before this one in its segment: the running count minus the count
+        # before the segment's first token (the run starts where the id changes).
+        count = jnp.cumsum(real, axis=1)
+        starts = segment_ids != jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+        before = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
+        positions = (count - before) * real - 1
+    if full is not None:  # a token's position: how many tokens it sees, minus one
+        positions = jnp.where(mask, full.sum(axis=2) - 1, -1)
+    if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
+        positions = position_ids.astype(jnp.int32)
+    if full is not None:  # used as given
+        return positions, full, key_mask, real
+    # Causal in slot order, and never attend to a padding slot
+    allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+    if segment_ids is not None:  # nor across packed sequences
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return positions, allowed, key_mask, real
+
+
 class OPTDecoder(nn.Module):
     """Embeddings, the layer stack, the final LayerNorm and project_out (HF's OPTDecoder)."""
 
@@ -256,86 +312,13 @@ class OPTDecoder(nn.Module):
             cfg, input_ids, inputs_embeds, attention_mask, cache,
             (position_ids, head_mask, segment_ids),
         )  # fmt: skip
-        full = None
-        if attention_mask is not None and attention_mask.ndim == 3:
-            full = attention_mask.astype(bool)  # [B, T, S=T]
-            attention_mask = jnp.diagonal(full, axis1=1, axis2=2)  # a token sees itself
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, length), bool)
-        mask = attention_mask.astype(bool)  # [B, T]
-        real = mask.astype(jnp.int32)
-
-        if cache is None:
-            # Positions from the mask (cumsum * mask - 1): left padding shifts nothing.
-            positions = jnp.cumsum(real, axis=1) * real - 1
-            key_mask, key_slots = mask, jnp.arange(length)  # [B, S=T], [S]
-            query_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        else:
-            # Each row continues from its own real-token count and its own write slot.
-            positions = jnp.where(mask, cache.position[:, None] + jnp.cumsum(real, axis=1) - 1, -1)
-            key_mask = write_rows(cache.slot_mask, mask, cache.index)  # [B, S]
-            key_slots = jnp.arange(cache.max_length)
-            query_slots = cache.index[:, None] + jnp.arange(length)  # [B, T]
-        if segment_ids is not None:
-            # Real tokens before this one in its segment: the running count minus the count
-            # before the segment's first token (the run starts where the id changes).
-            count = jnp.cumsum(real, axis=1)
-            starts = segment_ids != jnp.pad(
-                segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1
-            )
-            before = jax.lax.cummax(jnp.where(starts, count - real, 0), axis=1)
-            positions = (count - before) * real - 1
-        if full is not None:
-            positions = jnp.where(mask, full.sum(axis=2) - 1, -1)
-        if position_ids is not None:  # transformers' position_ids: 0-based, before the offset
-            positions = position_ids.astype(jnp.int32)
-        if full is not None:  # used as given
-            allowed = full
-        else:  # causal in slot order, and never attend to a padding slot
-            allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
-            if segment_ids is not None:  # nor across packed sequences
-                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-
-        # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
-        if inputs_embeds is None:
-            x = self.embed_tokens(input_ids)  # [B, T, P]
-        else:
-            x = inputs_embeds.astype(cfg.compute_dtype)
-        if cfg.has_projections:
-            x = self.project_in(x)  # [B, T, D]
-        x = x + self.embed_positions(positions + POSITION_OFFSET)
-        x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
-        embeddings = x
-
-        index = None if cache is None else cache.index
-        if head_mask is not None and head_mask.ndim == 1:  # one [N] mask for every layer
-            head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, *head_mask.shape))
-        flags = (output_attentions, output_hidden_states)
-        if cfg.scan_layers:
-            # The cache is stacked [L, ...]: scanned alongside the stacked parameters, as are the
-            # head mask rows and (stacked on the way out) probabilities and layer outputs.
-            layer_caches = None if cache is None else (cache.key, cache.value)
-            x, (layer_caches, probs, hidden) = self.layers(
-                x, allowed, layer_caches, index, deterministic, head_mask, *flags
-            )
-            new_key, new_value = (None, None) if cache is None else layer_caches
-            probs = None if probs is None else tuple(probs)  # [L, B, N, T, S] -> L-tuple
-            hidden = None if hidden is None else tuple(hidden)
-        else:
-            new_key, new_value, probs, hidden = [], [], [], []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache.key[i], cache.value[i])
-                layer_mask = None if head_mask is None else head_mask[i]
-                x, (layer_cache, layer_probs, layer_out) = layer(
-                    x, allowed, layer_cache, index, deterministic, layer_mask, *flags
-                )
-                if cache is not None:
-                    new_key.append(layer_cache[0])
-                    new_value.append(layer_cache[1])
-                probs.append(layer_probs)
-                hidden.append(layer_out)
-            new_key, new_value = tuple(new_key), tuple(new_value)
-
+        positions, allowed, key_mask, real = positions_and_mask(
+            attention_mask, cache, (batch, length), position_ids, segment_ids
+        )
+        x = embeddings = self._embed(input_ids, inputs_embeds, positions)  # [B, T, D]
+        x, new_cache, probs, hidden = self._layer_stack(
+            x, allowed, cache, deterministic, head_mask, (output_attentions, output_hidden_states)
+        )
         if cfg.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if cfg.has_projections:
@@ -343,8 +326,8 @@ class OPTDecoder(nn.Module):
 
         if cache is not None:
             cache = KVCache(
-                key=new_key,
-                value=new_value,
+                key=new_cache[0],
+                value=new_cache[1],
                 slot_mask=key_mask,
                 index=cache.index + length,
                 position=cache.position + real.sum(axis=1),
@@ -356,6 +339,57 @@ class OPTDecoder(nn.Module):
             hidden_states=(embeddings, *hidden[:-1], x) if output_hidden_states else None,
             attentions=tuple(probs) if output_attentions else None,
         )
+
+    def _embed(self, input_ids, inputs_embeds, positions) -> jax.Array:
+        """Token (or given) embeddings, project_in, plus learned positions -> [B, T, D]."""
+        cfg = self.config
+        # OPT has no embedding scale, embedding LayerNorm or embedding dropout.
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids)  # [B, T, P]
+        else:
+            x = inputs_embeds.astype(cfg.compute_dtype)
+        if cfg.has_projections:
+            x = self.project_in(x)  # [B, T, D]
+        # OPT's learned positions are offset by 2: real tokens start at row 2, padding at 1.
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        return nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+
+    def _layer_stack(self, x, allowed, cache, deterministic, head_mask, flags):
+        """Runs the L layers (scanned or unrolled) over x [B, T, D].
+
+        Returns:
+          (x [B, T, D], (keys, values) of the updated cache (L-tuples, or [L, ...] arrays when
+          scanned; None without a cache), L attention probabilities or Nones, L layer outputs
+          or Nones).
+        """
+        cfg = self.config
+        index = None if cache is None else cache.index
+        if head_mask is not None and head_mask.ndim == 1:  # one [N] mask for every layer
+            head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, *head_mask.shape))
+        if cfg.scan_layers:
+            # The cache is stacked [L, ...]: scanned alongside the stacked parameters, as are the
+            # head mask rows and (stacked on the way out) probabilities and layer outputs.
+            layer_caches = None if cache is None else (cache.key, cache.value)
+            x, (layer_caches, probs, hidden) = self.layers(
+                x, allowed, layer_caches, index, deterministic, head_mask, *flags
+            )
+            probs = None if probs is None else tuple(probs)  # [L, B, N, T, S] -> L-tuple
+            hidden = None if hidden is None else tuple(hidden)
+            return x, layer_caches, probs, hidden
+        keys, values, probs, hidden = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.key[i], cache.value[i])
+            layer_mask = None if head_mask is None else head_mask[i]
+            x, (layer_cache, layer_probs, layer_out) = layer(
+                x, allowed, layer_cache, index, deterministic, layer_mask, *flags
+            )
+            if cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+            probs.append(layer_probs)
+            hidden.append(layer_out)
+        new_cache = None if cache is None else (tuple(keys), tuple(values))
+        return x, new_cache, probs, hidden
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: [B, T, P] -> [B, T, V] logits (float32)."""
@@ -509,8 +543,6 @@ def abstract_params(config: OPTConfig, module: nn.Module | None = None):
     if module is None and not config.scan_layers and config.num_hidden_layers > 1:
         # Every decoder layer has the same parameters: trace one (the scanned model's) and name
         # it per layer, rather than trace them all (0.8 s of every 125m checkpoint load).
-        from opt_jax.checkpoints.hf import unstack_layers
-
         return jax.eval_shape(unstack_layers, abstract_params(config.replace(scan_layers=True)))
     module = module or model_for(config)
     variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())

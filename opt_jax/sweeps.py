@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from opt_jax.training.metrics import read_metrics
+
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
 STATUS_FILE = "sweep_status.json"
 
@@ -196,8 +198,6 @@ def _metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    from opt_jax.training.metrics import read_metrics
-
     return read_metrics(run_dir)
 
 

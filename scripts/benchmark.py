@@ -28,8 +28,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import opt_jax
-from opt_jax.parallel import roofline
-from opt_jax.parallel.roofline import decode_bytes_per_step, device_peaks, model_flops_per_token
+from opt_jax.planning import roofline
+from opt_jax.planning.roofline import decode_bytes_per_step, device_peaks, model_flops_per_token
 from opt_jax.training import train
 from opt_jax.training.experiment import base_config
 

@@ -85,7 +85,7 @@ def main(argv):
     import numpy as np
 
     import opt_jax
-    from opt_jax.parallel import roofline
+    from opt_jax.planning import roofline
 
     f = flags.FLAGS
     config, params = opt_jax.load_pretrained(f.model)

@@ -129,7 +129,7 @@ def main(argv):
         "sequential": sum(r[2] for r in sequential) / sum(r[0] for r in sequential),
         "hf_sequential": f.tokens * len(hf_times) / sum(hf_times),
     }
-    from opt_jax.parallel import roofline
+    from opt_jax.planning import roofline
 
     report = {
         "cpu": roofline.describe_cpu(),

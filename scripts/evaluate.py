@@ -154,7 +154,7 @@ def main(argv):
             hf = run_tasks(model_dir, f, backend="hf", task_manager=manager)
             ours = results["tasks"]["seconds"]
             from opt_jax.eval_harness import TIMINGS
-            from opt_jax.parallel import roofline
+            from opt_jax.planning import roofline
 
             results["benchmark"] = {
                 "opt_jax_s": ours,

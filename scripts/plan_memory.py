@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 
 import opt_jax
-from opt_jax.parallel import memory
+from opt_jax.planning import memory
 
 flags.DEFINE_string("preset", "125m", "Model size.")
 flags.DEFINE_string("mesh", "1,1,1", "data,fsdp,tensor sizes.")

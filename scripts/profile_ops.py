@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import opt_jax  # noqa: E402
-from opt_jax.parallel import roofline  # noqa: E402
+from opt_jax.planning import roofline  # noqa: E402
 from opt_jax.training import train  # noqa: E402
 from opt_jax.training.experiment import base_config  # noqa: E402
 

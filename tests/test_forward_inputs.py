@@ -112,7 +112,7 @@ def test_every_head_returns_them_under_jit_and_scan_layers(models):
     flags = dict(output_hidden_states=True, output_attentions=True)
     reference = _ours(config, params, ids, mask, **flags)
     scanned = config.replace(scan_layers=True)
-    stacked = opt_jax.checkpoints.hf.stack_layers(params, config.num_hidden_layers)
+    stacked = opt_jax.param_tree.stack_layers(params, config.num_hidden_layers)
     run = jax.jit(
         lambda p, i, m, h: opt_jax.OPTForCausalLM(scanned).apply(
             {"params": p}, i, attention_mask=m, head_mask=h, **flags

@@ -242,7 +242,7 @@ def test_text_api_and_stop_strings(tokenizer):
 )
 @pytest.mark.parametrize("strategy", [{}, dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
 def test_generation_does_not_depend_on_implementation_options(impl, strategy):
-    from opt_jax.checkpoints.hf import stack_layers
+    from opt_jax.param_tree import stack_layers
 
     config = CONFIG.replace(**impl)
     params = stack_layers(PARAMS, CONFIG.num_hidden_layers) if config.scan_layers else PARAMS

@@ -9,7 +9,7 @@ import pytest
 from conftest import ragged_batch, random_tiny_model
 
 from opt_jax import interventions as iv
-from opt_jax.checkpoints.hf import stack_layers
+from opt_jax.param_tree import stack_layers
 
 CONFIG, MODEL, PARAMS = random_tiny_model(init_std=0.3, noise_seed=3, dropout=0.0)
 POST_LN = random_tiny_model(

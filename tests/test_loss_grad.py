@@ -64,7 +64,7 @@ def test_loss_ignores_padding_and_counts_targets():
     ids=["remat_full", "remat_dots", "scan", "scan_remat_dot_product"],
 )  # fmt: skip
 def test_gradients_do_not_depend_on_implementation_options(hf_dir, impl):
-    from opt_jax.checkpoints.hf import unstack_layers
+    from opt_jax.param_tree import unstack_layers
 
     _, directory = hf_dir("post_ln_project", dropout=0.0)
     ids, mask = ragged_batch(side="right")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import opt_jax
-from opt_jax.parallel import memory
+from opt_jax.planning import memory
 from opt_jax.training import train
 from opt_jax.training.experiment import base_config
 

@@ -12,7 +12,7 @@ from flax import traverse_util
 import opt_jax
 from opt_jax import quantization
 from opt_jax.checkpoints import orbax_io
-from opt_jax.checkpoints.hf import stack_layers
+from opt_jax.param_tree import stack_layers
 
 CONFIG, MODEL, PARAMS = random_tiny_model(
     init_std=0.2, noise_seed=5, dropout=0.0, hidden_size=32, ffn_dim=64

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import opt_jax
-from opt_jax.parallel import roofline
+from opt_jax.planning import roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -376,13 +376,13 @@ def test_peft_task_adapter_loads_onto_a_language_model_base(base, tmp_path, head
 def test_a_task_on_a_config_without_its_fields_is_named(tmp_path):
     from train_helpers import tiny_train_config
 
-    from opt_jax.training import tasks
+    from opt_jax.training import objectives
 
     config = tiny_train_config(task="qa")
     with pytest.raises(ValueError, match=r"needs data.train_file, .* start from configs/qa.py"):
-        tasks.build(config, str(tmp_path), resuming=False)
+        objectives.build(config, str(tmp_path), resuming=False)
     with pytest.raises(ValueError, match=r"config.task 'ner' is not one of"):
-        tasks.build(tiny_train_config(task="ner"), str(tmp_path), resuming=False)
+        objectives.build(tiny_train_config(task="ner"), str(tmp_path), resuming=False)
 
 
 def test_classification_resumes_exactly_on_a_two_device_mesh(base, tmp_path):

@@ -21,7 +21,7 @@ from train_helpers import tiny_train_config
 
 import opt_jax
 from opt_jax.checkpoints import orbax_io as checkpoint
-from opt_jax.parallel import roofline
+from opt_jax.planning import roofline
 from opt_jax.training import train
 from opt_jax.training.metrics import read_metrics
 from opt_jax.training.step import decay_mask

@@ -12,20 +12,29 @@ memory stays near one copy of the model. Nothing here touches the network.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from opt_jax.checkpoints import torch_reader
+from opt_jax import param_tree
+from opt_jax._deprecation import moved
+from opt_jax.checkpoints import orbax_io, peft, torch_reader
+from opt_jax.checkpoints.hf_layout import (  # noqa: F401  (CheckpointError, hf_name: public here)
+    CheckpointError,
+    from_hf_layout,
+    hf_name,
+    hf_shape,
+    to_hf_layout,
+)
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params
+from opt_jax.quantization import check_method, quantize_kernel
+from opt_jax.quantization import quantize as quantize_params
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -34,89 +43,6 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 _SAFE_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # The tied LM head: HF ties it to embed_tokens, the original facebook files omit it.
 TIED_LM_HEAD = "lm_head.weight"
-# Flax leaf name -> torch leaf name.
-_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: names the offending tensors."""
-
-
-# --------------------------------------------------------------------------------------------
-# Names and layouts
-# --------------------------------------------------------------------------------------------
-def hf_name(path: tuple[str, ...]) -> str:
-    """('model', 'decoder', 'layers_3', 'fc1', 'kernel') -> 'model.decoder.layers.3.fc1.weight'."""
-    parts = []
-    for part in path[:-1]:
-        if part.startswith("layers_") and part[7:].isdigit():
-            parts += ["layers", part[7:]]
-        else:
-            parts.append(part)
-    parts.append(_LEAF_NAMES[path[-1]])
-    return ".".join(parts)
-
-
-def _num_in_axes(path: tuple[str, ...]) -> int:
-    # out_proj's kernel is [N, H, D]: two input axes. Every other kernel has one.
-    return 2 if path[-2] == "out_proj" else 1
-
-
-def hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torch shape of the parameter that has `shape` in our layout."""
-    if path[-1] == "kernel":
-        n_in = _num_in_axes(path)
-        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-    if path[-1] == "bias":
-        return (math.prod(shape),)
-    return tuple(shape)
-
-
-def to_hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    """Our layout -> torch layout (a transpose for kernels, a flatten for per-head biases)."""
-    if path[-1] == "kernel":
-        n_in = _num_in_axes(path)
-        value = value.reshape(math.prod(value.shape[:n_in]), -1).T
-        return np.ascontiguousarray(value)
-    if path[-1] == "bias":
-        return value.reshape(-1)
-    return value
-
-
-def from_hf_layout(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Torch layout -> our layout, checking the torch shape first."""
-    expected = hf_shape(path, shape)
-    if tuple(value.shape) != expected:
-        raise CheckpointError(
-            f"tensor {hf_name(path)} has shape {tuple(value.shape)}, the config expects {expected}"
-        )
-    if path[-1] == "kernel":
-        return value.T.reshape(shape)
-    return value.reshape(shape)
-
-
-def _decoder(params: dict) -> dict:
-    return params["decoder"] if "decoder" in params else params["model"]["decoder"]
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """Unrolled layout (`layers_0` … `layers_{L-1}`) -> scan layout (`layers`, leading L axis)."""
-    params = jax.tree.map(lambda x: x, params)  # a copy of the containers, not the arrays
-    decoder = _decoder(params)
-    layers = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
-    decoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    return params
-
-
-def unstack_layers(params: dict) -> dict:
-    """Scan layout -> unrolled layout (the inverse of stack_layers)."""
-    params = jax.tree.map(lambda x: x, params)
-    decoder = _decoder(params)
-    stacked = decoder.pop("layers")
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    for i in range(num_layers):
-        decoder[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return params
 
 
 def _canonical_key(key: str, root_is_decoder: bool) -> str:
@@ -258,18 +184,17 @@ def load_pretrained(
     if architecture:
         overrides["architecture"] = architecture
     overrides.update(config_overrides)
-    from opt_jax.checkpoints import orbax_io
+    config, params = _load_base(path, shardings, quantize, overrides)
+    if adapter is not None:  # QLoRA when quantised: the adapters go onto the quantised base
+        config, params = peft.load_adapter(adapter, config, params)
+    return config, params
 
-    if adapter is not None:
-        from opt_jax import lora
 
-        config, params = load_pretrained(path, shardings=shardings, quantize=quantize, **overrides)
-        return lora.load_adapter(adapter, config, params)  # QLoRA: onto the quantised base
+def _load_base(path: str, shardings, quantize: str | None, overrides: dict):
+    """The base weights of an HF directory or an orbax export, optionally quantised."""
     if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
         config, params = orbax_io.load_params(path, shardings, **overrides)
         if quantize is not None:  # orbax restores whole arrays: quantise after loading
-            from opt_jax.quantization import quantize as quantize_params
-
             config, params = quantize_params(config, params, quantize)
         return config, params
     config = OPTConfig.from_hf(path, **overrides)
@@ -280,8 +205,6 @@ def load_pretrained(
         for key, value in iter_tensors(file)
     )
     if quantize is not None:
-        from opt_jax.quantization import check_method
-
         check_method(config, quantize)
         if shardings is not None:
             raise ValueError("quantize= and shardings= together are not supported yet")
@@ -326,9 +249,7 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
             raise CheckpointError(f"tensor {name} appears twice in the checkpoint (as {key})")
         array = from_hf_layout(p, value, spec.shape).astype(target_dtype, copy=False)
         if method != "none" and p[-1] == "kernel":
-            from opt_jax.quantization import quantize_kernel
-
-            n_out = len(spec.shape) - _num_in_axes(p)
+            n_out = len(spec.shape) - param_tree.num_in_axes(p)
             q, scale = quantize_kernel(array, n_out, config, "/".join(p[:-1]))
             flat[p], flat[p[:-1] + ("scale",)] = jax.device_put(q), jax.device_put(scale)
             del value, array
@@ -351,7 +272,7 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
         )
     params = traverse_util.unflatten_dict(flat)
     if config.scan_layers:
-        params = stack_layers(params, config.num_hidden_layers)
+        params = param_tree.stack_layers(params, config.num_hidden_layers)
     return params
 
 
@@ -360,11 +281,11 @@ def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
     if config.lora_rank:
         raise CheckpointError(
             "the params hold LoRA adapters: merge them first (opt_jax.lora.merge) or save them "
-            "as a PEFT adapter (opt_jax.lora.save_adapter)"
+            "as a PEFT adapter (opt_jax.checkpoints.peft.save_adapter)"
         )
     params = nn.unbox(params)  # flax's model.init(...)["params"] comes boxed
     if config.scan_layers:
-        params, config = unstack_layers(params), config.replace(scan_layers=False)
+        params, config = param_tree.unstack_layers(params), config.replace(scan_layers=False)
     expected = traverse_util.flatten_dict(abstract_params(config))
     flat = traverse_util.flatten_dict(params)
     missing = sorted(hf_name(p) for p in expected if p not in flat)
@@ -436,3 +357,14 @@ def save_pretrained(
         if stale and name not in current:
             os.remove(os.path.join(path, name))
     config.replace(param_dtype=param_dtype).save_hf(path)
+
+
+# Names that moved out of this module (0.1's layout), still importable with a warning.
+__getattr__ = moved(
+    __name__,
+    {
+        "stack_layers": "opt_jax.param_tree",
+        "unstack_layers": "opt_jax.param_tree",
+        "_num_in_axes": "opt_jax.param_tree:num_in_axes",
+    },
+)

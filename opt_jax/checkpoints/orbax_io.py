@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params
+from opt_jax.parallel.sharding import sync
 
 PARAMS_DIR = "params"
 
@@ -23,8 +24,6 @@ PARAMS_DIR = "params"
 def save_params(directory: str | os.PathLike, config: OPTConfig, params) -> None:
     """Writes the params (orbax) and their config.json. Orbax commits atomically: an
     interrupted save leaves no `params/` directory that looks complete."""
-    from opt_jax.parallel.sharding import sync
-
     directory = os.path.abspath(os.fspath(directory))  # orbax requires absolute paths
     target = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(target):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opt_jax.model import OPTForCausalLM, OPTModel
+from opt_jax.param_tree import tied_embedding
 from opt_jax.tokenizer import OPTTokenizer
 
 # Requests are packed several to a row (the attention mask keeps them apart) into rows of this
@@ -60,7 +61,7 @@ def _programs(config):
 
         def head(params, hidden, positions, targets):
             hidden = hidden.reshape(-1, hidden.shape[-1])[positions]  # [K, P]
-            table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            table = tied_embedding(params)
             return score_targets(
                 hidden.astype(config.compute_dtype), table.astype(config.compute_dtype), targets
             )

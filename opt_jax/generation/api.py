@@ -27,6 +27,7 @@ from opt_jax.generation.config import GenerationConfig
 from opt_jax.generation.decoding import decode
 from opt_jax.kv_cache import KVCache
 from opt_jax.model import OPTForCausalLM, OPTModel
+from opt_jax.param_tree import tied_embedding
 from opt_jax.validation import validate_token_ids
 
 # Prompt and new-token lengths are rounded up to multiples of this for static shapes.
@@ -85,44 +86,46 @@ def generate(
     if not isinstance(model, OPTForCausalLM):
         raise ValueError(f"generate needs an OPTForCausalLM, got {type(model).__name__}")
     config = model.config
-    cfg = (generation_config or GenerationConfig()).replace(**options).for_model(config)
-    if cfg.max_new_tokens is None:
+    gen_config = (generation_config or GenerationConfig()).replace(**options).for_model(config)
+    if gen_config.max_new_tokens is None:
         raise ValueError("max_new_tokens is required (pass max_new_tokens=N)")
-    if streamer is not None and cfg.is_beam:
+    if streamer is not None and gen_config.is_beam:
         raise ValueError("streaming is not available for beam search (beams are reordered)")
-    ids, mask = _check_prompt(input_ids, attention_mask, config, cfg.max_new_tokens)
+    ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
 
     # Static shapes: bucket the prompt (extra left padding is harmless: positions come from the
     # mask) and the buffer, capped so that every slot has a position embedding.
     batch, prompt_len = ids.shape
     limit = config.max_position_embeddings
-    bucket_prompt = min(_round_up(prompt_len, BUCKET), limit - cfg.max_new_tokens)
-    buffer_length = min(bucket_prompt + _round_up(cfg.max_new_tokens, BUCKET), limit)
+    bucket_prompt = min(_round_up(prompt_len, BUCKET), limit - gen_config.max_new_tokens)
+    buffer_length = min(bucket_prompt + _round_up(gen_config.max_new_tokens, BUCKET), limit)
     extra = bucket_prompt - prompt_len
-    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
+    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
     mask = np.pad(mask, ((0, 0), (extra, 0)))
-    copies = cfg.num_beams if cfg.is_beam else cfg.num_return_sequences
+    copies = gen_config.num_beams if gen_config.is_beam else gen_config.num_return_sequences
     ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
     prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
 
     params = nn.unbox(params)
-    program = _compiled(config, cfg.program(), streamer is not None)
-    values = {name: jnp.float32(v) for name, v in cfg.values().items()}
+    program = _compiled(config, gen_config.program(), streamer is not None)
+    values = {name: jnp.float32(v) for name, v in gen_config.values().items()}
     stream_id = 0 if streamer is None else _register_streamer(streamer)
     try:
         tokens, logprobs, scores = program(
             params, lm_head_copy(params), jnp.asarray(ids), jnp.asarray(mask), prng_key,
-            values, cfg.max_new_tokens, jnp.int32(stream_id), buffer_length,
+            values, gen_config.max_new_tokens, jnp.int32(stream_id), buffer_length,
         )  # fmt: skip
         tokens = np.asarray(tokens)  # waits for the device, and so for every streamed token
     finally:
         if streamer is not None:
             _unregister_streamer(stream_id)
-    if cfg.is_beam:  # beam_search returns [B, num_return_sequences, L]
-        tokens = tokens.reshape(batch * cfg.num_return_sequences, -1)
+    if gen_config.is_beam:  # beam_search returns [B, num_return_sequences, L]
+        tokens = tokens.reshape(batch * gen_config.num_return_sequences, -1)
     return GenerateOutput(
-        sequences=tokens[:, extra : bucket_prompt + cfg.max_new_tokens].astype(np.int32),
-        logprobs=np.asarray(logprobs)[:, : cfg.max_new_tokens] if cfg.output_logprobs else None,
+        sequences=tokens[:, extra : bucket_prompt + gen_config.max_new_tokens].astype(np.int32),
+        logprobs=np.asarray(logprobs)[:, : gen_config.max_new_tokens]
+        if gen_config.output_logprobs
+        else None,
         sequences_scores=None if scores is None else np.asarray(scores).reshape(-1),
     )
 
@@ -206,7 +209,7 @@ def opt_tokens_to_logits(config, params, head=None):
         hidden = out.last_hidden_state  # [B, T, P]
         last = hidden[:, -1].astype(config.compute_dtype)
         if head is None:
-            embedding = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            embedding = tied_embedding(params)
             logits = jnp.einsum("bp,vp->bv", last, embedding.astype(config.compute_dtype))
         else:
             logits = jnp.einsum("bp,pv->bv", last, head.astype(config.compute_dtype))
@@ -227,7 +230,7 @@ _transposed = jax.jit(lambda table: table.T)
 
 def lm_head_copy(params) -> jax.Array | None:
     """The [P, V] LM-head copy to decode with, or None (use the embedding as it is)."""
-    table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+    table = tied_embedding(params)
     if not isinstance(table, jax.Array) or len(table.sharding.device_set) != 1:
         return None
     if next(iter(table.sharding.device_set)).platform != "cpu":

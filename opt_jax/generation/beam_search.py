@@ -51,7 +51,7 @@ def _gather(x, idx):
 
 def beam_search(
     tokens_to_logits,
-    cfg: GenerationConfig,
+    gen_config: GenerationConfig,
     prompt,
     prompt_mask,
     cache,
@@ -60,26 +60,26 @@ def beam_search(
     rng=None,
     values: dict | None = None,
 ):
-    """Beam search (beam sampling when cfg.do_sample) over a prompt repeated K times per row.
+    """Beam search (beam sampling when gen_config.do_sample) over a prompt repeated K times per row.
 
     Args:
       prompt, prompt_mask: [N, Tb] with each row's prompt repeated num_beams times.
       cache: empty cache for N rows and buffer_length slots.
-      values: the traced options (see decoding.decode); None takes them from cfg.
+      values: the traced options (see decoding.decode); None takes them from gen_config.
 
     Returns:
       (tokens [B, num_return_sequences, L], None, scores [B, num_return_sequences]).
     """
-    _check_resolved(cfg)
-    values = cfg.values() if values is None else values
+    _check_resolved(gen_config)
+    values = gen_config.values() if values is None else values
     length_penalty = values["length_penalty"]
-    k = cfg.num_beams
+    k = gen_config.num_beams
     n, prompt_len = prompt.shape
     batch = n // k
-    keep = max(2, 1 + len(cfg.eos_token_id)) * k
+    keep = max(2, 1 + len(gen_config.eos_token_id)) * k
     top_k_mask = jnp.arange(keep) < k  # only the best K candidates may finish
     length = buffer_length
-    tokens = jnp.full((batch, k, length), cfg.pad_token_id, jnp.int32)
+    tokens = jnp.full((batch, k, length), gen_config.pad_token_id, jnp.int32)
     tokens = tokens.at[:, :, :prompt_len].set(prompt.reshape(batch, k, prompt_len))
     prompt_valid = jnp.zeros((batch, k, length), bool)
     prompt_valid = prompt_valid.at[:, :, :prompt_len].set(prompt_mask.reshape(batch, k, -1))
@@ -106,7 +106,7 @@ def beam_search(
         valid = prompt_valid | (generated & (jnp.arange(length) < end))[None, None, :]
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
         log_probs = process_logits(
-            cfg,
+            gen_config,
             values,
             log_probs,
             s.running.reshape(n, length),
@@ -115,14 +115,14 @@ def beam_search(
             s.step,
             generated,
         )
-        if cfg.do_sample:
+        if gen_config.do_sample:
             # As transformers: each warper keeps len(eos) + 1 tokens so a beam can go on.
-            log_probs = warp_logits(cfg, values, log_probs, cfg.beam_min_keep)
+            log_probs = warp_logits(gen_config, values, log_probs, gen_config.beam_min_keep)
         vocab = log_probs.shape[-1]
         scores = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(
             batch, k * vocab
         )
-        if cfg.do_sample:
+        if gen_config.do_sample:
             # Sampling C continuations without replacement: the Gumbel top-k trick.
             gumbel = jax.random.gumbel(jax.random.fold_in(rng, s.step), scores.shape)
             picked = jax.lax.top_k(scores + gumbel, keep)[1]
@@ -139,12 +139,12 @@ def beam_search(
         )
 
         # Which candidates stop here: EOS, a stop sequence, or the length limit.
-        hits = jnp.isin(cand_token, jnp.asarray(cfg.eos_token_id))
+        hits = jnp.isin(cand_token, jnp.asarray(gen_config.eos_token_id))
         hits |= s.step + 1 >= max_new_tokens
-        if cfg.stop_sequences:
+        if gen_config.stop_sequences:
             flat_seq = cand_seq.reshape(batch * keep, length)
             flat_valid = jnp.ones_like(flat_seq, bool)
-            for seq in cfg.stop_sequences:
+            for seq in gen_config.stop_sequences:
                 hits |= ends_with(flat_seq, flat_valid, end + 1, seq).reshape(batch, keep)
 
         # The best K candidates that did not stop keep running.
@@ -156,7 +156,7 @@ def beam_search(
         # Candidates among the top K that stopped compete for the finished list.
         just_finished = hits & top_k_mask[None, :]
         final_scores = cand_scores / ((s.step + 1).astype(jnp.float32) ** length_penalty)
-        if cfg.early_stopping is True:
+        if gen_config.early_stopping is True:
             final_scores += s.is_finished.all(-1, keepdims=True) * LOW
         final_scores += (~s.can_improve) * LOW
         final_scores += (~just_finished) * LOW
@@ -175,14 +175,14 @@ def beam_search(
         # transformers' early-stop heuristic: can a running beam still beat the worst finished?
         generated_len = (s.step + 1).astype(jnp.float32)
         best_len = generated_len
-        if cfg.early_stopping == "never":
+        if gen_config.early_stopping == "never":
             longest = jnp.asarray(max_new_tokens, jnp.float32)
             best_len = jnp.where(length_penalty > 0, longest, generated_len)
         best_running = running_scores[:, :1] / best_len**length_penalty
         worst_finished = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), LOW)
         can_improve = s.can_improve & (best_running > worst_finished).any(-1, keepdims=True)
         go_on = can_improve.any() & ~hits.all()
-        if cfg.early_stopping is True:
+        if gen_config.early_stopping is True:
             go_on &= ~is_finished.all()
         return BeamState(
             step=s.step + 1,
@@ -198,5 +198,5 @@ def beam_search(
         )
 
     state = jax.lax.while_loop(lambda s: s.go_on, body, state)
-    r = cfg.num_return_sequences
+    r = gen_config.num_return_sequences
     return state.finished[:, :r], None, state.finished_scores[:, :r]

@@ -174,15 +174,15 @@ class GenerationConfig:
         NoBadWordsLogitsProcessor does), so EOS stays allowed."""
         eos = self.eos_token_id
         eos = (model_config.eos_token_id,) if eos is None else eos
-        cfg = self.replace(
+        gen_config = self.replace(
             eos_token_id=eos,
             pad_token_id=model_config.pad_token_id
             if self.pad_token_id is None
             else self.pad_token_id,
             bad_words_ids=tuple(s for s in self.bad_words_ids if s not in {(e,) for e in eos}),
         )
-        _check_vocabulary(cfg, model_config.vocab_size)
-        return cfg
+        _check_vocabulary(gen_config, model_config.vocab_size)
+        return gen_config
 
 
 def options() -> tuple[dataclasses.Field, ...]:
@@ -261,81 +261,84 @@ _NORMALISERS = {
 }
 
 
-def _check(cfg: GenerationConfig) -> None:
+def _check(gen_config: GenerationConfig) -> None:
     """Ranges and combinations that need no model."""
     for name in ("num_beams", "num_return_sequences"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.is_beam and cfg.num_return_sequences > cfg.num_beams:
+        if getattr(gen_config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(gen_config, name)}")
+    if gen_config.is_beam and gen_config.num_return_sequences > gen_config.num_beams:
         raise ValueError(
-            f"num_return_sequences ({cfg.num_return_sequences}) must be <= num_beams "
-            f"({cfg.num_beams}) in beam search"
+            f"num_return_sequences ({gen_config.num_return_sequences}) must be <= num_beams "
+            f"({gen_config.num_beams}) in beam search"
         )
-    if not cfg.is_beam and not cfg.do_sample and cfg.num_return_sequences > 1:
+    if not gen_config.is_beam and not gen_config.do_sample and gen_config.num_return_sequences > 1:
         raise ValueError(
             "num_return_sequences > 1 needs do_sample=True or beam search: greedy decoding "
             "would return identical copies"
         )
-    if cfg.is_beam and cfg.output_logprobs:
+    if gen_config.is_beam and gen_config.output_logprobs:
         raise ValueError(
             "output_logprobs=True is not available with num_beams > 1 (beam search returns "
             "sequences_scores instead)"
         )
-    if cfg.do_sample and not cfg.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {cfg.temperature}")
+    if gen_config.do_sample and not gen_config.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {gen_config.temperature}")
     for name in ("top_p", "typical_p"):
-        if not 0 < getattr(cfg, name) <= 1:
-            raise ValueError(f"{name} must be in (0, 1], got {getattr(cfg, name)}")
-    if cfg.min_p is not None and not 0 <= cfg.min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {cfg.min_p}")
-    if cfg.top_k is not None and cfg.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {cfg.top_k}")
-    if cfg.penalty_alpha is not None and not 0 <= cfg.penalty_alpha <= 1:
-        raise ValueError(f"penalty_alpha must be in [0, 1], got {cfg.penalty_alpha}")
-    if cfg.penalty_alpha:  # > 0: contrastive search
-        if cfg.do_sample or cfg.is_beam:
+        if not 0 < getattr(gen_config, name) <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {getattr(gen_config, name)}")
+    if gen_config.min_p is not None and not 0 <= gen_config.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {gen_config.min_p}")
+    if gen_config.top_k is not None and gen_config.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {gen_config.top_k}")
+    if gen_config.penalty_alpha is not None and not 0 <= gen_config.penalty_alpha <= 1:
+        raise ValueError(f"penalty_alpha must be in [0, 1], got {gen_config.penalty_alpha}")
+    if gen_config.penalty_alpha:  # > 0: contrastive search
+        if gen_config.do_sample or gen_config.is_beam:
             raise ValueError(
                 "penalty_alpha selects contrastive search, which is greedy: it cannot be "
-                f"combined with do_sample=True or num_beams > 1 (got do_sample={cfg.do_sample}, "
-                f"num_beams={cfg.num_beams})"
+                "combined with do_sample=True or num_beams > 1 "
+                f"(got do_sample={gen_config.do_sample}, num_beams={gen_config.num_beams})"
             )
-        if (cfg.top_k or 0) < 2:
+        if (gen_config.top_k or 0) < 2:
             raise ValueError(
                 f"penalty_alpha (contrastive search) needs top_k >= 2 candidates, got "
-                f"top_k={cfg.top_k!r}"
+                f"top_k={gen_config.top_k!r}"
             )
-    if cfg.repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {cfg.repetition_penalty}")
+    if gen_config.repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {gen_config.repetition_penalty}")
     for name in ("no_repeat_ngram_size", "min_new_tokens"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.max_new_tokens is not None and cfg.min_new_tokens > cfg.max_new_tokens:
+        if getattr(gen_config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(gen_config, name)}")
+    if (
+        gen_config.max_new_tokens is not None
+        and gen_config.min_new_tokens > gen_config.max_new_tokens
+    ):
         raise ValueError(
-            f"min_new_tokens ({cfg.min_new_tokens}) must be <= max_new_tokens "
-            f"({cfg.max_new_tokens})"
+            f"min_new_tokens ({gen_config.min_new_tokens}) must be <= max_new_tokens "
+            f"({gen_config.max_new_tokens})"
         )
-    if any(len(seq) == 0 for seq in cfg.bad_words_ids + cfg.stop_sequences):
+    if any(len(seq) == 0 for seq in gen_config.bad_words_ids + gen_config.stop_sequences):
         raise ValueError("bad_words_ids and stop_sequences must not contain empty sequences")
 
 
-def _check_vocabulary(cfg: GenerationConfig, vocab_size: int) -> None:
+def _check_vocabulary(gen_config: GenerationConfig, vocab_size: int) -> None:
     """Checks that need the model: every id in range, top_k and vocab_limit against it."""
-    ids = [cfg.pad_token_id, *cfg.eos_token_id, *cfg.suppress_tokens]
-    ids += [t for seq in cfg.bad_words_ids + cfg.stop_sequences for t in seq]
+    ids = [gen_config.pad_token_id, *gen_config.eos_token_id, *gen_config.suppress_tokens]
+    ids += [t for seq in gen_config.bad_words_ids + gen_config.stop_sequences for t in seq]
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token ids {bad} in the generation options are outside [0, {vocab_size})")
-    if cfg.is_contrastive and cfg.top_k > vocab_size:
+    if gen_config.is_contrastive and gen_config.top_k > vocab_size:
         raise ValueError(
-            f"top_k ({cfg.top_k}) must be <= the vocabulary size ({vocab_size}) in "
+            f"top_k ({gen_config.top_k}) must be <= the vocabulary size ({vocab_size}) in "
             "contrastive search"
         )
-    if cfg.vocab_limit is not None:
-        special = max([cfg.pad_token_id, *cfg.eos_token_id])
-        if not cfg.vocab_limit > max(special, 0):
+    if gen_config.vocab_limit is not None:
+        special = max([gen_config.pad_token_id, *gen_config.eos_token_id])
+        if not gen_config.vocab_limit > max(special, 0):
             raise ValueError(
                 f"vocab_limit must be > 0 and > the EOS and pad ids (largest {special}): it bans "
-                f"every id >= it, got {cfg.vocab_limit}"
+                f"every id >= it, got {gen_config.vocab_limit}"
             )
 
 

@@ -28,11 +28,11 @@ from opt_jax.generation.processors import process_logits, stop_hit, warp_logits
 from opt_jax.kv_cache import take_rows
 
 
-def _check_resolved(cfg: GenerationConfig) -> None:
-    if cfg.eos_token_id is None or cfg.pad_token_id is None:
+def _check_resolved(gen_config: GenerationConfig) -> None:
+    if gen_config.eos_token_id is None or gen_config.pad_token_id is None:
         raise ValueError(
             "the GenerationConfig has no eos_token_id / pad_token_id: set them, or take the "
-            "model's with cfg.for_model(model_config)"
+            "model's with gen_config.for_model(model_config)"
         )
 
 
@@ -55,10 +55,10 @@ class DecodeState:
     context: Any = None
 
 
-def _contrastive_choice(cfg, alpha, tokens_to_logits, state, scores, end):
+def _contrastive_choice(gen_config, alpha, tokens_to_logits, state, scores, end):
     """One contrastive-search step (Su et al. 2022): among the top-k tokens, pick the one
     maximising (1 - alpha) * p(v) - alpha * max cos(h_v, h_context)."""
-    k = cfg.top_k
+    k = gen_config.top_k
     batch = scores.shape[0]
     probs = jax.nn.softmax(scores, axis=-1)
     top_probs, top_ids = jax.lax.top_k(probs, k)  # [B, K]
@@ -89,7 +89,7 @@ def _contrastive_choice(cfg, alpha, tokens_to_logits, state, scores, end):
 
 def decode(
     tokens_to_logits: Callable,
-    cfg: GenerationConfig,
+    gen_config: GenerationConfig,
     prompt: jax.Array,
     prompt_mask: jax.Array,
     cache,
@@ -114,22 +114,22 @@ def decode(
         stream(stream_id, step, tokens) and must return a bool: False ends the loop (every row
         is marked done), e.g. because nobody listens to that stream any more.
       values: the traced options (`GenerationConfig.values()`, as scalars or jax arrays);
-        None takes them from cfg, which must then be a full config rather than a program.
+        None takes them from gen_config, which must then be a full config rather than a program.
 
     Returns:
       (tokens [B, L], logprobs [B, L - Tb]).
     """
-    _check_resolved(cfg)
-    values = cfg.values() if values is None else values
+    _check_resolved(gen_config)
+    values = gen_config.values() if values is None else values
     batch, prompt_len = prompt.shape
-    pad = cfg.pad_token_id
+    pad = gen_config.pad_token_id
     tokens = jnp.full((batch, buffer_length), pad, jnp.int32).at[:, :prompt_len].set(prompt)
     valid = jnp.zeros((batch, buffer_length), bool).at[:, :prompt_len].set(prompt_mask)
     generated = jnp.arange(buffer_length) >= prompt_len
 
     logits, hidden, cache = tokens_to_logits(prompt, prompt_mask, cache)  # prefill
     context = None
-    if cfg.is_contrastive:
+    if gen_config.is_contrastive:
         context = jnp.zeros((batch, buffer_length, hidden.shape[-1]), hidden.dtype)
         context = context.at[:, :prompt_len].set(hidden)
     state = DecodeState(
@@ -148,25 +148,27 @@ def decode(
 
     def body(s: DecodeState):
         end = prompt_len + s.step  # the slot this step writes
-        scores = process_logits(cfg, values, s.logits, s.tokens, s.valid, end, s.step, generated)
+        scores = process_logits(
+            gen_config, values, s.logits, s.tokens, s.valid, end, s.step, generated
+        )
         next_logits = cache = context = None
-        if cfg.is_contrastive:
+        if gen_config.is_contrastive:
             token, next_logits, cache, context = _contrastive_choice(
-                cfg, values["penalty_alpha"], tokens_to_logits, s, scores, end
+                gen_config, values["penalty_alpha"], tokens_to_logits, s, scores, end
             )
-        elif cfg.do_sample:
+        elif gen_config.do_sample:
             key = jax.random.fold_in(rng, s.step)
-            token = jax.random.categorical(key, warp_logits(cfg, values, scores), axis=-1)
+            token = jax.random.categorical(key, warp_logits(gen_config, values, scores), axis=-1)
         else:
             token = jnp.argmax(scores, axis=-1)
         token = jnp.where(s.done, pad, token).astype(jnp.int32)  # finished rows emit padding
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], end, axis=1)
         valid = jax.lax.dynamic_update_slice_in_dim(s.valid, ~s.done[:, None], end, axis=1)
         logprobs = s.logprobs
-        if cfg.output_logprobs:
+        if gen_config.output_logprobs:
             chosen = jnp.take_along_axis(jax.nn.log_softmax(s.logits), token[:, None], axis=1)
             logprobs = logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, chosen[:, 0]))
-        done = s.done | stop_hit(cfg, tokens, valid, end + 1, token)
+        done = s.done | stop_hit(gen_config, tokens, valid, end + 1, token)
         if stream is not None and stream_id is not None:
             keep = io_callback(
                 stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, s.step, token, ordered=True
@@ -174,7 +176,7 @@ def decode(
             done = done | ~keep
         elif stream is not None:
             io_callback(stream, None, s.step, token, ordered=True)
-        if not cfg.is_contrastive:
+        if not gen_config.is_contrastive:
             next_logits, _, cache = tokens_to_logits(
                 token[:, None], jnp.ones((batch, 1), bool), s.cache
             )

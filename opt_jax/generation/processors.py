@@ -171,12 +171,12 @@ def typical_filter(logits, mass: float, min_keep: int = 1):
 
 
 # ---------------------------------------------------------------------------------------------
-# What every strategy applies, driven by a GenerationConfig. `cfg` may be the static program
-# (`GenerationConfig.program()`: traced fields are None, `cfg.active` says which are on) and
+# What every strategy applies, driven by a GenerationConfig. `gen_config` may be the static program
+# (`GenerationConfig.program()`: traced fields are None, `gen_config.active` says which are on) and
 # `values` the traced scalars (`GenerationConfig.values()`, possibly as jax arrays).
 # ---------------------------------------------------------------------------------------------
 def process_logits(
-    cfg: GenerationConfig, values, scores, tokens, valid, end, num_generated, generated
+    gen_config: GenerationConfig, values, scores, tokens, valid, end, num_generated, generated
 ):
     """Applies the history-based processors, in transformers' order.
 
@@ -188,52 +188,54 @@ def process_logits(
       generated: [L] bool, which slots hold generated (not prompt) tokens.
     """
     vocab = scores.shape[-1]
-    if "repetition_penalty" in cfg.active:
+    if "repetition_penalty" in gen_config.active:
         scores = repetition_penalty(
             scores, seen_mask(tokens, valid, vocab), values["repetition_penalty"]
         )
-    if {"presence_penalty", "frequency_penalty"} & cfg.active:
+    if {"presence_penalty", "frequency_penalty"} & gen_config.active:
         counts = token_counts(tokens, valid & generated[None, :], vocab)
         scores = presence_frequency_penalty(
             scores, counts, values["presence_penalty"], values["frequency_penalty"]
         )
-    if cfg.no_repeat_ngram_size > 0:
-        scores = ban_repeated_ngrams(scores, tokens, valid, end, cfg.no_repeat_ngram_size)
-    if cfg.bad_words_ids:
-        scores = ban_bad_words(scores, tokens, valid, end, cfg.bad_words_ids)
-    if cfg.min_new_tokens > 0:
+    if gen_config.no_repeat_ngram_size > 0:
+        scores = ban_repeated_ngrams(scores, tokens, valid, end, gen_config.no_repeat_ngram_size)
+    if gen_config.bad_words_ids:
+        scores = ban_bad_words(scores, tokens, valid, end, gen_config.bad_words_ids)
+    if gen_config.min_new_tokens > 0:
         scores = jnp.where(
-            num_generated < cfg.min_new_tokens, ban_tokens(scores, cfg.eos_token_id), scores
+            num_generated < gen_config.min_new_tokens,
+            ban_tokens(scores, gen_config.eos_token_id),
+            scores,
         )
-    if cfg.suppress_tokens:
-        scores = ban_tokens(scores, cfg.suppress_tokens)
-    if cfg.vocab_limit is not None and cfg.vocab_limit < vocab:
-        scores = ban_from(scores, cfg.vocab_limit)
+    if gen_config.suppress_tokens:
+        scores = ban_tokens(scores, gen_config.suppress_tokens)
+    if gen_config.vocab_limit is not None and gen_config.vocab_limit < vocab:
+        scores = ban_from(scores, gen_config.vocab_limit)
     return scores
 
 
-def warp_logits(cfg: GenerationConfig, values, scores, min_keep: int = 1):
+def warp_logits(gen_config: GenerationConfig, values, scores, min_keep: int = 1):
     """Sampling warpers in transformers' order: temperature, top-k, top-p, min-p, typical.
 
     min_keep: tokens each filter must leave (transformers' min_tokens_to_keep: 1 when sampling,
-    `cfg.beam_min_keep` in beam sampling).
+    `gen_config.beam_min_keep` in beam sampling).
     """
     # Always divided (a traced 1.0 is exact), so changing the temperature never recompiles.
     scores = scores / values["temperature"]
-    if cfg.top_k:
-        scores = top_k_filter(scores, cfg.top_k, min_keep)
-    if "top_p" in cfg.active:
+    if gen_config.top_k:
+        scores = top_k_filter(scores, gen_config.top_k, min_keep)
+    if "top_p" in gen_config.active:
         scores = top_p_filter(scores, values["top_p"], min_keep)
-    if "min_p" in cfg.active:
+    if "min_p" in gen_config.active:
         scores = min_p_filter(scores, values["min_p"], min_keep)
-    if "typical_p" in cfg.active:
+    if "typical_p" in gen_config.active:
         scores = typical_filter(scores, values["typical_p"], min_keep)
     return scores
 
 
-def stop_hit(cfg: GenerationConfig, tokens, valid, end, new_tokens):
+def stop_hit(gen_config: GenerationConfig, tokens, valid, end, new_tokens):
     """[N] bool: the token just written is an EOS or completes a stop sequence."""
-    hit = jnp.isin(new_tokens, jnp.asarray(cfg.eos_token_id, new_tokens.dtype))
-    for sequence in cfg.stop_sequences:
+    hit = jnp.isin(new_tokens, jnp.asarray(gen_config.eos_token_id, new_tokens.dtype))
+    for sequence in gen_config.stop_sequences:
         hit |= ends_with(tokens, valid, end, sequence)
     return hit

@@ -59,17 +59,17 @@ def _options(model, tokenizer: OPTTokenizer, stop_strings, kwargs: dict):
             f"{model_vocab}: they do not belong together (pass the model's own tokenizer)"
         )
     call = {k: kwargs.pop(k) for k in _CALL_ARGUMENTS if k in kwargs}
-    cfg = (kwargs.pop("generation_config", None) or GenerationConfig()).replace(**kwargs)
+    gen_config = (kwargs.pop("generation_config", None) or GenerationConfig()).replace(**kwargs)
     defaults = dict(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         vocab_limit=tokenizer.vocab_size,
     )
-    cfg = cfg.replace(
-        **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
+    gen_config = gen_config.replace(
+        **{k: v for k, v in defaults.items() if getattr(gen_config, k) is None},
         stop_sequences=_stop_sequences(tokenizer, stop_strings),
     )
-    return cfg, call
+    return gen_config, call
 
 
 def generate_text(
@@ -94,14 +94,20 @@ def generate_text(
     """
     if isinstance(prompts, str):
         raise ValueError("generate_text takes a list of prompts; wrap a single one in a list")
-    cfg, call = _options(model, tokenizer, stop_strings, kwargs)
+    gen_config, call = _options(model, tokenizer, stop_strings, kwargs)
     ids, mask = _encode(tokenizer, prompts)
     out = generate(
-        model, params, ids, mask, generation_config=cfg, max_new_tokens=max_new_tokens, **call
+        model,
+        params,
+        ids,
+        mask,
+        generation_config=gen_config,
+        max_new_tokens=max_new_tokens,
+        **call,
     )
     new = out.sequences[:, ids.shape[1] :]
     if tokens_out is not None:
-        tokens_out.extend(_generated_ids(row, cfg) for row in new)
+        tokens_out.extend(_generated_ids(row, gen_config) for row in new)
     return [_cut(tokenizer.decode(row), stop_strings) for row in new]
 
 
@@ -119,12 +125,12 @@ def _encode(tokenizer: OPTTokenizer, prompts) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _generated_ids(row, cfg: GenerationConfig) -> list[int]:
+def _generated_ids(row, gen_config: GenerationConfig) -> list[int]:
     """A result row's generated ids: without the padding after it finished and its EOS."""
     ids = [int(t) for t in row]
-    while ids and ids[-1] == cfg.pad_token_id:
+    while ids and ids[-1] == gen_config.pad_token_id:
         ids.pop()
-    if ids and ids[-1] in cfg.eos_token_id:
+    if ids and ids[-1] in gen_config.eos_token_id:
         ids.pop()
     return ids
 
@@ -153,10 +159,10 @@ def stream_text(
             f"stream_text takes one prompt string, got {type(prompt).__name__}; use "
             "generate_text for a list of prompts"
         )
-    cfg, call = _options(model, tokenizer, stop_strings, kwargs)
+    gen_config, call = _options(model, tokenizer, stop_strings, kwargs)
     # Bad arguments raise here, at the call; decoding starts with the first iteration.
-    cfg = cfg.replace(max_new_tokens=max_new_tokens).for_model(model.config)
-    if cfg.num_return_sequences > 1 or cfg.is_beam:
+    gen_config = gen_config.replace(max_new_tokens=max_new_tokens).for_model(model.config)
+    if gen_config.num_return_sequences > 1 or gen_config.is_beam:
         raise ValueError(
             "stream_text streams one continuation: num_return_sequences and num_beams must be 1 "
             "(use generate_text for several continuations or beam search)"
@@ -164,10 +170,10 @@ def stream_text(
     if "streamer" in call:
         raise ValueError("stream_text is the streamer: pass no streamer= to it")
     ids, mask = tokenizer.encode_batch([prompt])
-    return _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens_out)
+    return _stream(model, params, tokenizer, ids, mask, gen_config, call, stop_strings, tokens_out)
 
 
-def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens_out):
+def _stream(model, params, tokenizer, ids, mask, gen_config, call, stop_strings, tokens_out):
     """stream_text's generator: decodes in a worker thread, yields text pieces."""
     pieces: queue.Queue = queue.Queue()
     done = object()
@@ -182,7 +188,7 @@ def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens
 
     def worker():
         try:
-            generate(model, params, ids, mask, generation_config=cfg, streamer=push, **call)
+            generate(model, params, ids, mask, generation_config=gen_config, streamer=push, **call)
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
         finally:
@@ -195,7 +201,7 @@ def _stream(model, params, tokenizer, ids, mask, cfg, call, stop_strings, tokens
         decoder = IncrementalDecoder(tokenizer)  # holds back incomplete characters
         shown = ""
         while (item := pieces.get()) is not done:
-            if item in cfg.eos_token_id:
+            if item in gen_config.eos_token_id:
                 continue
             tokens.append(item)
             if not decoder.push(item):

@@ -34,6 +34,7 @@ import numpy as np
 from opt_jax.generation.api import lm_head_copy, opt_tokens_to_logits
 from opt_jax.generation.processors import top_p_filter
 from opt_jax.kv_cache import KVCache
+from opt_jax.param_tree import tied_embedding
 
 BUCKET = 32  # prompt lengths are padded to multiples of this (generate's bucket too)
 TOP_LOGPROBS = 5  # OpenAI's completions API allows logprobs <= 5
@@ -106,7 +107,7 @@ class Engine:
             cache = KVCache.init(config, 1, self.max_length)
             step = opt_tokens_to_logits(config, params, head)
             _, hidden, cache = step(ids, mask, cache)  # hidden: what the tied head reads
-            table = params["model"]["decoder"]["embed_tokens"]["embedding"]
+            table = tied_embedding(params)
             logits = jnp.einsum(
                 "tp,vp->tv",
                 hidden[0].astype(config.compute_dtype),

@@ -25,12 +25,17 @@ import re
 import sysconfig
 from pathlib import Path
 
-from opt_jax.training.data import stdlib_files
-
 PACKAGES = ("asyncio", "email", "logging", "xml")
 FUNCTIONS_PER_CONTEXT = 4
 DEV_FRACTION = 0.2
 QA_DEV_FRACTION = 0.1  # of modules: their sizes vary, so of questions it is ~0.1-0.3
+
+
+def stdlib_files() -> list[Path]:
+    """The Python standard library's own sources: real text present on every machine (the
+    demo's corpus and these tasks' source)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
 def _is_dev(name: str, fraction: float = DEV_FRACTION) -> bool:

@@ -15,19 +15,14 @@ import glob
 import hashlib
 import json
 import os
-import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from opt_jax.parallel.sharding import sync
+from opt_jax.tasks.builtin import stdlib_files
 from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
-
-
-def stdlib_files() -> list[Path]:
-    """The Python standard library's own sources: real text present on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
 def load_documents(
@@ -287,8 +282,6 @@ def prepare(config, workdir: str, resuming: bool = False):
       (tokenizer, train_tokens, eval_tokens)
     """
     import jax
-
-    from opt_jax.parallel.sharding import sync
 
     data_dir = os.path.join(workdir, "data")
     failure = None

@@ -21,7 +21,7 @@ from opt_jax.parallel.sharding import DEFAULT_RULES
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every training config (the OPT recipe's optimiser settings)."""
     c = ml_collections.ConfigDict()
-    # What the run learns (training/tasks.py): lm (causal language modelling), classification
+    # What the run learns (training/objectives.py): lm (causal language modelling), classification
     # (configs/classify.py) or qa (configs/qa.py, extractive question answering).
     c.task = "lm"
     # Architecture: `preset` names a public size (or "" for OPTConfig's defaults); every other

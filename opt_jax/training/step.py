@@ -7,14 +7,14 @@ updates. Randomness is `fold_in(rng, step)`, so a step is a pure function of (st
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct, traverse_util
+from flax import struct
 
+from opt_jax._deprecation import moved
 from opt_jax.losses import causal_lm_loss
+from opt_jax.param_tree import partition, unpartition
 
 
 @struct.dataclass
@@ -96,26 +96,6 @@ def _loss_sum(params, batch, rng, model, deterministic, loss_fn=lm_loss):
     return mean * count, count
 
 
-def partition(params, trainable: Callable[[tuple[str, ...]], bool] | None):
-    """(trained, frozen) subtrees of `params`: `trainable(path)` decides each leaf (path like
-    ("model", "decoder", "layers_0", "self_attn", "q_proj", "lora_A")); None trains all."""
-    if trainable is None:
-        return params, {}
-    flat = traverse_util.flatten_dict(params)
-    trained = {k: v for k, v in flat.items() if trainable(k)}
-    frozen = {k: v for k, v in flat.items() if not trainable(k)}
-    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
-
-
-def merge(trained, frozen):
-    """partition's inverse."""
-    if not frozen:
-        return trained
-    flat = traverse_util.flatten_dict(frozen)
-    flat.update(traverse_util.flatten_dict(trained))
-    return traverse_util.unflatten_dict(flat)
-
-
 def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_loss, trainable=None):
     """One optimiser step over `batch` ([B, ...] arrays), accumulating optim.grad_accum_steps
     micro-batches. Pure: randomness is fold_in(rng, step). Skips the update (but advances the
@@ -123,7 +103,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_lo
 
     Args:
       loss_fn: (model outputs, micro-batch) -> (mean loss, count); the default is the causal-LM
-        loss, training/tasks.py has the classification and QA ones.
+        loss, training/objectives.py has the classification and QA ones.
       trainable: None (train every parameter) or a predicate on parameter paths (LoRA:
         `lora.is_trained`). Only those are differentiated, clipped, updated and hold optimiser
         state (`fresh_state` with the same predicate); the others are constants of the step,
@@ -139,7 +119,8 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_lo
     micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
     trained, frozen = partition(state.params, trainable)
     grad_fn = jax.value_and_grad(
-        lambda t, mb, r: _loss_sum(merge(t, frozen), mb, r, model, False, loss_fn), has_aux=True
+        lambda t, mb, r: _loss_sum(unpartition(t, frozen), mb, r, model, False, loss_fn),
+        has_aux=True,
     )
 
     def accumulate(carry, inputs):
@@ -184,7 +165,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, optim, loss_fn=lm_lo
     loss_avg = jnp.where(ok, state.loss_avg + weight * (loss - state.loss_avg), state.loss_avg)
     new_state = TrainState(
         step=state.step + 1,
-        params=merge(params, frozen),
+        params=unpartition(params, frozen),
         opt_state=opt_state,
         loss_avg=loss_avg,
         skipped=state.skipped + (~ok).astype(jnp.int32),
@@ -208,3 +189,7 @@ def fresh_state(params, tx, trainable=None) -> TrainState:
         loss_avg=jnp.zeros((), jnp.float32),
         skipped=jnp.zeros((), jnp.int32),
     )
+
+
+# `merge` collided with opt_jax.lora.merge (folding adapters in): it is param_tree.unpartition.
+__getattr__ = moved(__name__, {"merge": "opt_jax.param_tree:unpartition"})

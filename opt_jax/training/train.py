@@ -25,11 +25,16 @@ from jax.sharding import PartitionSpec as P
 
 from opt_jax import lora
 from opt_jax.checkpoints import orbax_io as checkpoint
-from opt_jax.checkpoints.hf import load_pretrained, save_pretrained, stack_layers, unstack_layers
-from opt_jax.config import OPTConfig
+from opt_jax.checkpoints import peft
+from opt_jax.checkpoints.hf import load_pretrained, save_pretrained
+from opt_jax.config import ARCHITECTURE_FIELDS, OPTConfig
+from opt_jax.generation.text import generate_text
 from opt_jax.model import OPTForCausalLM, abstract_params, model_for, param_logical_axes
-from opt_jax.parallel import roofline, sharding
-from opt_jax.training import data, tasks
+from opt_jax.parallel import sharding
+from opt_jax.param_tree import stack_layers, unstack_layers
+from opt_jax.planning import roofline
+from opt_jax.quantization import quantize
+from opt_jax.training import data, objectives
 from opt_jax.training.experiment import lora_fields, model_config
 from opt_jax.training.metrics import MetricsWriter
 from opt_jax.training.step import (  # noqa: F401  (re-exported: the loop's building blocks)
@@ -42,22 +47,6 @@ from opt_jax.training.step import (  # noqa: F401  (re-exported: the loop's buil
     train_step,
 )
 from opt_jax.validation import validate_token_ids
-
-# Fields that define the architecture: a checkpoint must agree on all of them.
-ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "ffn_dim",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "do_layer_norm_before",
-    "_remove_final_layer_norm",
-    "word_embed_proj_dim",
-    "activation_function",
-    "enable_bias",
-    "layer_norm_elementwise_affine",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +166,6 @@ def resolve_model(config, workdir: str, resuming: bool, task):
                 "lora.quantize_base quantises the frozen base of a LoRA fine-tune: it needs "
                 "lora.rank > 0 and a language-modelling task"
             )
-        from opt_jax.quantization import quantize
-
         quantized, params = quantize(
             opt_config.replace(lora_rank=0, scan_layers=init_config.scan_layers), params, method
         )
@@ -287,8 +274,6 @@ def _agree_to_stop(signalled: bool, done: int, every: int) -> bool:
 
 
 def _sample(opt_config, params, tokenizer, config) -> str:
-    from opt_jax.generation.text import generate_text
-
     model = OPTForCausalLM(opt_config)
     room = opt_config.max_position_embeddings - len(tokenizer.encode(config.sample_prompt))
     budget = min(config.sample_tokens, room)
@@ -338,7 +323,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     check_config(config, sharding.data_parallel_size(mesh, rules), workdir, latest)
 
     # -- Data: the task (language modelling, classification, QA) reads and checks it -------------
-    task = tasks.build(config, workdir, resuming=latest is not None)
+    task = objectives.build(config, workdir, resuming=latest is not None)
     tokenizer, train_ds = task.tokenizer, task.train
     # Every batch array is split over the data-parallel axes along its first (batch) axis.
     batch_sharding = {
@@ -504,7 +489,7 @@ def _export(workdir, cfg, params, tokenizer, is_main, hf=False):
         if is_main:
             adapter = os.path.join(workdir, "adapter")
             shutil.rmtree(adapter + ".tmp", ignore_errors=True)
-            lora.save_adapter(adapter + ".tmp", cfg, params)
+            peft.save_adapter(adapter + ".tmp", cfg, params)
             shutil.rmtree(adapter, ignore_errors=True)
             os.replace(adapter + ".tmp", adapter)
         if cfg.quantization == "none":  # a quantised (QLoRA) base keeps its adapters unmerged

@@ -14,9 +14,11 @@ import math
 import numpy as np
 from jax.sharding import AbstractMesh
 
+from opt_jax import lora
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params, param_logical_axes
 from opt_jax.parallel import sharding
+from opt_jax.param_tree import partition
 
 GiB = 2**30
 # Usable memory per device (GiB): vendor capacities.
@@ -87,9 +89,6 @@ def plan(
     params = sharding.per_device_bytes(abstract, shardings)
     trained = params
     if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
-        from opt_jax import lora
-        from opt_jax.training.step import partition
-
         trained = sharding.per_device_bytes(
             partition(abstract, lora.is_trained)[0], partition(shardings, lora.is_trained)[0]
         )

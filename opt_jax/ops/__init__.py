@@ -1,0 +1,1 @@
+"""Pure array functions under the layers: attention kernels and quantised matmuls."""

@@ -1,0 +1,77 @@
+"""Operations on the parameter tree that every layer above the model shares.
+
+A leaf module (it imports no other opt_jax module): the model, the checkpoint readers, LoRA,
+quantisation and the training step all reach the tree through these, so none of them needs
+another's internals.
+
+Paths are flattened dict keys, e.g. ("model", "decoder", "layers_3", "self_attn", "q_proj",
+"kernel"). Two layouts of the decoder layers exist: unrolled (`layers_0` ... `layers_{L-1}`) and
+stacked for `scan_layers` (one `layers` subtree whose leaves lead with an [L] axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+def decoder_of(params: dict) -> dict:
+    """The decoder subtree of any head's params (`model/decoder`) or of a bare OPTModel's."""
+    return params["decoder"] if "decoder" in params else params["model"]["decoder"]
+
+
+def tied_embedding(params: dict) -> jax.Array:
+    """The token embedding table [V, E], which the LM head shares (OPT ties them)."""
+    return decoder_of(params)["embed_tokens"]["embedding"]
+
+
+def num_in_axes(path: tuple[str, ...]) -> int:
+    """How many leading axes of the float kernel at `path` are input axes.
+
+    out_proj's kernel is [N, H, D] (two input axes: heads, head dim); every other kernel is
+    [in, *out] with one.
+    """
+    return 2 if path[-2] == "out_proj" else 1
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled layout (`layers_0` ... `layers_{L-1}`) -> scan layout (`layers`, leading [L])."""
+    params = jax.tree.map(lambda x: x, params)  # a copy of the containers, not the arrays
+    decoder = decoder_of(params)
+    layers = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
+    decoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scan layout -> unrolled layout (the inverse of stack_layers)."""
+    params = jax.tree.map(lambda x: x, params)
+    decoder = decoder_of(params)
+    stacked = decoder.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        decoder[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+def partition(params, trainable: Callable[[tuple[str, ...]], bool] | None):
+    """(trained, frozen) subtrees of `params`: `trainable(path)` decides each leaf; None trains
+    all (frozen is then empty)."""
+    if trainable is None:
+        return params, {}
+    flat = traverse_util.flatten_dict(params)
+    trained = {k: v for k, v in flat.items() if trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not trainable(k)}
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
+
+
+def unpartition(trained, frozen):
+    """partition's inverse: the union of the two subtrees."""
+    if not frozen:
+        return trained
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trained))
+    return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,1 @@
+"""Planning above the model: memory plans and speed bounds (FLOPs, bytes, device peaks)."""
