@@ -220,7 +220,10 @@ def quantized_on_a_mesh():
 
 
 def restore_on_another_mesh(workdir):
-    """Train with fsdp=8, then resume the same workdir on a tensor=4 x data=2 mesh."""
+    """Train with fsdp=8, then resume the same workdir on a tensor=4 x data=2 mesh. Reports the
+    leaves of the state restored there (params, Adam moments, counters) that differ bitwise from
+    the checkpoint, and the parameters that differ from the first run's export (written from
+    its live state, not read back from the checkpoint)."""
     import orbax.checkpoint as ocp
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -232,6 +235,7 @@ def restore_on_another_mesh(workdir):
     first = tiny_train_config(num_train_steps=2, checkpoint_every_steps=2, **overrides)
     first.mesh.update(data=1, fsdp=8, tensor=1)
     train.train_and_evaluate(first, workdir)
+    exported = jax.device_get(checkpoint.load_params(os.path.join(workdir, "export"))[1])
     ckpts = checkpoint.TrainCheckpoints(workdir, keep=2)
     args = ocp.args.Composite(state=ocp.args.StandardRestore())
     saved = jax.device_get(ckpts.manager.restore(2, args=args)["state"])
@@ -259,14 +263,22 @@ def restore_on_another_mesh(workdir):
         paths = jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(tree))[0]
         return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in paths}
 
+    def mismatched(a, b):  # leaves missing on either side or not bitwise equal, by name
+        names = sorted(set(a) | set(b))
+        return [
+            "/".join(k) for k in names
+            if k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
+        ]  # fmt: skip
+
     ours, theirs = flat(restored["host"]), flat(saved)
-    same = ours.keys() == theirs.keys() and all(
-        np.array_equal(np.asarray(ours[k]), np.asarray(theirs[k])) for k in ours
-    )
+    params, export = flat(restored["host"].params), flat(exported)
     print(
         json.dumps(
             {
-                "restored_bitwise": same,
+                "state_leaves": len(ours),
+                "param_leaves": len(params),
+                "state_mismatched": mismatched(ours, theirs),
+                "params_vs_export_mismatched": mismatched(params, export),
                 "q_proj_spec": restored["spec"],
                 "q_proj_shard": restored["shard"],
                 "final_loss": last["loss"],

@@ -1,9 +1,10 @@
-"""The explicit KV cache: prefill + one-token steps (and chunked prefill) == one full forward."""
+"""The explicit KV cache: prefill + one-token steps (and chunked prefill) == one full forward,
+and == transformers' own KV cache (past_key_values) fed the same pieces."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ragged_batch, random_tiny_model
+from conftest import max_rel_diff, ragged_batch, random_tiny_model
 
 import opt_jax
 
@@ -53,19 +54,37 @@ def test_cache_matches_full_forward(variant, chunks):
     assert not cache.slot_mask[:, 11:].any()
 
 
-def test_decode_steps_continue_positions_per_row():
-    """After a left-padded prefill, one-token steps match the unpadded full forward of each row."""
-    config, model, params = _model()
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_project"])
+def test_cache_steps_equal_transformers_incremental_decoding(hf_dir, variant):
+    """An independent reference: a left-padded ragged prompt prefilled 6 tokens at once, then one
+    token at a time, then 3 new tokens (decode steps continue each row's positions after its
+    padding); transformers' OPT gets the same pieces with its past_key_values and the attention
+    mask so far (its positions come from that mask)."""
+    import inspect
+
+    import torch
+
+    hf, directory = hf_dir(variant)
+    config, params = opt_jax.load_pretrained(directory)
+    model = opt_jax.OPTForCausalLM(config)
     ids, mask = ragged_batch()
-    _, cache = _run_in_chunks(model, params, config, ids, mask, [11], max_length=14)
-    new = np.array([[5, 6, 7]] * 3)
-    for t in range(3):
-        out = model.apply({"params": params}, new[:, t : t + 1], cache=cache)
-        cache = out.cache
-        for row in range(3):
-            seq = np.concatenate([ids[row][mask[row] == 1], new[row, : t + 1]])[None]
-            alone = model.apply({"params": params}, seq).logits[0, -1]
-            np.testing.assert_allclose(out.logits[row, 0], alone, atol=1e-5, rtol=0)
+    ids = np.concatenate([ids, [[5, 6, 7]] * 3], 1)
+    mask = np.concatenate([mask, np.ones((3, 3), mask.dtype)], 1)
+    chunks = [6] + [1] * 8
+    ours, cache = _run_in_chunks(model, params, config, ids, mask, chunks, max_length=16)
+    # past_key_values, renamed `cache` in later transformers 5 releases
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    theirs, past, start = [], None, 0
+    with torch.no_grad():
+        for size in chunks:
+            out = hf(input_ids=torch.tensor(ids[:, start : start + size]),
+                     attention_mask=torch.tensor(mask[:, : start + size]),
+                     use_cache=True, **{name: past})  # fmt: skip
+            past, start = getattr(out, name), start + size
+            theirs.append(out.logits.numpy())
+    real = mask == 1
+    assert max_rel_diff(ours, np.concatenate(theirs, 1), real) <= 1e-5  # measured 3.5e-7
+    np.testing.assert_array_equal(cache.position, mask.sum(1))
 
 
 def test_cache_capacity_checks():

@@ -1,4 +1,5 @@
-"""Generation is token-identical to transformers' `generate` on left-padded ragged batches."""
+"""Generation is token-identical to transformers' `generate` on left-padded ragged batches, and
+the log-probabilities (output_logprobs) and beam scores it returns are transformers' too."""
 
 import numpy as np
 import pytest
@@ -22,17 +23,21 @@ def models(tmp_path_factory):
     return out
 
 
-def _hf_generate(hf, ids, mask, **kwargs) -> np.ndarray:
-    """transformers' greedy/beam generate on a left-padded batch, MAX_NEW tokens, pad id 1."""
+def _hf_generate(hf, ids, mask, full=False, **kwargs):
+    """transformers' greedy/beam generate on a left-padded batch, MAX_NEW tokens, pad id 1: the
+    sequences, or (full) its output with the raw logits of every step and the beam scores."""
+    extra = dict(return_dict_in_generate=True, output_logits=True, output_scores=True)
     with torch.no_grad():
-        return hf.generate(
+        out = hf.generate(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
             max_new_tokens=MAX_NEW,
             do_sample=False,
             pad_token_id=1,
+            **(extra if full else {}),
             **kwargs,
-        ).numpy()
+        )
+    return out if full else out.numpy()
 
 
 def _frequent_token(hf, ids, mask):
@@ -65,10 +70,11 @@ def test_token_identical_to_transformers(models, variant, case, stop):
     # Token 1 is the pad id: transformers counts left padding as "seen" history, we do not.
     # Suppressing it in both keeps that (deliberate) difference out of the comparison.
     kwargs = dict(CASES[case], suppress_tokens=[1])
-    out = opt_jax.generate(
-        model, params, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, **kwargs
-    )
-    ref = _hf_generate(hf, ids, mask, eos_token_id=eos, **kwargs)
+    beam = "num_beams" in kwargs
+    out = opt_jax.generate(model, params, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                           output_logprobs=not beam, **kwargs)  # fmt: skip
+    theirs = _hf_generate(hf, ids, mask, full=True, eos_token_id=eos, **kwargs)
+    ref = theirs.sequences.numpy()
     rows = ids.shape[0] * kwargs.get("num_return_sequences", 1)
     assert out.sequences.shape == (rows, ids.shape[1] + MAX_NEW)
     assert out.sequences.dtype == np.int32
@@ -76,6 +82,22 @@ def test_token_identical_to_transformers(models, variant, case, stop):
     np.testing.assert_array_equal(out.sequences, ref)
     if stop == "eos" and case == "greedy":
         assert (out.sequences[:, 8:] == eos).any()  # the EOS path was exercised
+    if beam:  # each returned sequence's length-penalised score
+        np.testing.assert_allclose(out.sequences_scores, theirs.sequences_scores.numpy(),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        return
+    # The model's log-probability of each chosen token (before any processor), from
+    # transformers' raw logits of that step; 0 after a row's EOS (transformers stops when
+    # every row has ended).
+    new = out.sequences[:, 8:]
+    ended = np.cumsum(new == eos, axis=1) - (new == eos) > 0  # steps after the row's EOS
+    logits = torch.stack(theirs.logits, 1).double()  # [B, steps, V]
+    steps = logits.shape[1]
+    assert ended[:, steps:].all() and (out.logprobs[ended] == 0).all()
+    chosen = torch.tensor(new[:, :steps, None], dtype=torch.long)
+    want = torch.log_softmax(logits, -1).gather(-1, chosen)[..., 0].numpy()
+    live = ~ended[:, :steps]
+    np.testing.assert_allclose(out.logprobs[:, :steps][live], want[live], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

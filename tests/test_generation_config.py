@@ -112,8 +112,9 @@ def test_sweeping_traced_values_never_recompiles_and_matches_a_fresh_process():
     assert api.TRACE_COUNT["n"] == before, "a traced value recompiled"
     assert len({r.tobytes() for r in results.values()}) > 1  # the values do reach the program
     fresh = subprocess.run(
-        [sys.executable, "-c", SWEEP_SCRIPT], capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", SWEEP_SCRIPT], capture_output=True, text=True, check=True,
+        timeout=300,
+    )  # fmt: skip
     np.testing.assert_array_equal(np.array(json.loads(fresh.stdout)), results[0.55, 0.85])
 
 

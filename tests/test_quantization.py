@@ -146,7 +146,8 @@ def test_llm_int8_on_a_model_with_outlier_features():
     for name, threshold in (("plain", float("inf")), ("llm_int8", 6.0)):
         got = logp(_logits(qconfig.replace(llm_int8_threshold=threshold), qparams))
         errors[name] = np.abs(got - exact)[MASK == 1].max()
-    assert errors["plain"] > 3 * errors["llm_int8"], errors
+    # The README's claim, as stated: "5x closer" (measured: 3.79 / 0.699 = 5.4x).
+    assert errors["plain"] > 5 * errors["llm_int8"], errors
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "llm_int8"])

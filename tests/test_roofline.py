@@ -88,19 +88,42 @@ def benchmark_module():
     del sys.modules[spec.name]
 
 
+def _fixed_clock(bench, monkeypatch, seconds):
+    """bench._time runs each measured call once and reports the next of `seconds` as its median
+    (a clock the test sets, so rates are exact formula values). Returns the calls' count."""
+    calls = []
+    times = iter(seconds)
+
+    def timed(fn, reps):
+        fn()
+        calls.append(reps)
+        return 0.125, next(times)
+
+    monkeypatch.setattr(bench, "_time", timed)
+    return calls
+
+
+SMOKE_READ_BYTES = 8 * 2**20 * 4  # _best_bandwidth's float32 array with smoke
+
+
 def test_benchmark_on_an_accelerator_reports_mfu_and_hbm_against_the_data_sheet(
     benchmark_module, monkeypatch
 ):
-    """The accelerator path of scripts/benchmark.py, with the device stood in for: bounds from
-    the data sheet (measured peaks reported beside them), MFU and HBM utilisation per workload,
-    device memory, and a table that says where the bounds came from."""
+    """The accelerator path of scripts/benchmark.py, with the device and the clock stood in for:
+    bounds from the data sheet (measured peaks reported beside them), MFU and HBM utilisation
+    per workload as their formulas give them, device memory, and a table that says where the
+    bounds came from."""
     bench = benchmark_module
     real_cpu = jax.devices()[0]
     monkeypatch.setattr(jax, "devices", lambda *a: [_FakeAccelerator()])
+    calls = _fixed_clock(bench, monkeypatch, [0.5] * 100)
     limits = bench.machine_limits("bfloat16", smoke=True)
     assert limits["flops"] == 989e12 and limits["bandwidth"] == 3.35e12
     assert limits["source"] == "H100 data sheet"
-    assert limits["measured"]["flops"] > 0 and limits["measured"]["bandwidth"] > 0
+    assert len(calls) == 1 + 3  # one square matmul (512), three ways of reading memory
+    assert limits["measured"]["flops"] == 2 * 512**3 / 0.5
+    assert limits["measured"]["flops_how"] == "XLA [512,512]x[512,512]"
+    assert limits["measured"]["bandwidth"] == SMOKE_READ_BYTES / 0.5
     assert bench._peak_device_mb() == 3 * 1024
 
     config = opt_jax.OPTConfig(
@@ -109,10 +132,24 @@ def test_benchmark_on_an_accelerator_reports_mfu_and_hbm_against_the_data_sheet(
     )  # fmt: skip
     with jax.default_device(real_cpu):
         results = bench.run_workloads(config, {"opt_jax": bench.Ours(config)}, True, 1, limits)
-    decode, prefill = results[0], results[2]
-    assert 0 < decode["bandwidth_utilisation"] < 1e-2  # a tiny model on a CPU vs an H100's HBM
-    assert "HBM bandwidth" in decode["bound"]
-    assert 0 < prefill["mfu"] < 1e-2 and prefill["bound"].startswith("MFU")
+    assert [r["workload"] for r in results] == [
+        "decode batch 1", "decode batch 8", "prefill 1 x 32", "train step 2 x 16"
+    ]  # fmt: skip
+    tokens = [1 * 8, 8 * 8, 32, 2 * 16]  # smoke: prompt 8 + 8 new tokens; prefill 32; 2 x 16
+    for row, n in zip(results, tokens, strict=True):
+        assert row["opt_jax"]["tokens_per_s"] == n / 0.5 and row["opt_jax"]["first_call_s"] == 0.125
+    for row, batch in zip(results[:2], (1, 8), strict=True):  # bytes per step at context 8 + 4
+        bound = batch * 3.35e12 / roofline.decode_bytes_per_step(config, batch, 12, 4)
+        share = row["bandwidth_utilisation"]
+        assert share == pytest.approx(batch * 8 / 0.5 / bound, rel=1e-12)
+        assert row["bound"] == f"{share:.0%} of {bound:.0f} tok/s (HBM bandwidth)"
+    prefill, step = results[2], results[3]
+    per_token = roofline.model_flops_per_token(config, 32)
+    assert prefill["mfu"] == pytest.approx(per_token * 32 / 0.5 / 989e12, rel=1e-12)
+    per_token = roofline.model_flops_per_token(config, 16)
+    assert step["mfu"] == pytest.approx(3 * per_token * 32 / 0.5 / 989e12, rel=1e-12)
+    assert prefill["bound"] == f"MFU {prefill['mfu']:.0%}"
+    decode = results[0]
     assert decode["opt_jax"]["peak_device_mb"] == 3 * 1024
     meta = {"device": "gpu: H100", "dtype": "bfloat16", "preset": "smoke", "date": "today",
             "limits": limits, "command": "python scripts/benchmark.py"}  # fmt: skip
@@ -120,7 +157,17 @@ def test_benchmark_on_an_accelerator_reports_mfu_and_hbm_against_the_data_sheet(
     assert "(H100 data sheet); measured in this run: matmul" in table
 
 
-def test_benchmark_on_cpu_measures_its_bounds(benchmark_module):
+def test_benchmark_on_cpu_measures_its_bounds(benchmark_module, monkeypatch):
+    """On a CPU the bounds are the best measured rates: of XLA and numpy matmuls on the smoke
+    shapes, and of three ways of reading memory (the clock stood in for, so which one wins and
+    its rate are known exactly)."""
+    # [256,256]x[256,256] by XLA, numpy; [64,64]x[64,128] by XLA, numpy; 3 reads of 32 MB
+    seconds = [0.5, 0.25, 0.004, 0.002, 0.01, 0.02, 0.005]
+    calls = _fixed_clock(benchmark_module, monkeypatch, seconds)
     limits = benchmark_module.machine_limits("float32", smoke=True)
-    assert limits["source"] == "measured" and "measured" not in limits
-    assert limits["flops"] > 1e8 and limits["bandwidth"] > 1e8
+    assert len(calls) == len(seconds)
+    assert limits == {
+        "flops": 2 * 64 * 64 * 128 / 0.002, "flops_how": "numpy [64,64]x[64,128]",
+        "flops_tried": 4, "bandwidth": SMOKE_READ_BYTES / 0.005,
+        "bandwidth_how": "XLA matrix-vector product", "source": "measured",
+    }  # fmt: skip

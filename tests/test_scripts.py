@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 import opt_jax
 from opt_jax.checkpoints import orbax_io as checkpoint
+from opt_jax.planning import roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,13 +131,37 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
     _run("scripts/benchmark.py", "--smoke", "--scale", "--compare", "hf", "--quantize", "llm_int8",
          "--out", str(out))  # fmt: skip
-    results = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["workload"] for r in results][:2] == ["decode batch 1", "decode batch 8"]
-    assert all(r["opt_jax"]["tokens_per_s"] > 0 and r["ratio"] > 0 for r in results[:4])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    results, limits = report["results"], report["meta"]["limits"]
+    assert [r["workload"] for r in results][:4] == [
+        "decode batch 1", "decode batch 8", "prefill 1 x 32", "train step 2 x 16"
+    ]  # fmt: skip
+    # Rates are timings; what is reported from them is their formulas' values. The smoke
+    # shape: prompt 8 + 8 new tokens (bytes per step at context 12), prefill 32, train 2 x 16.
+    config = opt_jax.OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                               num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+    for r in results[:4]:
+        assert r["ratio"] == pytest.approx(
+            r["opt_jax"]["tokens_per_s"] / r["hf"]["tokens_per_s"], rel=1e-12
+        )
+    for r, batch in zip(results[:2], (1, 8), strict=True):
+        bound = batch * limits["bandwidth"] / roofline.decode_bytes_per_step(config, batch, 12, 4)
+        assert r["bandwidth_utilisation"] == pytest.approx(
+            r["opt_jax"]["tokens_per_s"] / bound, rel=1e-12
+        )
+    for r, context, factor in ((results[2], 32, 1), (results[3], 16, 3)):
+        flops = factor * roofline.model_flops_per_token(config, context)
+        assert r["mfu"] == pytest.approx(
+            flops * r["opt_jax"]["tokens_per_s"] / limits["flops"], rel=1e-12
+        )
     table = (tmp_path / "bench.md").read_text()
     assert "| decode batch 1 |" in table and "| compile train_step, scan |" in table
     load = next(r for r in results if r["workload"].startswith("load HF checkpoint"))
-    assert load["peak_growth_mb"] > 0
+    assert load["peak_growth_mb"] > 0  # a memory measurement (host RSS), not a timing
+    assert load["ratio"] == pytest.approx(load["peak_growth_mb"] / load["checkpoint_mb"])
     quantized = [r for r in results if r["workload"].endswith("llm_int8 weights")]
-    assert len(quantized) == 1 and quantized[0]["vs_float32"] > 0  # smoke: batch 1 only
+    assert len(quantized) == 1  # smoke: batch 1 only
+    assert quantized[0]["vs_float32"] == pytest.approx(
+        quantized[0]["tokens_per_s"] / quantized[0]["float32_tokens_per_s"], rel=1e-12
+    )
     assert "| decode batch 1, llm_int8 weights |" in table

@@ -238,48 +238,99 @@ def test_full_queue_answers_429(served):
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
 
 
-def test_disconnect_frees_the_slot_and_sigterm_drains(tmp_path):
-    """One slot: a streaming client that leaves early must not hold it for its 1500 tokens;
-    SIGTERM lets the request in flight finish before the process exits."""
+def test_a_client_that_leaves_frees_its_slot(served, monkeypatch):
+    """One slot, the app under a real uvicorn: a streaming client that leaves after its first
+    token must not hold the slot for its 200 tokens. The engine is held after each of the
+    departed request's tokens until the server has cancelled it (an event, not a clock), so
+    without the cancellation that request would run to its end and only then free the slot."""
+    import httpx
+    import uvicorn
+
+    from opt_jax.serving.engine import Engine
+    from opt_jax.serving.server import create_app
+
+    _, model_dir, config, params, tokenizer = served
+    engine = Engine(config, params, max_batch=1, max_length=256)
+    submitted, events = [], []
+    real_submit, real_decode = engine.submit, engine._decode
+
+    def submit(request):  # records each request and the events the engine sends it
+        log, emit = [], request.emit
+        request.emit = lambda choice, event: (log.append(event), emit(choice, event))[1]
+        submitted.append(request)
+        events.append(log)
+        real_submit(request)
+
+    def held(*args):
+        first = submitted[0]
+        if engine.steps >= 1 and any(s is not None and s[0] is first for s in engine.slots):
+            deadline = time.time() + 10  # then decode on (a server noticing only on write)
+            while not first.cancelled and time.time() < deadline:
+                time.sleep(0.005)
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine, "submit", submit)
+    monkeypatch.setattr(engine, "_decode", held)
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, model_dir.name),
+                                           host="127.0.0.1", port=_free_port(),
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)  # no signal handlers off main
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.started
+        url = f"http://127.0.0.1:{server.config.port}/v1/completions"
+        # logprobs: a chunk for every token, so the first chunk is the first token
+        body = {"prompt": "alpha", "max_tokens": 200, "temperature": 0, "stream": True,
+                "logprobs": 0}  # fmt: skip
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))  # then leave
+        short = httpx.post(url, timeout=60,
+                           json={"prompt": "beta", "max_tokens": 3, "temperature": 0})  # fmt: skip
+        assert short.status_code == 200, short.text
+        departed = [e for e in events[0] if "token" in e]
+        assert submitted[0].cancelled and 1 <= len(departed) < 200, len(departed)
+        assert not any("finish_reason" in e for e in events[0])  # freed, never finished
+        # The recycled slot serves the next request as generate does alone.
+        ids = tokenizer.encode("beta")
+        want = _alone(config, params, ids, 3, eos_token_id=[])
+        stop = want.index(2) + 1 if 2 in want else len(want)
+        assert short.json()["choices"][0]["text"] == tokenizer.decode(want[:stop])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
+
+
+def test_sigterm_drains_the_request_in_flight(served):
+    """SIGTERM once a streamed completion has sent its first token: the request still gets
+    all its 200 tokens and [DONE], then the process exits with the signal's status."""
     import httpx
 
-    model_dir = _model_dir(tmp_path / "model", 2048)
-    server = Server(model_dir, "--max_batch", "1", "--max_length", "2048")
+    model_dir = served[1]
+    server = Server(model_dir, "--max_batch", "1", "--max_length", "256")
     try:
-        body = {"prompt": "alpha", "max_tokens": 1500, "temperature": 0, "stream": True}
-        started = time.time()
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            for _ in r.iter_lines():
-                break  # the first event, then leave
-        short = httpx.post(server.url + "/v1/completions", timeout=120,
-                           json={"prompt": "beta", "max_tokens": 3, "temperature": 0})  # fmt: skip
-        waited = time.time() - started
-        assert short.status_code == 200
-        body = {"prompt": "beta", "max_tokens": 1500, "temperature": 0}
-        long = httpx.post(server.url + "/v1/completions", timeout=300, json=body)
-        full = time.time() - started - waited
-        assert waited < full / 2, (waited, full)  # the departed client's slot was freed
-        # greedy "beta" ran its 1500 tokens without `</s>`, so greedy "beta" for 1000 tokens
-        # is in flight for 2/3 of `full` (a sampled request could stop at `</s>` at any time)
-        assert long.json()["choices"][0]["finish_reason"] == "length"
-        results = {}
-
-        def ask():
-            results["r"] = httpx.post(server.url + "/v1/completions", timeout=300,
-                                      json={"prompt": "beta", "max_tokens": 1000,
-                                            "temperature": 0})  # fmt: skip
-            results["done"] = time.time()
-
-        thread = threading.Thread(target=ask)
-        thread.start()
-        time.sleep(min(full / 6, 2.0))  # in flight
-        signalled = time.time()
-        server.proc.send_signal(signal.SIGTERM)
-        thread.join(timeout=300)
-        response = results["r"]  # finished, not cut off
-        assert response.status_code == 200
-        assert results["done"] > signalled  # it was still running when SIGTERM came
-        assert json.loads(response.text)["usage"]["completion_tokens"] == 1000
+        body = {"prompt": "beta", "max_tokens": 200, "temperature": 0, "stream": True,
+                "logprobs": 0}  # fmt: skip
+        chunks, done = [], False
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                if not chunks:  # the first token is out: the request is in flight
+                    server.proc.send_signal(signal.SIGTERM)
+                chunks.append(json.loads(line[len("data: ") :])["choices"][0])
+        assert done
+        # greedy "beta" runs its 200 tokens without `</s>` (a sampled request could stop at
+        # `</s>` at any time)
+        assert sum(len(c["logprobs"]["tokens"]) for c in chunks if c["logprobs"]) == 200
+        assert chunks[-1]["finish_reason"] == "length"
         # uvicorn re-raises the signal once it has drained, so the exit is the signal's
         assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
     finally:

@@ -66,7 +66,7 @@ def test_a_killed_sweep_resumes_and_finished_runs_are_skipped(study):
     while not committed() and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert sweeps.status(str(first))["status"] == "interrupted"
 
     out = _sweep(study).stdout

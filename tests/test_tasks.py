@@ -275,23 +275,38 @@ def test_qa_trains_writes_predictions_and_exports_to_transformers(base, tmp_path
         np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_classification_trains_head_and_adapters_for_peft(base, tmp_path):
+def test_lora_classification_trains_head_and_adapters_for_peft(base, tmp_path, monkeypatch):
     """LoRA on a classification task: the decoder stays frozen, adapters and the score head
-    train; WORKDIR/adapter loads in peft on transformers and in opt_jax, equal to the merged
-    export."""
+    train (every lora_B leaves its zero init, the head its random init, the dev loss falls);
+    WORKDIR/adapter loads in peft on transformers and in opt_jax, equal to the merged export."""
+    import jax
     import peft
     import torch
     import transformers
 
     from opt_jax.training import train
 
+    initial = {}
+    resolve = train.resolve_model
+
+    def spy(*args, **kwargs):  # the parameters training starts from (a copy: they are donated)
+        opt_config, params = resolve(*args, **kwargs)
+        initial.update(jax.tree.map(lambda x: np.array(x, copy=True), params))
+        return opt_config, params
+
+    monkeypatch.setattr(train, "resolve_model", spy)
     train_file, dev_file = _sentiment(tmp_path, n_train=32, n_dev=16)
-    config = _config("classify", tmp_path, base, num_train_steps=6, eval_every_steps=6,
-                     checkpoint_every_steps=6, **{"lora.rank": 4, "lora.alpha": 8.0,
+    # An eval after every step: step 1's learning rate is 0 (warmup), so its eval_loss is the
+    # starting model's.
+    config = _config("classify", tmp_path, base, num_train_steps=6, eval_every_steps=1,
+                     log_every_steps=1, checkpoint_every_steps=6,
+                     **{"lora.rank": 4, "lora.alpha": 8.0,
                      "optim.learning_rate": 1e-2, "data.train_file": train_file,
                      "data.eval_file": dev_file})  # fmt: skip
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, workdir)
+    evals = [r["eval_loss"] for r in _metrics(workdir)]
+    assert len(evals) == 6 and evals[-1] < evals[0], evals
     spec = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
     assert spec["task_type"] == "SEQ_CLS" and spec["modules_to_save"] == ["score"]
     ours_config, params = opt_jax.load_pretrained(base, adapter=workdir / "adapter")
@@ -301,6 +316,15 @@ def test_lora_classification_trains_head_and_adapters_for_peft(base, tmp_path):
 
     assert_trees_equal(merged["model"]["decoder"]["embed_tokens"],
                        base_params["model"]["decoder"]["embed_tokens"])  # fmt: skip
+    # Trained: every lora_B (zero at the start) and every leaf of the head moved.
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    b = {jax.tree_util.keystr(p): x for p, x in paths if p[-1].key == "lora_B"}
+    start = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(initial)}
+    assert len(b) == 2 * ours_config.num_hidden_layers  # q_proj and v_proj
+    assert all(not start[k].any() and np.abs(np.asarray(x)).max() > 0 for k, x in b.items())
+    assert set(initial["score"]) == set(params["score"]) and initial["score"]
+    for leaf, value in params["score"].items():
+        assert np.abs(np.asarray(value) - initial["score"][leaf]).max() > 0, leaf
     ids, mask = opt_jax.OPTTokenizer.from_pretrained(base).encode_batch(
         ["alpha good", "beta red bad movie"], padding_side="right"
     )

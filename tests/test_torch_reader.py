@@ -103,7 +103,9 @@ logits = opt_jax.OPTForCausalLM(config).apply({{"params": params}}, ids, mask).l
 np.save({str(tmp_path / "out.npy")!r}, np.asarray(logits))
 """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = np.load(tmp_path / "out.npy")
     assert max_rel_diff(ours, ref, mask.astype(bool)) < 1e-5

@@ -403,12 +403,16 @@ def test_train_cli_locks_config(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", "--config", "configs/tiny.py",
-         "--workdir", str(tmp_path), "--config.optim.lr=0.1"],
+         "--workdir", str(tmp_path), "--config.optim.learning_rat=0.1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: --config.optim.lr: optim has no field 'lr'" in proc.stderr
-    assert "learning_rate" in proc.stderr  # the fields it does have are listed
+    # A typo of a field: the closest name is suggested, then every field is listed.
+    assert (
+        "error: --config.optim.learning_rat: optim has no field 'learning_rat' "
+        "(did you mean learning_rate?); its fields: " in proc.stderr
+    ), proc.stderr
+    assert "warmup_steps" in proc.stderr.split("its fields: ")[1]
     assert not (tmp_path / "checkpoints").exists()
 
 
