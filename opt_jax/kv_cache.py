@@ -98,17 +98,7 @@ class KVCache:
 
     def take_rows(self, rows: jax.Array) -> KVCache:
         """The cache of rows `rows` [R] int (repeat, reorder or select beams / candidates)."""
-        if isinstance(self.key, tuple):
-            key, value = tuple(k[rows] for k in self.key), tuple(v[rows] for v in self.value)
-        else:  # stacked [L, B, ...] (scan_layers)
-            key, value = self.key[:, rows], self.value[:, rows]
-        return KVCache(
-            key=key,
-            value=value,
-            slot_mask=self.slot_mask[rows],
-            index=self.index[rows],
-            position=self.position[rows],
-        )
+        return map_rows(lambda x, axis: x[(slice(None),) * axis + (rows,)], self)
 
     @property
     def max_length(self) -> int:
@@ -139,6 +129,32 @@ def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int
         return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), starts)
 
     return jax.vmap(one_row)(buffer, update, index)
+
+
+def map_rows(fn, *caches: KVCache) -> KVCache:
+    """The cache whose every array is fn(that array of each of `caches`, its batch axis).
+
+    The one place that knows where the batch axis of each field is (0, or 1 for the stacked
+    [L, B, ...] keys and values of scan_layers): taking, resizing and inserting rows all go
+    through it. With several caches, fn receives the matching arrays of each, in order.
+    """
+    stacked = not isinstance(caches[0].key, tuple)
+
+    def kv(*per_cache):  # the keys (or values) of every cache
+        if stacked:
+            return fn(*per_cache, 1)
+        return tuple(fn(*layer, 0) for layer in zip(*per_cache, strict=True))
+
+    def rows(field):
+        return fn(*(getattr(c, field) for c in caches), 0)
+
+    return KVCache(
+        key=kv(*(c.key for c in caches)),
+        value=kv(*(c.value for c in caches)),
+        slot_mask=rows("slot_mask"),
+        index=rows("index"),
+        position=rows("position"),
+    )
 
 
 def take_rows(cache, rows: jax.Array):

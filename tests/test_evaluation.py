@@ -108,11 +108,10 @@ def test_loglikelihood_matches_transformers_and_compiles_few_shapes(checkpoint):
     lines = [json.loads(line) for line in (TASKS / "mc.jsonl").read_text().splitlines()][:12]
     requests = [(q["question"], " " + c) for q in lines for c in q["choices"][:2]]
     requests += [("", "def f(x):"), ("x = ", "1")]  # empty context; trailing space moves
-    before = [f._cache_size() for f in scoring._PROGRAMS.get(config, ())] or [0, 0]
+    programs = scoring._programs(config)
+    before = [f._cache_size() for f in programs]
     got = loglikelihood(model, params, tokenizer, requests, batch_size=4)
-    hidden, head = (
-        f._cache_size() - b for f, b in zip(scoring._PROGRAMS[config], before, strict=True)
-    )
+    hidden, head = (f._cache_size() - b for f, b in zip(programs, before, strict=True))
     # Packed rows: one decoder shape for the whole call; the LM head's few scored-position
     # buckets (the multiples of 64 its batches' scored tokens round up to) compile only the
     # small head program.

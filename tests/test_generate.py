@@ -115,24 +115,38 @@ def test_half_precision_decoding_of_a_mostly_padded_batch(dtype):
     assert ((out.sequences >= 0) & (out.sequences < 99)).all()
 
 
+@jax.jit
+def _full_forward(ids, mask):
+    """Logits and final hidden states of right-padded rows [R, W], without a cache (a real
+    token sees only the tokens before it, so the padding after it changes nothing)."""
+    logits = MODEL.apply({"params": PARAMS}, ids, attention_mask=mask).logits
+    decoder = opt_jax.OPTModel(CONFIG)
+    hidden = decoder.apply({"params": PARAMS["model"]}, ids, attention_mask=mask)
+    return logits, hidden.last_hidden_state
+
+
+def _right_padded(rows, width=16):
+    ids = np.full((len(rows), width), CONFIG.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return ids, mask
+
+
 def _numpy_contrastive(prompt, steps, alpha, k):
     """Reference contrastive search: full forward passes, selection in numpy."""
     seq = list(prompt)
-    decoder = opt_jax.OPTModel(CONFIG)
     for _ in range(steps):
-        logits = np.asarray(
-            MODEL.apply({"params": PARAMS}, np.array([seq])).logits[0, -1], np.float64
-        )
-        context = np.asarray(
-            decoder.apply({"params": PARAMS["model"]}, np.array([seq])).last_hidden_state[0]
-        )
+        logits, hidden = _full_forward(*_right_padded([seq]))
+        logits = np.asarray(logits[0, len(seq) - 1], np.float64)
+        context = np.asarray(hidden[0, : len(seq)], np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         candidates = np.argsort(-probs, kind="stable")[:k]
+        _, hidden = _full_forward(*_right_padded([seq + [int(t)] for t in candidates]))
         scores = []
-        for token in candidates:
-            hidden = decoder.apply({"params": PARAMS["model"]}, np.array([seq + [int(token)]]))
-            h = np.asarray(hidden.last_hidden_state[0, -1], np.float64)
+        for i, token in enumerate(candidates):
+            h = np.asarray(hidden[i, len(seq)], np.float64)
             cos = context @ h / (np.linalg.norm(context, axis=1) * np.linalg.norm(h))
             scores.append((1 - alpha) * probs[token] - alpha * cos.max())
         seq.append(int(candidates[int(np.argmax(scores))]))

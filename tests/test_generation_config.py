@@ -119,11 +119,11 @@ def test_sweeping_traced_values_never_recompiles_and_matches_a_fresh_process():
 
 
 def test_compile_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(api, "COMPILE_CACHE_SIZE", 2)
+    monkeypatch.setattr(api.PROGRAMS, "size", 2)
     ids, mask = ragged_batch(length=8)
     for k in (3, 4, 5):  # top_k is static: three programs
         opt_jax.generate(MODEL, PARAMS, ids, mask, max_new_tokens=2, do_sample=True, top_k=k)
-    assert len(api._PROGRAMS) <= 2
+    assert len(api.PROGRAMS) == 2  # three programs built, the oldest dropped
 
 
 def test_boxed_parameters_from_flax_init_are_accepted():

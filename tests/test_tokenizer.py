@@ -64,6 +64,10 @@ def test_transformers_autotokenizer_agrees(tokenizer_dir):
             ours.encode(text)
         )
     assert theirs.pad_token_id == 1 and theirs.eos_token_id == 2
+    # A padded batch decodes row by row as transformers decodes it (pad and BOS dropped).
+    ids, _ = ours.encode_batch(SAMPLES[:4])
+    assert ours.batch_decode(ids) == theirs.batch_decode(ids.tolist(), skip_special_tokens=True)
+    assert ours.batch_decode(ids)[0] == SAMPLES[0]
 
 
 def test_vocab_and_merges_only(tokenizer_dir, tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 
 from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.param_tree import tied_embedding
+from opt_jax.shapes import ProgramCache, round_up
 from opt_jax.tokenizer import OPTTokenizer
 
 # Requests are packed several to a row (the attention mask keeps them apart) into rows of this
@@ -36,7 +37,9 @@ from opt_jax.tokenizer import OPTTokenizer
 PACK_LENGTH = 160
 BUCKET = 32
 SCORED_BUCKET = 64  # the LM head's smallest shape (scored positions per batch): see _head_width
-_PROGRAMS: dict = {}
+# One (hidden, head) pair per model config; a few configs at most in one process (an
+# evaluation loads one model), bounded all the same, like generate's cache.
+PROGRAMS = ProgramCache(8)
 
 
 def _programs(config):
@@ -51,7 +54,8 @@ def _programs(config):
     Only the scored positions go through the LM head: its [P, V] matmul and the log-softmax
     over V would otherwise cost as much as the whole decoder for short continuations.
     """
-    if config not in _PROGRAMS:
+
+    def build():
         decoder = OPTModel(config)
 
         def hidden(params, inputs, segments, branches):
@@ -66,8 +70,9 @@ def _programs(config):
                 hidden.astype(config.compute_dtype), table.astype(config.compute_dtype), targets
             )
 
-        _PROGRAMS[config] = (jax.jit(hidden), jax.jit(head))
-    return _PROGRAMS[config]
+        return jax.jit(hidden), jax.jit(head)
+
+    return PROGRAMS.get(config, build)
 
 
 VOCAB_CHUNKS = 16
@@ -124,10 +129,6 @@ def tree_mask(segments: jax.Array, branches: jax.Array) -> jax.Array:
     key_branch, query_branch = branches[:, None, :], branches[:, :, None]
     on_path = (key_branch == 0) | (key_branch == query_branch)
     return causal[None] & same_unit & on_path
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
 def _pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -195,7 +196,7 @@ def score_pairs(
     if not requests:
         return []
     longest = max(len(r[0]) for r in requests)
-    length = min(limit, max(_round_up(longest, BUCKET), PACK_LENGTH))
+    length = min(limit, max(round_up(longest, BUCKET), PACK_LENGTH))
     units = _share_contexts(requests, length)
     rows = _pack([u[1] for u in units], length)
     hidden_fn, head_fn = _programs(config)
@@ -203,7 +204,7 @@ def score_pairs(
     results: list = [None] * len(requests)
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     counts = [sum(requests[i][2] for row in b for u in row for i in units[u][0]) for b in batches]
-    widest = _round_up(max(counts), SCORED_BUCKET)
+    widest = round_up(max(counts), SCORED_BUCKET)
     for batch, count in zip(batches, counts, strict=True):
         arrays, spans = _layout(
             [[units[u][0] for u in row] for row in batch], requests, config.pad_token_id,
@@ -268,7 +269,7 @@ def _head_width(count: int, widest: int) -> int:
     up to 64). A call compiles a few head shapes (0.26 s each for the 125m shape on 2 CPU
     cores), each of which wastes little."""
     step = SCORED_BUCKET if count <= 4 * SCORED_BUCKET else 4 * SCORED_BUCKET
-    return min(_round_up(count, step), widest)
+    return min(round_up(count, step), widest)
 
 
 def _share_contexts(requests, length: int) -> list[tuple[list[int], int]]:

@@ -9,9 +9,7 @@ top_p values never, mean a new compilation.
 
 from __future__ import annotations
 
-import collections
 import itertools
-import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from opt_jax.generation.decoding import decode
 from opt_jax.kv_cache import KVCache
 from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.param_tree import tied_embedding
+from opt_jax.shapes import ProgramCache, round_up
 from opt_jax.validation import validate_token_ids
 
 # Prompt and new-token lengths are rounded up to multiples of this for static shapes.
@@ -97,8 +96,8 @@ def generate(
     # mask) and the buffer, capped so that every slot has a position embedding.
     batch, prompt_len = ids.shape
     limit = config.max_position_embeddings
-    bucket_prompt = min(_round_up(prompt_len, BUCKET), limit - gen_config.max_new_tokens)
-    buffer_length = min(bucket_prompt + _round_up(gen_config.max_new_tokens, BUCKET), limit)
+    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - gen_config.max_new_tokens)
+    buffer_length = min(bucket_prompt + round_up(gen_config.max_new_tokens, BUCKET), limit)
     extra = bucket_prompt - prompt_len
     ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
     mask = np.pad(mask, ((0, 0), (extra, 0)))
@@ -152,26 +151,16 @@ def _check_prompt(input_ids, attention_mask, config, max_new_tokens: int):
     return ids, mask
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
-
-
 # ---------------------------------------------------------------------------------------------
 # The compiled programs
 # ---------------------------------------------------------------------------------------------
 # Counts traces of the jitted generation programs (the compile-once tests read it).
 TRACE_COUNT = {"n": 0}
-_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
-_PROGRAMS_LOCK = threading.Lock()
+PROGRAMS = ProgramCache(COMPILE_CACHE_SIZE)
 
 
 def _compiled(config, program: GenerationConfig, streaming: bool):
     """The jitted program for (model config, static options, streaming), LRU-cached."""
-    key = (config, program, streaming)
-    with _PROGRAMS_LOCK:
-        if key in _PROGRAMS:
-            _PROGRAMS.move_to_end(key)
-            return _PROGRAMS[key]
 
     def run(params, head, prompt, mask, rng, values, max_new, stream_id, buffer_length):
         TRACE_COUNT["n"] += 1
@@ -187,13 +176,7 @@ def _compiled(config, program: GenerationConfig, streaming: bool):
         )  # fmt: skip
         return tokens, logprobs, None
 
-    fn = jax.jit(run, static_argnums=(8,))
-    with _PROGRAMS_LOCK:
-        fn = _PROGRAMS.setdefault(key, fn)
-        _PROGRAMS.move_to_end(key)
-        while len(_PROGRAMS) > COMPILE_CACHE_SIZE:
-            _PROGRAMS.popitem(last=False)
-    return fn
+    return PROGRAMS.get((config, program, streaming), lambda: jax.jit(run, static_argnums=(8,)))
 
 
 def opt_tokens_to_logits(config, params, head=None):

@@ -106,65 +106,31 @@ def beam_search(
         valid = prompt_valid | (generated & (jnp.arange(length) < end))[None, None, :]
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)
         log_probs = process_logits(
-            gen_config,
-            values,
-            log_probs,
-            s.running.reshape(n, length),
-            valid.reshape(n, length),
-            end,
-            s.step,
-            generated,
-        )
+            gen_config, values, log_probs, s.running.reshape(n, length),
+            valid.reshape(n, length), end, s.step, generated,
+        )  # fmt: skip
         if gen_config.do_sample:
             # As transformers: each warper keeps len(eos) + 1 tokens so a beam can go on.
             log_probs = warp_logits(gen_config, values, log_probs, gen_config.beam_min_keep)
-        vocab = log_probs.shape[-1]
-        scores = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(
-            batch, k * vocab
-        )
-        if gen_config.do_sample:
-            # Sampling C continuations without replacement: the Gumbel top-k trick.
-            gumbel = jax.random.gumbel(jax.random.fold_in(rng, s.step), scores.shape)
-            picked = jax.lax.top_k(scores + gumbel, keep)[1]
-            cand_scores = jnp.take_along_axis(scores, picked, axis=1)
-            order = jnp.argsort(-cand_scores, axis=1)
-            cand_scores = jnp.take_along_axis(cand_scores, order, axis=1)
-            cand_idx = jnp.take_along_axis(picked, order, axis=1)
-        else:
-            cand_scores, cand_idx = jax.lax.top_k(scores, keep)  # [B, C]
-        cand_beam, cand_token = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
+        cand_scores, cand_beam, cand_token = _candidates(
+            log_probs.reshape(batch, k, -1), s.running_scores, keep,
+            jax.random.fold_in(rng, s.step) if gen_config.do_sample else None,
+        )  # fmt: skip
         cand_seq = _gather(s.running, cand_beam)  # [B, C, L]
         cand_seq = jax.lax.dynamic_update_slice_in_dim(
             cand_seq, cand_token[:, :, None], end, axis=2
         )
-
-        # Which candidates stop here: EOS, a stop sequence, or the length limit.
-        hits = jnp.isin(cand_token, jnp.asarray(gen_config.eos_token_id))
-        hits |= s.step + 1 >= max_new_tokens
-        if gen_config.stop_sequences:
-            flat_seq = cand_seq.reshape(batch * keep, length)
-            flat_valid = jnp.ones_like(flat_seq, bool)
-            for seq in gen_config.stop_sequences:
-                hits |= ends_with(flat_seq, flat_valid, end + 1, seq).reshape(batch, keep)
+        hits = _stops(gen_config, cand_token, cand_seq, end, s.step + 1 >= max_new_tokens)
 
         # The best K candidates that did not stop keep running.
         running_candidates = cand_scores + hits * LOW
         next_idx = jax.lax.top_k(running_candidates, k)[1]  # [B, K]
         running = _gather(cand_seq, next_idx)
         running_scores = _gather(running_candidates, next_idx)
-
         # Candidates among the top K that stopped compete for the finished list.
-        just_finished = hits & top_k_mask[None, :]
-        final_scores = cand_scores / ((s.step + 1).astype(jnp.float32) ** length_penalty)
-        if gen_config.early_stopping is True:
-            final_scores += s.is_finished.all(-1, keepdims=True) * LOW
-        final_scores += (~s.can_improve) * LOW
-        final_scores += (~just_finished) * LOW
-        merged_scores = jnp.concatenate([s.finished_scores, final_scores], axis=1)
-        best = jax.lax.top_k(merged_scores, k)[1]
-        finished = _gather(jnp.concatenate([s.finished, cand_seq], axis=1), best)
-        finished_scores = _gather(merged_scores, best)
-        is_finished = _gather(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
+        finished, finished_scores, is_finished = _merge_finished(
+            gen_config, s, cand_seq, cand_scores, hits & top_k_mask[None, :], length_penalty
+        )
 
         # Reorder the cache so row b*K + j holds the history of running beam j of row b.
         origin = _gather(cand_beam, next_idx) + jnp.arange(batch)[:, None] * k
@@ -172,15 +138,10 @@ def beam_search(
         new_tokens = jax.lax.dynamic_slice_in_dim(running, end, 1, axis=2).reshape(n, 1)
         logits, _, cache = tokens_to_logits(new_tokens, jnp.ones((n, 1), bool), cache)
 
-        # transformers' early-stop heuristic: can a running beam still beat the worst finished?
-        generated_len = (s.step + 1).astype(jnp.float32)
-        best_len = generated_len
-        if gen_config.early_stopping == "never":
-            longest = jnp.asarray(max_new_tokens, jnp.float32)
-            best_len = jnp.where(length_penalty > 0, longest, generated_len)
-        best_running = running_scores[:, :1] / best_len**length_penalty
-        worst_finished = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), LOW)
-        can_improve = s.can_improve & (best_running > worst_finished).any(-1, keepdims=True)
+        can_improve = s.can_improve & _can_improve(
+            gen_config, s.step + 1, running_scores, finished_scores, is_finished,
+            length_penalty, max_new_tokens,
+        )  # fmt: skip
         go_on = can_improve.any() & ~hits.all()
         if gen_config.early_stopping is True:
             go_on &= ~is_finished.all()
@@ -200,3 +161,76 @@ def beam_search(
     state = jax.lax.while_loop(lambda s: s.go_on, body, state)
     r = gen_config.num_return_sequences
     return state.finished[:, :r], None, state.finished_scores[:, :r]
+
+
+def _candidates(log_probs, running_scores, keep: int, key=None):
+    """The C = `keep` best continuations of a row's K beams over K x V.
+
+    Args:
+      log_probs: [B, K, V] processed next-token log-probabilities of each running beam.
+      running_scores: [B, K] the beams' summed log-probabilities so far.
+      key: beam sampling draws the C continuations without replacement (the Gumbel top-k
+        trick) with this key; None takes the top C.
+
+    Returns:
+      (scores [B, C] sorted best first, beam [B, C] each comes from, token [B, C] int32)
+    """
+    batch, k, vocab = log_probs.shape
+    scores = (log_probs + running_scores[:, :, None]).reshape(batch, k * vocab)
+    if key is None:
+        cand_scores, cand_idx = jax.lax.top_k(scores, keep)
+    else:
+        picked = jax.lax.top_k(scores + jax.random.gumbel(key, scores.shape), keep)[1]
+        cand_scores = jnp.take_along_axis(scores, picked, axis=1)
+        order = jnp.argsort(-cand_scores, axis=1)
+        cand_scores = jnp.take_along_axis(cand_scores, order, axis=1)
+        cand_idx = jnp.take_along_axis(picked, order, axis=1)
+    return cand_scores, cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
+
+
+def _stops(gen_config, cand_token, cand_seq, end, at_limit):
+    """[B, C] bool: candidates that stop here (EOS, a stop sequence ending at slot `end`, or
+    the length limit `at_limit`)."""
+    hits = jnp.isin(cand_token, jnp.asarray(gen_config.eos_token_id)) | at_limit
+    if gen_config.stop_sequences:
+        batch, keep, length = cand_seq.shape
+        flat_seq = cand_seq.reshape(batch * keep, length)
+        flat_valid = jnp.ones_like(flat_seq, bool)
+        for seq in gen_config.stop_sequences:
+            hits |= ends_with(flat_seq, flat_valid, end + 1, seq).reshape(batch, keep)
+    return hits
+
+
+def _merge_finished(gen_config, s: BeamState, cand_seq, cand_scores, just_finished,
+                    length_penalty):  # fmt: skip
+    """The per-row top-K finished hypotheses after this step's finished candidates join, scored
+    sum / generated_length ** length_penalty as transformers scores them.
+
+    Returns:
+      (finished [B, K, L], finished_scores [B, K], is_finished [B, K])
+    """
+    final_scores = cand_scores / ((s.step + 1).astype(jnp.float32) ** length_penalty)
+    if gen_config.early_stopping is True:  # a row with K finished takes no more
+        final_scores += s.is_finished.all(-1, keepdims=True) * LOW
+    final_scores += (~s.can_improve) * LOW
+    final_scores += (~just_finished) * LOW
+    merged_scores = jnp.concatenate([s.finished_scores, final_scores], axis=1)
+    best = jax.lax.top_k(merged_scores, s.running.shape[1])[1]
+    finished = _gather(jnp.concatenate([s.finished, cand_seq], axis=1), best)
+    is_finished = _gather(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
+    return finished, _gather(merged_scores, best), is_finished
+
+
+def _can_improve(gen_config, generated, running_scores, finished_scores, is_finished,
+                 length_penalty, max_new_tokens):  # fmt: skip
+    """[B, 1] bool, transformers' early-stop heuristic: can a row's best running beam still
+    beat its worst finished hypothesis? (With early_stopping "never" and a positive length
+    penalty the running beam is scored at the longest length it could reach.)"""
+    generated_len = generated.astype(jnp.float32)
+    best_len = generated_len
+    if gen_config.early_stopping == "never":
+        longest = jnp.asarray(max_new_tokens, jnp.float32)
+        best_len = jnp.where(length_penalty > 0, longest, generated_len)
+    best_running = running_scores[:, :1] / best_len**length_penalty
+    worst_finished = jnp.where(is_finished, finished_scores.min(axis=1, keepdims=True), LOW)
+    return (best_running > worst_finished).any(-1, keepdims=True)

@@ -43,8 +43,11 @@ def repetition_penalty(logits, seen, penalty: float):
     return jnp.where(seen, penalised, logits)
 
 
-def presence_frequency_penalty(logits, counts, presence: float, frequency: float):
-    """OpenAI-style additive penalties on the generated tokens' counts."""
+def presence_frequency_penalty(logits, counts, presence, frequency):
+    """OpenAI-style additive penalties on the generated tokens' counts.
+
+    logits, counts: [B, V]; presence, frequency: scalars, or [B, 1] per-row values.
+    """
     return logits - presence * (counts > 0) - frequency * counts
 
 

@@ -21,7 +21,7 @@ top_k=None)` on that prompt alone gives the same tokens.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import queue
 import threading
 import time
@@ -30,11 +30,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from opt_jax.generation.api import lm_head_copy, opt_tokens_to_logits
-from opt_jax.generation.processors import top_p_filter
-from opt_jax.kv_cache import KVCache
+from opt_jax.generation.processors import presence_frequency_penalty, top_p_filter
+from opt_jax.kv_cache import KVCache, map_rows
 from opt_jax.param_tree import tied_embedding
+from opt_jax.shapes import round_up
 
 BUCKET = 32  # prompt lengths are padded to multiples of this (generate's bucket too)
 TOP_LOGPROBS = 5  # OpenAI's completions API allows logprobs <= 5
@@ -100,97 +102,18 @@ class Engine:
 
     # -- the jitted pieces -------------------------------------------------------------------
     def _build(self) -> None:
-        config, vocab = self.config, self.config.vocab_size
-
-        def prefill(params, head, ids, mask):
-            """[1, Tb] prompt -> (logits of every position [Tb, V], one-row cache)."""
-            cache = KVCache.init(config, 1, self.max_length)
-            step = opt_tokens_to_logits(config, params, head)
-            _, hidden, cache = step(ids, mask, cache)  # hidden: what the tied head reads
-            table = tied_embedding(params)
-            logits = jnp.einsum(
-                "tp,vp->tv",
-                hidden[0].astype(config.compute_dtype),
-                table.astype(config.compute_dtype),
-            )
-            return logits.astype(jnp.float32), cache
-
-        def insert(cache, row, slot):
-            """Copies a one-row cache into slot `slot` of the engine's cache."""
-
-            def put(big, small, axis):
-                small = small.astype(big.dtype)
-                return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis)
-
-            return _cache_rows(put, cache, row)
-
-        def decode(params, head, state, active, options, keys):
-            """One token for each of the R slots the state holds (R = self.rows, see
-            `_resize`): sample / argmax from the carried logits, then run the model on it.
-
-            Returns:
-              (state, token [R], logprob [R], top ids [R, K], top [R, K])
-            """
-            cache, logits, counts, generated = state
-            scores = (
-                logits
-                - options["presence"][:, None] * (counts > 0)
-                - options["frequency"][:, None] * counts
-            )
-            greedy = options["temperature"] <= 0
-
-            def sample(scores):
-                warped = scores / jnp.where(greedy, 1.0, options["temperature"])[:, None]
-                # Sorting B x V for top-p costs more than the model step: only when asked.
-                warped = jax.lax.cond(
-                    jnp.any(options["top_p"] < 1),
-                    lambda w: top_p_filter(w, options["top_p"][:, None]),
-                    lambda w: w,
-                    warped,
-                )
-                step_keys = jax.vmap(jax.random.fold_in)(keys, generated)
-                return jax.vmap(lambda k, s: jax.random.categorical(k, s[None], axis=-1)[0])(
-                    step_keys, warped
-                ).astype(jnp.int32)
-
-            # Random draws over B x V cost as much: skipped when every slot is greedy.
-            sampled = jax.lax.cond(
-                jnp.all(greedy), lambda s: jnp.zeros(s.shape[:1], jnp.int32), sample, scores
-            )
-            token = jnp.where(greedy, jnp.argmax(scores, axis=-1), sampled).astype(jnp.int32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-            top, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-            step = opt_tokens_to_logits(config, params, head)
-            new_logits, _, cache = step(token[:, None], active[:, None], cache)
-            counts = counts + jax.nn.one_hot(token, vocab, dtype=jnp.int32) * active[:, None]
-            state = (cache, new_logits, counts, generated + active.astype(jnp.int32))
-            return state, token, chosen, top_ids, top
-
-        self._prefill = jax.jit(prefill)
-        self._insert = jax.jit(insert, donate_argnums=(0,))
-        self._decode = jax.jit(decode, donate_argnums=(2,))
-        self._resized = jax.jit(_resized, static_argnums=(1,))
-        self._set_row = jax.jit(
-            lambda state, slot, logits: (
-                state[0],
-                state[1].at[slot].set(logits),
-                state[2].at[slot].set(0),
-                state[3].at[slot].set(0),
-            ),
-            donate_argnums=(0,),
-        )
+        config = self.config
+        self._prefill = jax.jit(functools.partial(_prefill, config, self.max_length))
+        self._insert = jax.jit(_insert, donate_argnums=(0,))
+        self._decode = jax.jit(functools.partial(_decode, config), donate_argnums=(2,))
+        self._resized = jax.jit(SlotState.resized, static_argnums=(1,))
+        self._start_slot = jax.jit(SlotState.start_slot, donate_argnums=(0,))
         # The state holds the first `rows` slots only: a power of two covering the busy ones
         # (the lowest free slots are taken first). Decoding then costs what the load needs, and
         # the donated state is updated in place (slicing a B-row state each step made XLA copy
         # the whole cache: 141 ms instead of 29 ms per step for one request at B = 32).
         self.rows = 1
-        self.state = (
-            KVCache.init(config, 1, self.max_length),
-            jnp.zeros((1, vocab), jnp.float32),
-            jnp.zeros((1, vocab), jnp.int32),
-            jnp.zeros((1,), jnp.int32),
-        )
+        self.state = SlotState.empty(config, 1, self.max_length)
         self.options = {
             name: np.zeros((self.max_batch,), np.float32)
             for name in ("temperature", "top_p", "presence", "frequency")
@@ -229,7 +152,7 @@ class Engine:
             self.state = self._decode(
                 self.params, self.head, self.state, idle, options, self.keys[:rows]
             )[0]
-            self.state = self._set_row(self.state, 0, self.state[1][0])
+            self.state = self._start_slot(self.state, 0, self.state.logits[0])
         self._resize(1)
 
     # -- requests ----------------------------------------------------------------------------
@@ -270,9 +193,6 @@ class Engine:
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
-
-    def active_requests(self) -> int:
-        return len({id(s[0]) for s in self.slots if s is not None}) + self.waiting.qsize()
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -315,7 +235,7 @@ class Engine:
     def _start(self, request: Request, slots: list[int]) -> None:
         config = self.config
         length = len(request.prompt)
-        bucket = min(max(BUCKET, math.ceil(length / BUCKET) * BUCKET), self.max_length)
+        bucket = min(round_up(length, BUCKET), self.max_length)
         ids = np.full((1, bucket), config.pad_token_id, np.int32)
         mask = np.zeros((1, bucket), bool)
         ids[0, bucket - length :], mask[0, bucket - length :] = request.prompt, True
@@ -339,8 +259,7 @@ class Engine:
         last = logits[bucket - 1]
         self._resize(max(self.rows, self.rows_for(max(slots) + 1)))
         for choice, slot in enumerate(slots):
-            self.state = (self._insert(self.state[0], row, slot),) + self.state[1:]
-            self.state = self._set_row(self.state, slot, last)
+            self.state = self._start_slot(self._insert(self.state, row, slot), slot, last)
             greedy = request.temperature <= 0
             self.options["temperature"][slot] = 0.0 if greedy else request.temperature
             self.options["top_p"][slot] = request.top_p
@@ -399,36 +318,130 @@ class Engine:
                 self.slots[slot] = None
 
 
-def _resized(state, rows: int):
-    """The engine state with `rows` slots: the first ones kept, new ones empty."""
+@struct.dataclass
+class SlotState:
+    """What the decode step carries for the R slots it covers (R = Engine.rows).
 
-    def fit(x, axis):
-        have = x.shape[axis]
-        if rows <= have:
-            return jax.lax.slice_in_dim(x, 0, rows, axis=axis)
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, rows - have)
-        return jnp.pad(x, pad)
+    Attributes:
+      cache: KVCache of R rows.
+      logits: [R, V] float32, each slot's next-token logits (from its prefill or last step).
+      counts: [R, V] int32, how often each token was generated (presence / frequency penalties).
+      generated: [R] int32, tokens generated so far (the sampling key's step).
+    """
 
-    cache, *rest = state
-    return (_cache_rows(fit, cache), *(fit(x, 0) for x in rest))
+    cache: KVCache
+    logits: jax.Array
+    counts: jax.Array
+    generated: jax.Array
+
+    @classmethod
+    def empty(cls, config, rows: int, max_length: int) -> SlotState:
+        vocab = config.vocab_size
+        return cls(
+            cache=KVCache.init(config, rows, max_length),
+            logits=jnp.zeros((rows, vocab), jnp.float32),
+            counts=jnp.zeros((rows, vocab), jnp.int32),
+            generated=jnp.zeros((rows,), jnp.int32),
+        )
+
+    def resized(self, rows: int) -> SlotState:
+        """The state of `rows` slots: the first ones kept, new ones empty."""
+
+        def fit(x, axis):
+            have = x.shape[axis]
+            if rows <= have:
+                return jax.lax.slice_in_dim(x, 0, rows, axis=axis)
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (0, rows - have)
+            return jnp.pad(x, pad)
+
+        return SlotState(
+            cache=map_rows(fit, self.cache),
+            logits=fit(self.logits, 0),
+            counts=fit(self.counts, 0),
+            generated=fit(self.generated, 0),
+        )
+
+    def start_slot(self, slot, logits) -> SlotState:
+        """Slot `slot` begins a choice whose first token is drawn from `logits` [V]."""
+        return self.replace(
+            logits=self.logits.at[slot].set(logits),
+            counts=self.counts.at[slot].set(0),
+            generated=self.generated.at[slot].set(0),
+        )
 
 
-def _cache_rows(fn, *caches: KVCache) -> KVCache:
-    """The cache whose every array is fn(that array of each of `caches`, its batch axis)."""
-    stacked = not isinstance(caches[0].key, tuple)  # scan_layers: [L, B, ...]
+def _prefill(config, max_length, params, head, ids, mask):
+    """[1, Tb] prompt -> (logits of every position [Tb, V], its one-row cache)."""
+    cache = KVCache.init(config, 1, max_length)
+    step = opt_tokens_to_logits(config, params, head)
+    _, hidden, cache = step(ids, mask, cache)  # hidden: what the tied head reads
+    table = tied_embedding(params)
+    logits = jnp.einsum(
+        "tp,vp->tv", hidden[0].astype(config.compute_dtype), table.astype(config.compute_dtype)
+    )
+    return logits.astype(jnp.float32), cache
 
-    def kv(*per_cache):  # keys or values of every cache
-        if stacked:
-            return fn(*per_cache, 1)
-        return tuple(fn(*layer, 0) for layer in zip(*per_cache, strict=True))
 
-    def rows(field):
-        return fn(*(getattr(c, field) for c in caches), 0)
+def _insert(state: SlotState, row: KVCache, slot) -> SlotState:
+    """Copies a one-row cache into slot `slot` of the state's cache."""
 
-    return KVCache(key=kv(*(c.key for c in caches)), value=kv(*(c.value for c in caches)),
-                   slot_mask=rows("slot_mask"), index=rows("index"),
-                   position=rows("position"))  # fmt: skip
+    def put(big, small, axis):
+        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis)
+
+    return state.replace(cache=map_rows(put, state.cache, row))
+
+
+def _sample(scores, options, keys, generated):
+    """[R] tokens drawn from scores [R, V] at each slot's temperature and top-p; slot r's draw
+    uses fold_in(keys[r], generated[r]), so a choice's t-th token has a key of its own."""
+    greedy = options["temperature"] <= 0
+    warped = scores / jnp.where(greedy, 1.0, options["temperature"])[:, None]
+    # Sorting R x V for top-p costs more than the model step: only when asked.
+    warped = jax.lax.cond(
+        jnp.any(options["top_p"] < 1),
+        lambda w: top_p_filter(w, options["top_p"][:, None]),
+        lambda w: w,
+        warped,
+    )
+    step_keys = jax.vmap(jax.random.fold_in)(keys, generated)
+    draw = jax.vmap(lambda k, s: jax.random.categorical(k, s[None], axis=-1)[0])
+    return draw(step_keys, warped).astype(jnp.int32)
+
+
+def _decode(config, params, head, state: SlotState, active, options, keys):
+    """One token for each of the R slots: sample / argmax from the carried logits, then run the
+    model on it.
+
+    Args:
+      active: [R] bool, slots serving a choice (idle slots compute on padding).
+      options: per-slot [R] float32 "temperature" (0: greedy), "top_p", "presence",
+        "frequency".
+      keys: [R] each slot's choice key.
+
+    Returns:
+      (state, token [R], logprob [R], top ids [R, K], top log-probabilities [R, K])
+    """
+    scores = presence_frequency_penalty(
+        state.logits, state.counts, options["presence"][:, None], options["frequency"][:, None]
+    )
+    greedy = options["temperature"] <= 0
+    # Random draws over R x V cost as much as top-p: skipped when every slot is greedy.
+    sampled = jax.lax.cond(
+        jnp.all(greedy),
+        lambda s: jnp.zeros(s.shape[:1], jnp.int32),
+        lambda s: _sample(s, options, keys, state.generated),
+        scores,
+    )
+    token = jnp.where(greedy, jnp.argmax(scores, axis=-1), sampled).astype(jnp.int32)
+    logp = jax.nn.log_softmax(state.logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    top, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    step = opt_tokens_to_logits(config, params, head)
+    logits, _, cache = step(token[:, None], active[:, None], state.cache)
+    new = jax.nn.one_hot(token, config.vocab_size, dtype=jnp.int32) * active[:, None]
+    state = SlotState(cache, logits, state.counts + new, state.generated + active)
+    return state, token, chosen, top_ids, top
 
 
 def _top(logp_row: np.ndarray) -> list[tuple[int, float]]:

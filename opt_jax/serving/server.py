@@ -16,6 +16,7 @@ given. Log-probabilities are the model's (before temperature / top-p), as OpenAI
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -77,50 +78,8 @@ def parse(body, tokenizer, engine, model_name: str) -> dict:
     for name in ("best_of", "suffix", "logit_bias"):
         if body.get(name) not in (None, 1, {}):
             raise BadRequest(f"'{name}' is not supported", name)
-    prompt = body.get("prompt")
-    vocab = engine.config.vocab_size
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = prompt
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        prompts = [prompt]
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt)
-    ):
-        prompts = prompt
-    else:
-        raise BadRequest(
-            "'prompt' must be a non-empty string, list of strings, token list or list of "
-            "token lists",
-            "prompt",
-        )
-    encoded = []
-    for p in prompts:
-        if isinstance(p, str):
-            encoded.append((p, tokenizer.encode(p)))
-        else:
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise BadRequest(f"'prompt' token ids {bad[:5]} are outside [0, {vocab})", "prompt")
-            encoded.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is None:
-        stop = []
-    if (
-        not isinstance(stop, list)
-        or len(stop) > 4
-        or not all(isinstance(s, str) and s for s in stop)
-    ):
-        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    encoded = _prompts(body.get("prompt"), tokenizer, engine.config.vocab_size)
+    stop = _stop(body.get("stop"))
     options = {
         "prompts": encoded,
         "max_tokens": _number(body, "max_tokens", 16, 0, engine.max_length, integer=True),
@@ -147,6 +106,59 @@ def parse(body, tokenizer, engine, model_name: str) -> dict:
         if problem:
             raise BadRequest(*problem)
     return options
+
+
+def _is_ids(p) -> bool:
+    """Whether p is a non-empty list of token ids (ints, not bools)."""
+    ints = (
+        (isinstance(t, int) and not isinstance(t, bool) for t in p) if isinstance(p, list) else ()
+    )
+    return isinstance(p, list) and bool(p) and all(ints)
+
+
+def _prompts(prompt, tokenizer, vocab: int) -> list[tuple[str, list[int]]]:
+    """The request's prompts as [(text, token ids)]: a string, strings, a token list or token
+    lists (token ids in [0, vocab); their text is what the ids decode to, for echo)."""
+
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise BadRequest(
+            "'prompt' must be a non-empty string, list of strings, token list or list of "
+            "token lists",
+            "prompt",
+        )
+    encoded = []
+    for p in prompts:
+        if isinstance(p, str):
+            encoded.append((p, tokenizer.encode(p)))
+            continue
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"'prompt' token ids {bad[:5]} are outside [0, {vocab})", "prompt")
+        encoded.append((tokenizer.decode(p, skip_special_tokens=False), list(p)))
+    return encoded
+
+
+def _stop(stop) -> list[str]:
+    """`stop`: None, a string, or a list of up to 4 non-empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return stop
 
 
 class Choice:
@@ -189,6 +201,173 @@ def _logprobs_block(tokenizer, choice: Choice, k: int, echo: bool, prompt_ids) -
             "top_logprobs": top_logprobs, "text_offset": offsets}  # fmt: skip
 
 
+class Completion:
+    """One completions request in flight: its engine requests (one per prompt, n choices
+    each), the choices' host-side state, and the engine events that reach them.
+
+    The engine thread emits events; `emit` hands them to the asyncio loop's queue, and the
+    request handler consumes them with `collect` (one response) or `stream` (server-sent
+    events).
+    """
+
+    def __init__(self, options: dict, engine, tokenizer, model_name: str):
+        self.options, self.tokenizer, self.n = options, tokenizer, options["n"]
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.choices: list[Choice] = []
+        self.requests: list[Request] = []
+        seed = options["seed"]
+        for p, (text, ids) in enumerate(options["prompts"]):
+            for j in range(self.n):
+                index = p * self.n + j
+                self.choices.append(Choice(index, text if options["echo"] else "", tokenizer))
+            self.requests.append(Request(
+                prompt=ids, max_tokens=options["max_tokens"], emit=self._emitter(p),
+                n=self.n, temperature=options["temperature"], top_p=options["top_p"],
+                presence_penalty=options["presence_penalty"],
+                frequency_penalty=options["frequency_penalty"],
+                seed=int.from_bytes(uuid.uuid4().bytes[:4], "little") if seed is None else seed,
+                echo_logprobs=options["echo"] and options["logprobs"] is not None,
+                stop_ids=(engine.config.eos_token_id,),
+            ))  # fmt: skip
+        self.header = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                       "created": int(time.time()), "model": model_name}  # fmt: skip
+
+    def _emitter(self, prompt: int):
+        def emit(choice, event):  # called from the engine thread
+            self.loop.call_soon_threadsafe(
+                self.events.put_nowait, (prompt * self.n + choice, event)
+            )
+
+        return emit
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled = True
+
+    # -- engine events -> choices ------------------------------------------------------------
+    def update(self, index: int, event: dict) -> str | None:
+        """Applies an engine event; returns an error message for a failed request."""
+        choice = self.choices[index]
+        if "error" in event:
+            return event["error"]
+        if "prompt_logprobs" in event:
+            choice.prompt_logprobs = event["prompt_logprobs"]
+        if "token" in event and choice.finish is None:
+            choice.ids.append(event["token"])
+            choice.logprobs.append(event["logprob"])
+            choice.tops.append(event["top"])
+            searched = len(choice.decoder.text)
+            if choice.decoder.push(event["token"]):
+                self._apply_stops(choice, searched)
+        if "finish_reason" in event and choice.finish is None:
+            searched = len(choice.decoder.text)
+            choice.decoder.finish()  # an incomplete last character, as decode shows it
+            self._apply_stops(choice, searched)
+            if choice.finish is None:
+                choice.finish = event["finish_reason"]
+        return None
+
+    def _apply_stops(self, choice: Choice, searched: int) -> None:
+        """choice.text = the decoded text cut at its first stop string. Text before `searched`
+        was searched already: only a stop string ending after it can be new."""
+        text = choice.decoder.text
+        cuts = [text.find(s, max(searched - len(s) + 1, 0)) for s in self.options["stop"]]
+        cut = min((c for c in cuts if c >= 0), default=-1)
+        choice.text = text if cut < 0 else text[:cut]
+        if cut >= 0:
+            choice.finish = "stop"
+            self.requests[choice.index // self.n].stopped.add(choice.index % self.n)
+
+    # -- one response ------------------------------------------------------------------------
+    async def collect(self, http: HTTPRequest):
+        """Waits for every choice; the response body (or an error response)."""
+        try:
+            while any(c.finish is None for c in self.choices):
+                try:
+                    index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        self.cancel()
+                        return _error("client disconnected", status=499)
+                    continue
+                problem = self.update(index, event)
+                if problem:
+                    self.cancel()
+                    return _error(problem, None, 500, "server_error")
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return {**self.header, "choices": [self._render(c) for c in self.choices],
+                "usage": self._usage()}  # fmt: skip
+
+    def _render(self, choice: Choice) -> dict:
+        """A finished choice as the non-streaming response lists it."""
+        options = self.options
+        logprobs = None
+        if options["logprobs"] is not None:
+            prompt_ids = options["prompts"][choice.index // self.n][1]
+            logprobs = _logprobs_block(
+                self.tokenizer, choice, options["logprobs"], options["echo"], prompt_ids
+            )
+        return {"text": choice.prompt_text + choice.text, "index": choice.index,
+                "logprobs": logprobs, "finish_reason": choice.finish}  # fmt: skip
+
+    def _usage(self) -> dict:
+        prompt_tokens = sum(len(ids) for _, ids in self.options["prompts"])
+        completion = sum(len(c.ids) for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}  # fmt: skip
+
+    # -- server-sent events ------------------------------------------------------------------
+    async def stream(self):
+        """The response as server-sent events, ending `data: [DONE]`."""
+        try:
+            if self.options["echo"]:  # the prompt first, as OpenAI streams echo
+                for c in self.choices:
+                    yield self._chunk(c.prompt_text, c.index, None, None)
+            while any(c.finish is None or c.sent < len(c.text) for c in self.choices):
+                index, event = await self.events.get()
+                problem = self.update(index, event)
+                if problem:
+                    error = {"error": {"message": problem, "type": "server_error"}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                chunk = self._delta(self.choices[index], event)
+                if chunk is not None:
+                    yield chunk
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we finished): free the slots either way
+            self.cancel()
+
+    def _delta(self, choice: Choice, event: dict) -> str | None:
+        """The chunk an event makes, None when it adds nothing to send yet."""
+        options = self.options
+        # Hold back text that may still grow into a stop string (the decoder holds back
+        # incomplete characters).
+        hold = max((len(s) - 1 for s in options["stop"]), default=0)
+        ready = len(choice.text) if choice.finish else max(len(choice.text) - hold, 0)
+        delta = choice.text[choice.sent : ready]
+        with_token = options["logprobs"] is not None and "token" in event
+        if not delta and choice.finish is None and not with_token:
+            return None  # (with logprobs every token gets its chunk)
+        choice.sent = max(choice.sent, ready)
+        logprobs = None
+        if with_token:
+            top = event["top"][: options["logprobs"]]
+            text = functools.partial(_token_text, self.tokenizer)
+            logprobs = {
+                "tokens": [text(event["token"])],
+                "token_logprobs": [event["logprob"]],
+                "top_logprobs": [{text(i): v for i, v in top}],
+            }
+        return self._chunk(delta, choice.index, logprobs, choice.finish)
+
+    def _chunk(self, text: str, index: int, logprobs, finish) -> str:
+        chunk = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+        return f"data: {json.dumps({**self.header, 'choices': [chunk]})}\n\n"
+
+
 def create_app(engine, tokenizer, model_name: str):
     """The FastAPI application serving `engine` (already started and warmed up)."""
     app = FastAPI(title="opt_jax", version="1")
@@ -213,156 +392,20 @@ def create_app(engine, tokenizer, model_name: str):
         try:
             options = parse(body, tokenizer, engine, model_name)
         except BadRequest as e:
-            kind = "invalid_request_error"
-            return _error(str(e), e.param, e.status, kind, e.code)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        n = options["n"]
-        requests, choices = [], []
-        seed = options["seed"]
-        for p, (text, ids) in enumerate(options["prompts"]):
-            for j in range(n):
-                choices.append(Choice(p * n + j, text if options["echo"] else "", tokenizer))
-
-            def emit(choice, event, p=p):
-                loop.call_soon_threadsafe(events.put_nowait, (p * n + choice, event))
-
-            requests.append(Request(
-                prompt=ids, max_tokens=options["max_tokens"], emit=emit, n=n,
-                temperature=options["temperature"], top_p=options["top_p"],
-                presence_penalty=options["presence_penalty"],
-                frequency_penalty=options["frequency_penalty"],
-                seed=int.from_bytes(uuid.uuid4().bytes[:4], "little") if seed is None else seed,
-                echo_logprobs=options["echo"] and options["logprobs"] is not None,
-                stop_ids=(engine.config.eos_token_id,),
-            ))  # fmt: skip
+            return _error(str(e), e.param, e.status, "invalid_request_error", e.code)
+        completion = Completion(options, engine, tokenizer, model_name)
         try:
-            for request in requests:
+            for request in completion.requests:
                 engine.submit(request)
         except QueueFull as e:
-            for request in requests:
-                request.cancelled = True
+            completion.cancel()
             return _error(f"the server is busy: {e}; retry later", None, 429,
                           "rate_limit_error", "rate_limit_exceeded")  # fmt: skip
         except ValueError as e:
+            completion.cancel()
             return _error(str(e), "prompt")
-        completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-
-        def cancel():
-            for request in requests:
-                request.cancelled = True
-
-        def update(index: int, event: dict) -> str | None:
-            """Applies an engine event; returns an error message for a failed request."""
-            choice = choices[index]
-            if "error" in event:
-                return event["error"]
-            if "prompt_logprobs" in event:
-                choice.prompt_logprobs = event["prompt_logprobs"]
-            if "token" in event and choice.finish is None:
-                choice.ids.append(event["token"])
-                choice.logprobs.append(event["logprob"])
-                choice.tops.append(event["top"])
-                searched = len(choice.decoder.text)
-                if choice.decoder.push(event["token"]):
-                    apply_stops(index, choice, searched)
-            if "finish_reason" in event and choice.finish is None:
-                searched = len(choice.decoder.text)
-                choice.decoder.finish()  # an incomplete last character, as decode shows it
-                apply_stops(index, choice, searched)
-                if choice.finish is None:
-                    choice.finish = event["finish_reason"]
-            return None
-
-        def apply_stops(index: int, choice: Choice, searched: int) -> None:
-            """choice.text = the decoded text cut at its first stop string. Text before
-            `searched` was searched already: only a stop string ending after it can be new."""
-            text = choice.decoder.text
-            cuts = [text.find(s, max(searched - len(s) + 1, 0)) for s in options["stop"]]
-            cut = min((c for c in cuts if c >= 0), default=-1)
-            choice.text = text if cut < 0 else text[:cut]
-            if cut >= 0:
-                choice.finish = "stop"
-                requests[index // n].stopped.add(index % n)
-
-        def render(choice: Choice) -> dict:
-            """A finished choice as the non-streaming response lists it."""
-            prompt_ids = options["prompts"][choice.index // n][1]
-            logprobs = None
-            if options["logprobs"] is not None:
-                logprobs = _logprobs_block(
-                    tokenizer, choice, options["logprobs"], options["echo"], prompt_ids
-                )
-            return {"text": choice.prompt_text + choice.text, "index": choice.index,
-                    "logprobs": logprobs, "finish_reason": choice.finish}  # fmt: skip
-
-        def usage() -> dict:
-            prompt_tokens = sum(len(ids) for _, ids in options["prompts"])
-            completion = sum(len(c.ids) for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}  # fmt: skip
-
-        header = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-                  "model": model_name}  # fmt: skip
-
         if not options["stream"]:
-            try:
-                while any(c.finish is None for c in choices):
-                    try:
-                        index, event = await asyncio.wait_for(events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():
-                            cancel()
-                            return _error("client disconnected", status=499)
-                        continue
-                    problem = update(index, event)
-                    if problem:
-                        cancel()
-                        return _error(problem, None, 500, "server_error")
-            except asyncio.CancelledError:
-                cancel()
-                raise
-            return {**header, "choices": [render(c) for c in choices], "usage": usage()}
-
-        async def stream():
-            try:
-                if options["echo"]:  # the prompt first, as OpenAI streams echo
-                    for c in choices:
-                        chunk = {"text": c.prompt_text, "index": c.index, "logprobs": None,
-                                 "finish_reason": None}  # fmt: skip
-                        yield f"data: {json.dumps({**header, 'choices': [chunk]})}\n\n"
-                while any(c.finish is None or c.sent < len(c.text) for c in choices):
-                    index, event = await events.get()
-                    problem = update(index, event)
-                    if problem:
-                        error = {"error": {"message": problem, "type": "server_error"}}
-                        yield f"data: {json.dumps(error)}\n\n"
-                        break
-                    choice = choices[index]
-                    # Hold back text that may still grow into a stop string (the decoder holds
-                    # back incomplete characters).
-                    hold = max((len(s) - 1 for s in options["stop"]), default=0)
-                    ready = len(choice.text) if choice.finish else max(len(choice.text) - hold, 0)
-                    delta = choice.text[choice.sent : ready]
-                    with_token = options["logprobs"] is not None and "token" in event
-                    if not delta and choice.finish is None and not with_token:
-                        continue  # (with logprobs every token gets its chunk)
-                    choice.sent = max(choice.sent, ready)
-                    logprobs = None
-                    if with_token:
-                        top = event["top"][: options["logprobs"]]
-                        logprobs = {
-                            "tokens": [_token_text(tokenizer, event["token"])],
-                            "token_logprobs": [event["logprob"]],
-                            "top_logprobs": [{_token_text(tokenizer, i): v for i, v in top}],
-                        }
-                    chunk = {"text": delta, "index": index, "logprobs": logprobs,
-                             "finish_reason": choice.finish}  # fmt: skip
-                    yield f"data: {json.dumps({**header, 'choices': [chunk]})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away (or we finished): free the slots either way
-                cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+            return await completion.collect(http)
+        return StreamingResponse(completion.stream(), media_type="text/event-stream")
 
     return app

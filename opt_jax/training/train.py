@@ -9,6 +9,7 @@ uninterrupted one bit for bit (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -315,7 +316,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # -- Mesh: data / fsdp / tensor parallelism chosen by the config's mesh shape ------------
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.sharding_rules)
-    replicated = NamedSharding(mesh, P())
 
     # -- Checks that need no data (tokenizing a corpus can take long) -------------------------
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
@@ -325,10 +325,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # -- Data: the task (language modelling, classification, QA) reads and checks it -------------
     task = objectives.build(config, workdir, resuming=latest is not None)
     tokenizer, train_ds = task.tokenizer, task.train
-    # Every batch array is split over the data-parallel axes along its first (batch) axis.
-    batch_sharding = {
-        k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in train_ds.batch(0).items()
-    }
 
     # -- Model and optimiser ----------------------------------------------------------------
     opt_config, init_params = resolve_model(config, workdir, latest is not None, task)
@@ -339,20 +335,98 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # LoRA trains the adapters and a task head only: nothing else is differentiated or updated.
     trainable = lora.is_trained if opt_config.lora_rank else None
 
-    # -- Sharded init: shapes first, then state created directly with its shardings -------------
+    # -- State: restored, or created directly with its shardings --------------------------------
+    state, state_sharding, start = _initial_state(
+        config, workdir, ckpts, latest, opt_config, model, tx, trainable, init_params, mesh, rules
+    )
+    del init_params
+    if is_main:  # every check has passed: record what this run is
+        _write_run_config(config, workdir, start)
+        opt_config.save_hf(os.path.join(workdir, "model"))
+        summary = run_summary(config, opt_config, workdir, start, task.describe())
+        print(summary, flush=True)
+
+    # -- Jitted steps ----------------------------------------------------------------------------
+    def place(local):  # this process's rows -> global arrays split over the data axes
+        return {
+            k: jax.make_array_from_process_local_data(
+                sharding.batch_sharding(mesh, rules, v.ndim), v
+            )
+            for k, v in local.items()
+        }
+
+    step_fn, eval_fn = _compiled_steps(config, model, tx, task, trainable, state_sharding,
+                                       train_ds.batch(0), mesh, rules)  # fmt: skip
+    rng = jax.random.key(config.seed)
+
+    def evaluate(params):
+        return task.evaluate(lambda local: jax.device_get(eval_fn(params, place(local))), workdir)
+
+    # -- Loop -----------------------------------------------------------------------------------
+    writer = MetricsWriter(workdir, start, config.num_train_steps, enabled=is_main)
+    schedule = make_schedule(config.optim, config.num_train_steps)
+    rates = _rates(config, opt_config)
+    last, logged_step, timer, stopping = {}, start, time.time(), False
+    try:
+        with _sigterm_flag() as stop:  # held until the checkpoint is written
+            with sharding.activate(mesh, rules):
+                for step in range(start, config.num_train_steps):
+                    local = train_ds.batch(step, jax.process_index(), jax.process_count())
+                    state, metrics = step_fn(state, place(local), rng)
+                    done = step + 1
+                    final = done == config.num_train_steps
+                    alone = jax.process_count() == 1
+                    if _due(done, config.log_every_steps, final) or (alone and stop["signal"]):
+                        metrics = jax.device_get(metrics)  # waits for the step: time it after
+                        step_time = (time.time() - timer) / max(done - logged_step, 1)
+                        record = _metrics_record(metrics, done, step_time, schedule, rates)
+                        record["epoch"] = train_ds.epoch_of(done)
+                        if _due(done, config.eval_every_steps, final):
+                            record.update(evaluate(state.params))
+                        if _due(done, config.sample_every_steps, final) and task.generates:
+                            record["sample"] = _sample(opt_config, state.params, tokenizer, config)
+                        writer.write(done, record)
+                        writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
+                        last, logged_step, timer = {"step": done, **record}, done, time.time()
+                    stopping = _agree_to_stop(
+                        stop["signal"] is not None, done, config.stop_check_every_steps
+                    )
+                    if _due(done, config.checkpoint_every_steps, final) or stopping:
+                        ckpts.save(done, state, {"model": opt_config.to_hf(), "step": done})
+                    if stopping:
+                        why = f"signal {stop['signal']}" if stop["signal"] else "a peer's signal"
+                        print(f"[train] {why}: saved step {done}, exiting", flush=True)
+                        break
+            ckpts.wait()
+            if not stopping:
+                _export(
+                    workdir, opt_config, state.params, tokenizer, is_main, hf=not task.generates
+                )
+    finally:
+        ckpts.close()
+        writer.close()
+    return last
+
+
+def _initial_state(config, workdir, ckpts, latest, opt_config, model, tx, trainable,
+                   init_params, mesh, rules):  # fmt: skip
+    """The train state, created directly with its shardings: restored from checkpoint `latest`,
+    else from `init_params` (init_from), else a fresh init from `config.seed`.
+
+    Returns:
+      (state, its NamedShardings, the step it is at)
+    """
+
     def init_state(rng):
         params = nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
         return fresh_state(params, tx, trainable)
 
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_state, rng)
+    abstract = jax.eval_shape(init_state, rng)  # shapes first: nothing is materialised whole
     param_specs = param_logical_axes(opt_config, model)
     sharding.check_divisible(abstract.params, param_specs, dict(mesh.shape), rules)
     state_specs = sharding.state_logical_specs(abstract, param_specs)
     state_sharding = sharding.logical_to_shardings(state_specs, mesh, rules)
-
-    # -- Restore, or initialise -------------------------------------------------------------------
-    start = 0
     if latest is not None:
         saved = OPTConfig.from_hf(ckpts.read_meta(latest)["model"])
         diff = _architecture_diff(opt_config, saved)
@@ -366,116 +440,71 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state_sharding,
         )
         state, _ = ckpts.restore(latest, target)
-        start = int(state.step)
-    elif init_params is not None:
+        return state, state_sharding, int(state.step)
+    if init_params is not None:
         params = jax.device_put(init_params, state_sharding.params)
-        del init_params
-        state = jax.jit(lambda p: fresh_state(p, tx, trainable), out_shardings=state_sharding)(
-            params
-        )
-    else:
-        state = jax.jit(init_state, out_shardings=state_sharding)(rng)
-    if is_main:  # every check has passed: record what this run is
-        _write_run_config(config, workdir, start)
-        opt_config.save_hf(os.path.join(workdir, "model"))
-        summary = run_summary(config, opt_config, workdir, start, task.describe())
-        print(summary, flush=True)
+        fresh = jax.jit(lambda p: fresh_state(p, tx, trainable), out_shardings=state_sharding)
+        return fresh(params), state_sharding, 0
+    return jax.jit(init_state, out_shardings=state_sharding)(rng), state_sharding, 0
 
-    # -- Jitted steps ----------------------------------------------------------------------------
+
+def _compiled_steps(config, model, tx, task, trainable, state_sharding, example_batch, mesh,
+                    rules):  # fmt: skip
+    """The jitted train step (state, batch, rng) -> (state, metrics), donating the state, and
+    the eval step (params, batch) -> the task's outputs, replicated on every process."""
+    replicated = NamedSharding(mesh, P())
+    # Every batch array is split over the data-parallel axes along its first (batch) axis.
+    batch_sharding = {
+        k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in example_batch.items()
+    }
     step_fn = jax.jit(
         lambda s, b, r: train_step(
-            s,
-            b,
-            r,
-            model=model,
-            tx=tx,
-            optim=config.optim,
-            loss_fn=task.loss,
+            s, b, r, model=model, tx=tx, optim=config.optim, loss_fn=task.loss,
             trainable=trainable,
         ),
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
-    )
+    )  # fmt: skip
     eval_fn = jax.jit(
         lambda p, b: task.eval_outputs(
             model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"]), b
         ),
         out_shardings=replicated,  # every process reads the whole batch's outputs
     )
-    schedule = make_schedule(config.optim, config.num_train_steps)
+    return step_fn, eval_fn
 
-    def global_batch(ds, step):
-        return place(ds.batch(step, jax.process_index(), jax.process_count()))
 
-    def place(local):
-        return {
-            k: jax.make_array_from_process_local_data(
-                sharding.batch_sharding(mesh, rules, v.ndim), v
-            )
-            for k, v in local.items()
-        }
-
-    def evaluate(params):
-        return task.evaluate(lambda local: jax.device_get(eval_fn(params, place(local))), workdir)
-
-    # -- Loop -----------------------------------------------------------------------------------
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):  # preemption: finish the step, save, exit
-        stop["signal"] = signum
-
-    try:
-        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread
-        previous_handler = None
-    writer = MetricsWriter(workdir, start, config.num_train_steps, enabled=is_main)
+def _rates(config, opt_config) -> dict:
+    """What turns a step time into tokens/s, TFLOP/s and MFU (see _metrics_record)."""
     tokens_per_step = config.batch_size * config.seq_len
-    # Model FLOPs per step (forward + backward = 3 x forward), per device, for TFLOP/s and MFU.
+    # Model FLOPs per step (forward + backward = 3 x forward), per device.
     step_flops = 3 * roofline.model_flops_per_token(opt_config, config.seq_len) * tokens_per_step
-    rates = {
+    return {
         "tokens_per_step": tokens_per_step,
         "device_flops": step_flops / jax.device_count(),
         "peaks": roofline.local_device_peaks(opt_config.dtype),
     }
-    last, logged_step, timer, stopping = {}, start, time.time(), False
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Within: SIGTERM (preemption) sets flag["signal"] instead of killing the process, so the
+    loop finishes its step, saves and exits. The previous handler is restored after."""
+    flag = {"signal": None}
+
+    def on_sigterm(signum, frame):
+        flag["signal"] = signum
+
     try:
-        with sharding.activate(mesh, rules):
-            for step in range(start, config.num_train_steps):
-                state, metrics = step_fn(state, global_batch(train_ds, step), rng)
-                done = step + 1
-                final = done == config.num_train_steps
-                alone = jax.process_count() == 1
-                if _due(done, config.log_every_steps, final) or (alone and stop["signal"]):
-                    metrics = jax.device_get(metrics)  # waits for the step: time it after
-                    step_time = (time.time() - timer) / max(done - logged_step, 1)
-                    record = _metrics_record(metrics, done, step_time, schedule, rates)
-                    record["epoch"] = train_ds.epoch_of(done)
-                    if _due(done, config.eval_every_steps, final):
-                        record.update(evaluate(state.params))
-                    if _due(done, config.sample_every_steps, final) and task.generates:
-                        record["sample"] = _sample(opt_config, state.params, tokenizer, config)
-                    writer.write(done, record)
-                    writer.progress(done, {k: v for k, v in record.items() if k != "sample"})
-                    last, logged_step, timer = {"step": done, **record}, done, time.time()
-                stopping = _agree_to_stop(
-                    stop["signal"] is not None, done, config.stop_check_every_steps
-                )
-                if _due(done, config.checkpoint_every_steps, final) or stopping:
-                    ckpts.save(done, state, {"model": opt_config.to_hf(), "step": done})
-                if stopping:
-                    why = f"signal {stop['signal']}" if stop["signal"] else "a peer's signal"
-                    print(f"[train] {why}: saved step {done}, exiting", flush=True)
-                    break
-        ckpts.wait()
-        if not stopping:
-            _export(workdir, opt_config, state.params, tokenizer, is_main, hf=not task.generates)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: signals cannot be caught there
+        previous = None
+    try:
+        yield flag
     finally:
-        ckpts.close()
-        writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    return last
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _export(workdir, cfg, params, tokenizer, is_main, hf=False):
