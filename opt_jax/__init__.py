@@ -17,6 +17,7 @@ import importlib.util
 import sys
 import warnings
 
+from opt_jax import compress
 from opt_jax.checkpoints.hf import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
 from opt_jax.checkpoints.metaseq import load_metaseq
 from opt_jax.checkpoints.peft import save_adapter
@@ -101,6 +102,7 @@ sys.meta_path.append(_MovedModuleFinder())
 __all__ = [
     "PRESETS",
     "PUBLISHED_PARAMS",
+    "compress",
     "CausalLMOutput",
     "GenerateOutput",
     "GenerationConfig",

@@ -129,3 +129,59 @@ def test_importing_the_package_warns_about_nothing():
         check=True,
         timeout=120,
     )
+
+
+def _reading_order():
+    """(files, stated line count) of each row of the README's reading-order table."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text().split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].isdigit():
+            continue
+        files = set()
+        for spec in cells[1].replace("`", "").split(", "):  # (braces hold commas, no spaces)
+            spec = spec.strip()
+            if "{" in spec:  # opt_jax/{a,b}.py
+                head, rest = spec.split("{", 1)
+                names, tail = rest.split("}", 1)
+                parts = [head + n + tail for n in names.split(",")]
+            else:
+                parts = [spec]
+            for part in parts:
+                path = root / part
+                assert path.exists(), f"README reading order names {part}, which does not exist"
+                files |= set(path.rglob("*.py")) if path.is_dir() else {path}
+        rows.append((files, int(cells[2].replace(",", ""))))
+    return root, rows
+
+
+def test_readme_reading_order_is_the_import_order():
+    """ "Each module imports only from the rows above it" (or its own row), as the README says."""
+    root, rows = _reading_order()
+    row_of = {_module_name(p): i for i, (files, _) in enumerate(rows) for p in files}
+    upward = sorted(
+        f"{m} (row {row_of[m] + 1}) -> {t} (row {row_of[t] + 1})"
+        for m, targets in _import_graph().items()
+        for t in targets
+        if m in row_of and t in row_of and row_of[t] > row_of[m]
+    )
+    assert not upward, upward
+
+
+def test_readme_reading_order_covers_the_package_with_true_line_counts():
+    root, rows = _reading_order()
+    assert len(rows) >= 15
+    listed = set().union(*(files for files, _ in rows))
+    package = {p for p in (root / "opt_jax").rglob("*.py") if p.name != "__init__.py"}
+    package -= {root / "opt_jax" / "_deprecation.py"}
+    missing = sorted(str(p.relative_to(root)) for p in package - listed)
+    assert not missing, f"modules the README's reading order does not list: {missing}"
+    for files, stated in rows:
+        actual = sum(len(p.read_text().splitlines()) for p in files)
+        assert abs(actual - stated) <= max(0.1 * actual, 20), (
+            sorted(map(str, files)),
+            stated,
+            actual,
+        )
