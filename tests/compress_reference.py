@@ -113,3 +113,15 @@ def fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W
+
+
+def add_batch(H, nsamples, inp):
+    """The reference's running Hessian, one batch [batch, tokens, in] at a time (nsamples
+    counts rows of the batch: the reference's `tmp = inp.shape[0]` after unsqueeze(0) for a
+    [tokens, in] input, so it averages over batches of equal size)."""
+    tmp = inp.shape[0]
+    inp = inp.reshape(-1, inp.shape[-1]).T
+    H = H * nsamples / (nsamples + tmp)
+    nsamples += tmp
+    inp = np.sqrt(2 / nsamples) * inp
+    return H + inp @ inp.T, nsamples

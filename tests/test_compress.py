@@ -5,9 +5,10 @@ output error than round-to-nearest and magnitude pruning), and their errors."""
 import jax
 import numpy as np
 import pytest
-from compress_reference import fasterprune, fasterquant
+from compress_reference import add_batch, fasterprune, fasterquant
 
 from opt_jax import compress
+from opt_jax.compress import hessian
 
 OUT, IN = 24, 64
 
@@ -137,3 +138,25 @@ def test_bad_arguments_fail_before_any_work(call, message):
     W, H, _ = _layer()
     with pytest.raises(ValueError, match=message):
         call(W.astype(np.float32), H.astype(np.float32))
+
+
+def test_hessian_accumulates_over_batches_and_its_scale_does_not_matter():
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(2, 16, IN)) for _ in range(3)]  # [sequences, tokens, in]
+    H, count = np.zeros((IN, IN), np.float32), 0
+    ref, nsamples = np.zeros((IN, IN)), 0
+    for x in batches:
+        H, count = hessian.accumulate(H, count, x)
+        ref, nsamples = add_batch(ref, nsamples, x)
+    X = np.concatenate([x.reshape(-1, IN) for x in batches]).T  # [in, 96 tokens]
+    assert count == 96
+    np.testing.assert_allclose(H, 2 * X @ X.T / 96, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ref, 16 * (2 * X @ X.T / 96), rtol=1e-6)  # per sequence: T x
+    W = rng.normal(size=(OUT, IN))
+    with jax.enable_x64(True):
+        exact = 2 * X @ X.T / 96
+        for layer in (lambda h: compress.gptq_layer(W, h, bits=3),
+                      lambda h: compress.sparsegpt_layer(W, h, sparsity=0.5)):  # fmt: skip
+            np.testing.assert_allclose(layer(exact), layer(16 * exact), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="inputs have 8 features; the Hessian is 64 x 64"):
+        hessian.accumulate(H, count, np.zeros((4, 8)))

@@ -15,6 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def accumulate(H, count: int, inputs):
+    """Adds a batch of a layer's inputs to its Hessian statistics: H stays the running
+    2 X X^T / n over the n tokens seen. (The reference's `add_batch` counts sequences, not
+    tokens, so its H is T times this for T-token sequences; GPTQ and SparseGPT do not depend on
+    H's scale, as its damping is relative: tests/test_compress.py checks both agree.)
+
+    Args:
+      H: [in, in] float32 statistics so far (zeros to start); count: tokens they cover.
+      inputs: [..., in] the layer's inputs for this batch (every leading axis is tokens).
+
+    Returns:
+      (H, count) over the tokens so far and these.
+    """
+    x = jnp.asarray(inputs, jnp.float32).reshape(-1, np.shape(inputs)[-1])
+    if x.shape[1] != np.shape(H)[0]:
+        raise ValueError(
+            f"inputs have {x.shape[1]} features; the Hessian is {np.shape(H)[0]} x {np.shape(H)[0]}"
+        )
+    total = count + x.shape[0]
+    return H * (count / total) + (2.0 / total) * (x.T @ x), total
+
+
 def check_layer(W, H, block_size: int, damp: float) -> None:
     """One-line errors for a layer step's inputs, before any work."""
     if np.ndim(W) != 2:
