@@ -79,7 +79,7 @@ def inverse_cholesky(H):
 
 
 def check_finite(result, damp: float, what: str) -> None:
-    if not np.isfinite(np.asarray(result)).all():
+    if not bool(jnp.isfinite(result).all()):  # one scalar to the host, not the weights
         raise ValueError(
             f"{what}: the damped Hessian is not positive definite (its Cholesky factor is not "
             f"finite); raise damp (now {damp}) or use more calibration tokens"
