@@ -44,7 +44,9 @@ REMAT_POLICIES = {
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
-QUANTIZATIONS = ("none", "int8", "int4", "llm_int8")
+QUANTIZATIONS = ("none", "int8", "int4", "llm_int8", "gptq", "w8a8")
+# W8A8's activation scales: per token at run time, or one per Linear calibrated in advance.
+ACTIVATION_QUANTIZATIONS = ("per_token", "static")
 
 
 # The OPTConfig fields that define the architecture (the function a checkpoint's weights
@@ -123,9 +125,15 @@ class OPTConfig:
     # channel) | int4 (groups of quant_group_size input rows, two values per byte) | llm_int8
     # (LLM.int8(): int8 weights and activations, activation columns above
     # llm_int8_threshold in higher precision). Embeddings and LayerNorms stay unquantised.
+    # Formats written by opt_jax.compress: gptq (asymmetric quant_bits-bit codes with a scale
+    # and zero point per row and group of quant_group_size input rows, -1 = one group per row:
+    # GPTQ's format, also holding RTN and SparseGPT + quantisation) | w8a8 (SmoothQuant: int8
+    # weights per output channel and int8 activations, scaled per quant_activations).
     quantization: str = "none"
     quant_group_size: int = 128
     llm_int8_threshold: float = 6.0
+    quant_bits: int = 4
+    quant_activations: str = "per_token"
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
@@ -231,10 +239,21 @@ class OPTConfig:
             raise ValueError(
                 f"OPTConfig.quantization {self.quantization!r} is not one of {QUANTIZATIONS}"
             )
-        if self.quant_group_size < 2 or self.quant_group_size % 2:
+        group = self.quant_group_size
+        grouped = self.quantization in ("int4", "gptq")  # the formats with groups read it
+        per_row = self.quantization == "gptq" and group == -1
+        if grouped and not per_row and (not isinstance(group, int) or group < 2 or group % 2):
             raise ValueError(
-                "OPTConfig.quant_group_size must be an even number >= 2, got "
-                f"{self.quant_group_size}"
+                "OPTConfig.quant_group_size must be an even number >= 2 (or -1, one group per "
+                f"row, with quantization 'gptq'), got {self.quant_group_size}"
+            )
+        bits = self.quant_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"OPTConfig.quant_bits must be an integer in [2, 8], got {bits!r}")
+        if self.quant_activations not in ACTIVATION_QUANTIZATIONS:
+            raise ValueError(
+                f"OPTConfig.quant_activations {self.quant_activations!r} is not one of "
+                f"{ACTIVATION_QUANTIZATIONS}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
@@ -305,6 +324,8 @@ class OPTConfig:
                 quantization=quant["method"],
                 quant_group_size=quant["group_size"],
                 llm_int8_threshold=quant["threshold"],
+                quant_bits=quant.get("bits", 4),
+                quant_activations=quant.get("activations", "per_token"),
             )
         lora = raw.get("opt_jax_lora")
         if isinstance(lora, dict):
@@ -358,7 +379,8 @@ class OPTConfig:
         if self.quantization != "none":  # ours only: the stored weights are quantised
             out["opt_jax_quantization"] = {
                 "method": self.quantization, "group_size": self.quant_group_size,
-                "threshold": self.llm_int8_threshold,
+                "threshold": self.llm_int8_threshold, "bits": self.quant_bits,
+                "activations": self.quant_activations,
             }  # fmt: skip
         if self.lora_rank:  # ours only (transformers ignores it): the adapters' shapes
             out["opt_jax_lora"] = {

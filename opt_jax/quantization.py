@@ -15,6 +15,13 @@ Formats (symmetric absmax, zero point 0), per Linear with kernel W [*in, *out]:
   activation columns (hidden dimensions) holding any value above `llm_int8_threshold` (6.0)
   are multiplied in higher precision with the dequantised weight rows, all others in int8 x int8
   with row-wise (vector-wise) activation scales, int32 accumulation.
+Two more formats are written by opt_jax.compress from calibration data (GPTQ, SparseGPT,
+SmoothQuant), not by `quantize`:
+- gptq: `kernel` uint8 [K * bits / 8, *out], `quant_bits`-bit codes (2-8) packed eight rows into
+  `bits` bytes, with `scale` and `zero` [G, *out] (one asymmetric grid per row and group of
+  `quant_group_size` input rows, G = 1 for -1): W ~ scale * (code - zero).
+- w8a8: int8 kernels as int8's (SmoothQuant's per-channel weights) whose inputs are quantised to
+  int8 at run time, per token or with a calibrated per-Linear `act_scale`, int32 accumulation.
 Scales keep their output channels' logical axes, so sharding rules shard them with the kernel;
 int4's packed rows shard with the leading input axis (out_proj's: the heads, under tensor
 parallelism), tested on a 2 x 2 x 2 mesh in tests/sharding_checks.py.
@@ -44,6 +51,7 @@ from opt_jax.ops.quantized import (  # noqa: F401  (the kernels, re-exported for
     INT4_MAX,
     INT8_MAX,
     LIMB_MAX_ROWS,
+    dequantize_grid,
     dequantize_int4,
     int8_limbs,
     int8_matmul,
@@ -52,6 +60,9 @@ from opt_jax.ops.quantized import (  # noqa: F401  (the kernels, re-exported for
     quantized_matmul,
 )
 from opt_jax.param_tree import num_in_axes
+
+# The formats `quantize` writes from the weights alone (the others need calibration data).
+ROUND_TO_NEAREST = ("int8", "int4", "llm_int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +91,22 @@ def _quantize_int4(w: np.ndarray, n_out: int, group: int, name: str):
     nibbles = (q & 0xF).astype(np.uint8)
     packed = nibbles[0::2] | (nibbles[1::2] << 4)
     return packed, scale.astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Integer codes [K, *out] in [0, 2^bits) -> uint8 [K * bits / 8, *out]: every eight rows in
+    `bits` bytes, row j at bit offset j * bits (the layout ops.quantized.unpack_codes reads)."""
+    if codes.shape[0] % 8:
+        raise ValueError(f"{codes.shape[0]} rows of codes do not pack in groups of 8")
+    rows = codes.reshape((-1, 8) + codes.shape[1:]).astype(np.uint32)
+    out = np.zeros((rows.shape[0], bits) + codes.shape[1:], np.uint32)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        value = rows[:, j] << shift
+        out[:, byte] |= value & 0xFF
+        if byte + 1 < bits:
+            out[:, byte + 1] |= value >> 8
+    return out.astype(np.uint8).reshape((-1,) + codes.shape[1:])
 
 
 def quantize(config: OPTConfig, params, method: str, *, group_size: int | None = None):
@@ -134,8 +161,13 @@ def quantize(config: OPTConfig, params, method: str, *, group_size: int | None =
 
 def check_method(config: OPTConfig, method: str) -> None:
     """Raises ValueError unless `config` (a float model) can be quantised by `method`."""
-    if method not in QUANTIZATIONS or method == "none":
-        raise ValueError(f"unknown quantisation {method!r}: choose int8, int4 or llm_int8")
+    if method not in ROUND_TO_NEAREST:
+        hint = (
+            " (written by opt_jax.compress, from calibration data)"
+            if method in QUANTIZATIONS
+            else ""
+        )
+        raise ValueError(f"unknown quantisation {method!r}{hint}: choose int8, int4 or llm_int8")
     if config.quantization != "none":
         raise ValueError(f"the model is already quantised ({config.quantization})")
     if config.lora_rank:
@@ -171,21 +203,45 @@ def _in_last(n_in: int, n_out: int) -> tuple[int, ...]:
     return tuple(range(n_in, n_in + n_out)) + tuple(range(n_in))
 
 
+def float_model_config(config: OPTConfig) -> OPTConfig:
+    """`config` unquantised, its quantisation settings back at their defaults."""
+    defaults = OPTConfig()
+    fields = ("quant_group_size", "llm_int8_threshold", "quant_bits", "quant_activations")
+    return config.replace(quantization="none", **{f: getattr(defaults, f) for f in fields})
+
+
+# The parameters a quantised Linear holds beside its kernel.
+QUANT_FIELDS = ("scale", "zero", "act_scale")
+
+
 def dequantize(config: OPTConfig, params) -> tuple[OPTConfig, dict]:
     """The float32 model a quantised one stands for (kernels dequantised): the reference the
-    quantised matmuls are checked against, and the way back to an HF export."""
+    quantised matmuls are checked against, and the way back to an HF export. (A w8a8 model's
+    activations are quantised at run time: its float model is the smoothed one, without that.)"""
     if config.quantization == "none":
         raise ValueError("the model is not quantised")
     flat = traverse_util.flatten_dict(params)
-    # A quantised Linear's "scale" sits beside its "kernel" (LayerNorms' scales stay).
-    out = {k: v for k, v in flat.items() if not (k[-1] == "scale" and k[:-1] + ("kernel",) in flat)}
-    float_config = config.replace(quantization="none")
+    # A quantised Linear's "scale" (and "zero", "act_scale") sit beside its "kernel" (LayerNorms'
+    # scales stay).
+    out = {
+        k: v
+        for k, v in flat.items()
+        if not (k[-1] in QUANT_FIELDS and k[:-1] + ("kernel",) in flat)
+    }
+    float_config = float_model_config(config)
     expected = traverse_util.flatten_dict(abstract_params(float_config))
     for key in [k for k in flat if k[-1] == "kernel"]:
         q, scale = flat[key], flat[key[:-1] + ("scale",)]
         shape = expected[key].shape
         lead = int(config.scan_layers and "layers" in key)  # stacked layers: [L, ...]
-        if config.quantization == "int4":
+        if config.quantization == "gptq":
+            zero = flat[key[:-1] + ("zero",)]
+            unpack = lambda q, s, z: dequantize_grid(q, s, z, config.quant_bits)  # noqa: E731
+            if lead:
+                w = jnp.stack([unpack(q[i], scale[i], zero[i]) for i in range(q.shape[0])])
+            else:
+                w = unpack(q, scale, zero)
+        elif config.quantization == "int4":
             group = config.quant_group_size
             if lead:
                 w = jnp.stack([dequantize_int4(q[i], scale[i], group) for i in range(q.shape[0])])

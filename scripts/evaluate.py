@@ -40,19 +40,9 @@ flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
 def resolve_model(path: str) -> str:
-    """The checkpoint directory `path` names: itself, a workdir's export, or (exported on
-    first use) a workdir's latest checkpoint."""
     from opt_jax.checkpoints import orbax_io
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    if os.path.isfile(os.path.join(path, "export", "config.json")):
-        return os.path.join(path, "export")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return orbax_io.export_latest(path)
-    raise FileNotFoundError(
-        f"--model {path}: no config.json there, nor a training workdir's export/ or checkpoints/"
-    )
+    return orbax_io.resolve_checkpoint(path)
 
 
 def perplexities(model_dir, files, max_length, stride, batch_size, dtype, quantize=None) -> dict:

@@ -1,6 +1,6 @@
 """Float64 numpy transcriptions of the reference algorithms (IST-DASLab/gptq `GPTQ.fasterquant`
 with its `Quantizer(sym=False, perchannel=True)`, IST-DASLab/sparsegpt `SparseGPT.fasterprune`
-without quantisation), written loop for loop as the papers' code walks the columns, so that
+with or without its quantizer), written loop for loop as the papers' code walks the columns, so that
 tests/test_compress.py can compare opt_jax.compress against them."""
 
 import numpy as np
@@ -79,10 +79,12 @@ def fasterquant(W, H, bits, groupsize=-1, actorder=False, static_groups=False, b
     return Q
 
 
-def fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01):
+def fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01, wbits=None):
     W = np.array(W, np.float64)
     H = np.array(H, np.float64)
     columns = W.shape[1]
+    if wbits is not None:  # the reference's quantizer, fitted per row before dead columns
+        scale, zero = find_params(W, wbits)
     W, H = dead_columns(W, H)
     Hinv = inverse_cholesky(H, percdamp)
     for i1 in range(0, columns, blocksize):
@@ -106,6 +108,8 @@ def fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01
                 np.put_along_axis(mask1, i + smallest, True, axis=1)
             q = w.copy()
             q[mask1[:, i]] = 0
+            if wbits is not None:
+                q = quantize(q, scale, zero, wbits)
             Q1[:, i] = q
             err1 = (w - q) / d
             W1[:, i:] -= np.outer(err1, Hinv1[i, i:])

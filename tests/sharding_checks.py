@@ -219,6 +219,51 @@ def quantized_on_a_mesh():
     print(json.dumps(out), flush=True)
 
 
+def compressed_on_a_mesh():
+    """Calibration split over a mesh's data axes: each layer's Hessians are the one-device ones
+    (summed over the data shards), GPTQ gives the same codes, and the packed format shards by
+    its logical axes with the one-device logits."""
+    from opt_jax import compress
+    from opt_jax.compress import calibrate
+
+    base = randomised_params()
+    ids = np.random.RandomState(2).randint(3, 128, size=(16, 12)).astype(np.int32)
+    mesh, rules = sharding.make_mesh(2, 2, 2), sharding.DEFAULT_RULES  # batch split 4 ways
+
+    def record(sink):
+        def compress_layer(index, layer, stats):
+            sink.append(stats.hessian)
+            return layer, layer
+
+        return compress_layer
+
+    one, split = [], []
+    calibrate.walk(CONFIG, base, ids, record(one), batch_size=8)
+    calibrate.walk(CONFIG, base, ids, record(split), batch_size=8, mesh=mesh)
+    qconfig, single = compress.gptq(CONFIG, base, ids, bits=3, group_size=16, batch_size=8)
+    _, meshed = compress.gptq(CONFIG, base, ids, bits=3, group_size=16, batch_size=8, mesh=mesh)
+    codes = [
+        (np.asarray(a) == np.asarray(b)).mean()
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(meshed), strict=True)
+        if a.dtype == np.uint8
+    ]
+    model = opt_jax.OPTForCausalLM(qconfig)
+    forward = jax.jit(lambda p: model.apply({"params": p}, ids).logits)
+    shardings = sharding.logical_to_shardings(opt_jax.param_logical_axes(qconfig), mesh, rules)
+    sharded = jax.device_put(single, shardings)
+    with sharding.activate(mesh, rules):
+        logits = forward(sharded)
+    kernel = sharded["model"]["decoder"]["layers_0"]["self_attn"]["out_proj"]["kernel"]
+    print(json.dumps({
+        "mesh": "compressed 2x2x2",
+        "hessian_rel": max(rel(split[i][k], one[i][k]) for i in range(2) for k in one[i]),
+        "hessians": sorted(one[0]),
+        "gptq_codes_equal": float(min(codes)),
+        "out_proj_shard": list(kernel.sharding.shard_shape(kernel.shape)),
+        "logits_rel": rel(logits, forward(single)),
+    }), flush=True)  # fmt: skip
+
+
 def restore_on_another_mesh(workdir):
     """Train with fsdp=8, then resume the same workdir on a tensor=4 x data=2 mesh. Reports the
     leaves of the state restored there (params, Adam moments, counters) that differ bitwise from
@@ -296,3 +341,4 @@ if __name__ == "__main__":
         main()
         lora_on_a_mesh()
         quantized_on_a_mesh()
+        compressed_on_a_mesh()

@@ -1,6 +1,7 @@
 """The command-line scripts report bad input as one clear line (no traceback), before any slow
 work, and the library raises named errors for the same mistakes."""
 
+import json
 import os
 import re
 import subprocess
@@ -248,3 +249,50 @@ def test_serve_reports_a_bad_model_or_length(tiny_hf, tmp_path):
     _fails("scripts/serve.py", "--model", str(tmp_path / "nope"), match="no OPT config.json")
     _fails("scripts/serve.py", "--model", tiny_hf, "--max_length", "0",
            match="max_length")  # fmt: skip
+
+
+# -- compress -----------------------------------------------------------------------------------
+def test_compress_writes_a_model_every_script_loads(tiny_hf, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("".join(TEXTS))
+    out = tmp_path / "gptq"
+    rc, stdout, err = _run(
+        "scripts/compress.py", "--model", tiny_hf, "--method", "gptq", "--bits", "3",
+        "--group_size", "16", "--calibration", str(text), "--nsamples", "6", "--seq_len", "32",
+        "--eval", str(text), "--out", str(out), "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert rc == 0, err
+    result = json.loads(stdout.splitlines()[-1])
+    assert result["calibration"] == [6, 32] and len(result["layer_seconds"]) == 2
+    assert result["config"]["quantization"] == "gptq" and result["config"]["quant_bits"] == 3
+    assert 1 < result["float_perplexity"] < 1000 and 1 < result["perplexity"] < 1000
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == result["perplexity"]
+    config, params = opt_jax.load_pretrained(out)
+    assert (config.quantization, config.quant_bits, config.quant_group_size) == ("gptq", 3, 16)
+    tokenizer = opt_jax.OPTTokenizer.from_pretrained(out)  # copied beside the weights
+    (text_out,) = opt_jax.generate_text(
+        opt_jax.OPTForCausalLM(config), params, tokenizer, ["def f"], max_new_tokens=4
+    )
+    assert isinstance(text_out, str)
+    # The output directory is never overwritten, and that is checked before loading anything.
+    _fails("scripts/compress.py", "--model", "/nonexistent", "--method", "rtn", "--out",
+           str(out), match=f"--out {out} exists and is not empty")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--method", "gptq"], "--method gptq needs --calibration"),
+        (["--method", "gptq", "--calibration", "CAL", "--seq_len", "64"],
+         r"holds \d+ tokens, fewer than one sequence of 64"),
+        (["--method", "gptq", "--calibration", "CAL", "--bits", "9", "--seq_len", "8"],
+         r"bits must be an integer in \[2, 8\], got 9"),
+    ],
+)  # fmt: skip
+def test_compress_input_errors(tiny_hf, tmp_path, args, match):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXTS[0])
+    args = [str(short) if a == "CAL" else a for a in args]
+    _fails("scripts/compress.py", "--model", tiny_hf, "--out", str(tmp_path / "o"), *args,
+           match=match)  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.tmp").exists()

@@ -59,7 +59,8 @@ def test_gptq_layer_equals_the_reference_algorithm(options):
 @pytest.mark.parametrize(
     "options",
     [dict(sparsity=0.5), dict(sparsity=0.7, block_size=16), dict(prune_n=2, prune_m=4),
-     dict(prune_n=1, prune_m=4, block_size=32)],
+     dict(prune_n=1, prune_m=4, block_size=32), dict(sparsity=0.5, bits=4),
+     dict(prune_n=2, prune_m=4, bits=3, block_size=32)],
     ids=str,
 )  # fmt: skip
 def test_sparsegpt_layer_equals_the_reference_algorithm(options):
@@ -67,6 +68,7 @@ def test_sparsegpt_layer_equals_the_reference_algorithm(options):
     reference = fasterprune(
         W, H, options.get("sparsity", 0.5), prunen=options.get("prune_n", 0),
         prunem=options.get("prune_m", 0), blocksize=options.get("block_size", 128),
+        wbits=options.get("bits"),
     )  # fmt: skip
     with jax.enable_x64(True):
         ours = np.asarray(compress.sparsegpt_layer(W, H, **options))

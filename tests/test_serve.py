@@ -437,3 +437,28 @@ def test_engine_with_quantized_scanned_weights_equals_generate(served):
             assert tokens == _alone(config, params, prompt, 6, eos_token_id=[])
     finally:
         engine.stop()
+
+
+def test_a_prompt_near_the_context_limit_leaves_room_for_its_completion(served):
+    """20 prompt tokens + 12 new in a 32-slot context: the prompt's padded bucket (32) would
+    fill the cache; the engine pads less, and the tokens equal generate's."""
+    from opt_jax.serving.engine import Engine, Request
+
+    _, _, config, params, _ = served
+    engine = Engine(config, params, max_batch=2, max_length=32)
+    engine.start()
+    try:
+        events, done = [], threading.Event()
+        prompt = [2] + list(range(5, 24))
+
+        def emit(choice, event):
+            events.append(event)
+            if "finish_reason" in event or "error" in event:
+                done.set()
+
+        engine.submit(Request(prompt, 12, emit, temperature=0.0, stop_ids=()))
+        assert done.wait(120), events
+        tokens = [e["token"] for e in events if "token" in e]
+        assert tokens == _alone(config, params, prompt, 12, eos_token_id=[])
+    finally:
+        engine.stop()

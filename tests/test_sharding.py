@@ -94,6 +94,17 @@ def test_quantized_params_shard_like_their_kernels(eight_device_results):
 
 
 @pytest.mark.slow
+def test_compression_calibrates_over_data_shards(eight_device_results):
+    r = eight_device_results["compressed 2x2x2"]
+    assert r["hessians"] == ["fc1", "fc2", "out_proj", "qkv"]
+    assert r["hessian_rel"] <= 1e-5  # the sum over 4 data shards is the one-device sum
+    assert r["gptq_codes_equal"] >= 0.99  # float summation order may move a rounding
+    # out_proj's 3-bit codes [N x H x 3 / 8 = 12, D=32] split with the heads (tensor) and D.
+    assert r["out_proj_shard"] == [6, 16]
+    assert r["logits_rel"] <= 1e-5
+
+
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     """Saved on fsdp=8, restored on tensor=4 x data=2: bitwise (np.array_equal) the checkpoint's
     state, parameters included, and the parameters the first run exported."""

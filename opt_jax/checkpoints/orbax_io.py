@@ -169,3 +169,18 @@ def export_latest(workdir: str | os.PathLike) -> str:
             shutil.copy(os.path.join(tokenizer, name), staging)
     os.replace(staging, target)  # a crash never leaves a half-written export behind
     return target
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint directory `path` names: itself (config.json there), a training workdir's
+    export/, or (exported on first use) a workdir's latest checkpoint."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "export", "config.json")):
+        return os.path.join(path, "export")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return export_latest(path)
+    raise FileNotFoundError(
+        f"--model {path}: no config.json there, nor a training workdir's export/ or checkpoints/"
+    )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opt_jax.compress import grid, hessian
+from opt_jax.compress import calibrate, formats, grid, hessian
 
 
 def gptq_layer(W, H, bits: int = 4, group_size: int = -1, act_order: bool = False,
@@ -49,13 +49,15 @@ def gptq_layer(W, H, bits: int = 4, group_size: int = -1, act_order: bool = Fals
     dtype = W.dtype
     work = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 under jax x64
     out = _gptq(W.astype(work), jnp.asarray(H, work), bits, int(group_size), bool(act_order),
-                float(damp), int(block_size), bool(static_groups))  # fmt: skip
+                float(damp), int(block_size), bool(static_groups))[0]  # fmt: skip
     hessian.check_finite(out, damp, "gptq_layer")
     return out.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
 def _gptq(W, H, bits, group_size, act_order, damp, block_size, static_groups):
+    """(Q, scale, zero), all [rows, in] in the original column order: the quantised weights and
+    the grid each weight was rounded onto (so the codes are round(Q / scale) + zero)."""
     rows, columns = W.shape
     row_scale, row_zero = grid.fit(W, bits)  # per-row grid of the original weights
     W, H, _ = hessian.prepare(W, H, damp)
@@ -88,8 +90,9 @@ def _gptq(W, H, bits, group_size, act_order, damp, block_size, static_groups):
         Q = Q.at[:, i1:i2].set(Q1)
         W = W.at[:, i2:].add(-err @ Hinv[i1:i2, i2:])
     if act_order:
-        Q = Q[:, jnp.argsort(perm)]
-    return Q
+        inverse = jnp.argsort(perm)
+        Q, scale, zero = Q[:, inverse], scale[:, inverse], zero[:, inverse]
+    return Q, scale, zero
 
 
 def _quantize_block(W1, Hinv1, scale, zero, bits):
@@ -109,3 +112,57 @@ def _quantize_block(W1, Hinv1, scale, zero, bits):
     zeros = jnp.zeros_like(W1)
     _, Q1, err1 = jax.lax.fori_loop(0, W1.shape[1], column, (W1, zeros, zeros))
     return Q1, err1
+
+
+def gptq(config, params, calibration_ids, bits: int = 4, group_size: int = 128, *,
+         act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+         block_size: int = 128, batch_size: int = 8, mesh=None, on_layer=None):  # fmt: skip
+    """A whole model GPTQ-quantised layer by layer on calibration sequences (the reference's
+    `opt_sequential`: opt_jax/compress/calibrate.py).
+
+    Every Linear of every decoder layer is quantised with `gptq_layer` on its inputs' Hessian;
+    embeddings, project_in/out, LayerNorms and biases stay as they are.
+
+    Args:
+      config, params: a float model (any head, scanned or not).
+      calibration_ids: int [N, T] token sequences (the paper: 128 random 2048-token segments).
+      bits, group_size, act_order, static_groups, damp, block_size: as gptq_layer (act_order
+        with groups needs static_groups=True: the stored format keeps consecutive groups).
+      batch_size: calibration sequences per forward pass; mesh: split them over its data axes.
+      on_layer: called with (layer index, seconds) after each layer.
+
+    Returns:
+      (qconfig, qparams): quantization "gptq" (quant_bits-bit codes with a scale and zero point
+      per row and group), running through model_for / generate / scoring / the server.
+    """
+    calibrate.check_calibration(config, calibration_ids)
+    grid.check_bits(bits)
+    for width in (config.hidden_size, config.ffn_dim):
+        grid.check_group_size(group_size, width)
+    hessian.check_options(block_size, damp)
+    if act_order and group_size != -1 and not static_groups:
+        raise ValueError(
+            "act_order with group_size needs static_groups=True: the stored format keeps "
+            "groups of consecutive inputs (the reference's --static-groups)"
+        )
+    qconfig = config.replace(quantization="gptq", quant_bits=bits, quant_group_size=group_size)
+    options = (bits, int(group_size), bool(act_order), float(damp), int(block_size),
+               bool(static_groups))  # fmt: skip
+
+    def compress_layer(index, layer, stats):
+        computes, stored = {}, {}
+        for path, fields in formats.linears(layer).items():
+            W = formats.to_matrix(fields["kernel"], path)
+            H = stats.hessian[calibrate.INPUT_OF[path[-1]]]
+            Q, scale, zero = _gptq(jnp.asarray(W), H, *options)
+            hessian.check_finite(Q, damp, f"gptq: layer {index} {'/'.join(path)}")
+            computes[path] = {**fields, "kernel": formats.from_matrix(Q, fields["kernel"])}
+            stored[path] = {
+                **fields,
+                **formats.grid_params(Q, scale, zero, bits, group_size, fields["kernel"], path),
+            }
+        return (formats.replace_linears(layer, computes), formats.replace_linears(layer, stored))
+
+    qparams = calibrate.walk(config, params, calibration_ids, compress_layer,
+                             batch_size=batch_size, mesh=mesh, on_layer=on_layer)  # fmt: skip
+    return qconfig, qparams

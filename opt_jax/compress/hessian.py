@@ -47,6 +47,10 @@ def check_layer(W, H, block_size: int, damp: float) -> None:
             f"H must be [in, in] = [{columns}, {columns}] for W of shape {np.shape(W)}, "
             f"got {np.shape(H)}"
         )
+    check_options(block_size, damp)
+
+
+def check_options(block_size: int, damp: float) -> None:
     if not (isinstance(block_size, int | np.integer) and block_size > 0):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not damp > 0:

@@ -51,10 +51,30 @@ def quantized_matmul(linear, x, n_in: int):
         (packed, scale), x = _per_call((packed, scale), x)
         w = dequantize_int4(packed, scale, group).reshape(in_shape + linear.features)
         return jnp.tensordot(x.astype(dtype), w.astype(dtype), n_in)
+    if cfg.quantization == "gptq":
+        # Codes packed along the flattened input rows (eight rows in `bits` bytes), sharded
+        # with the leading input axis as int4's; a (scale, zero) pair per group and output.
+        groups = 1 if cfg.quant_group_size == -1 else k // cfg.quant_group_size
+        packed = linear.param(
+            "kernel", _axes((linear.in_axes[0], *out_axes)),
+            (k * cfg.quant_bits // 8, *linear.features), jnp.uint8,
+        )  # fmt: skip
+        grid_shape = (groups, *linear.features)
+        scale = linear.param("scale", _axes((None, *out_axes)), grid_shape, jnp.float32)
+        zero = linear.param("zero", _axes((None, *out_axes)), grid_shape, jnp.float32)
+        (packed, scale, zero), x = _per_call((packed, scale, zero), x)
+        w = dequantize_grid(packed, scale, zero, cfg.quant_bits).reshape(in_shape + linear.features)
+        return jnp.tensordot(x.astype(dtype), w.astype(dtype), n_in)
     q = linear.param(
         "kernel", _axes(out_axes + linear.in_axes), linear.features + in_shape, jnp.int8
     )
     scale = linear.param("scale", _axes(out_axes), linear.features, jnp.float32)
+    if cfg.quantization == "w8a8":
+        act_scale = None
+        if cfg.quant_activations == "static":
+            act_scale = linear.param("act_scale", _axes(()), (), jnp.float32)
+        q, x = _per_call(q, x)
+        return w8a8_matmul(x, q, scale, n_in, act_scale).astype(dtype)
     q, x = _per_call(q, x)
     if cfg.quantization == "int8":
         return int8_matmul(x, q, scale, n_in).astype(dtype)
@@ -131,6 +151,58 @@ def dequantize_int4(packed, scale, group: int):
     values = jnp.where(values > 7, values - 16, values).astype(jnp.float32)  # two's complement
     grouped = values.reshape((scale.shape[0], group) + values.shape[1:])
     return (grouped * scale[:, None]).reshape(values.shape)
+
+
+def unpack_codes(packed, bits: int):
+    """[K * bits / 8, *out] uint8 -> [K, *out] int32 codes in [0, 2^bits).
+
+    Eight consecutive rows share `bits` bytes, row j of the eight at bit offset j * bits
+    (little-endian: a value that crosses a byte boundary continues in the next byte's low bits),
+    so 2-, 3-, 4- and 8-bit codes all pack without padding.
+    """
+    groups = packed.reshape((-1, bits) + packed.shape[1:]).astype(jnp.uint32)  # [K/8, bits, ..]
+    mask = (1 << bits) - 1
+    rows = []
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        word = groups[:, byte]
+        if byte + 1 < bits:  # the value may continue in the next byte
+            word = word | (groups[:, byte + 1] << 8)
+        rows.append((word >> shift) & mask)
+    return jnp.stack(rows, axis=1).reshape((-1,) + packed.shape[1:]).astype(jnp.int32)
+
+
+def dequantize_grid(packed, scale, zero, bits: int):
+    """GPTQ's asymmetric format: codes [K, *out] (packed) with scale and zero [G, *out], one
+    pair per group of K / G consecutive input rows -> [K, *out] float32 = scale * (q - zero)."""
+    codes = unpack_codes(packed, bits).astype(jnp.float32)
+    grouped = codes.reshape((scale.shape[0], -1) + codes.shape[1:])  # [G, K / G, *out]
+    return ((grouped - zero[:, None]) * scale[:, None]).reshape(codes.shape)
+
+
+# SmoothQuant's reference clamps every absmax at this before dividing by 127 (fake_quant.py).
+W8A8_MIN_ABSMAX = 1e-5
+
+
+def w8a8_matmul(x, q, scale, n_in: int, act_scale=None):
+    """W8A8 (SmoothQuant's int8 x int8): x [.., *in] quantised to int8, times the int8 weights
+    q [*out, *in] (per-channel `scale` [*out]), accumulated in int32.
+
+    act_scale None: dynamic per-token scales (each row's absmax / 127); a float32 scalar: the
+    static per-tensor scale calibrated on the smoothed model (values beyond it saturate).
+    """
+    x2, w2, out_shape = _as_rows(x, q, n_in)
+    rows = x2.shape[0]
+    if rows == 1:  # XLA:CPU's one-row int8 product is slow (see llm_int8_matmul)
+        x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+    if act_scale is None:
+        s = jnp.maximum(jnp.abs(x2).max(axis=1, keepdims=True), W8A8_MIN_ABSMAX) / INT8_MAX
+    else:
+        s = act_scale.astype(jnp.float32)
+    xq = jnp.clip(jnp.round(x2 / s), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    acc = jax.lax.dot_general(xq, w2, _ROWS_BY_ROWS, preferred_element_type=jnp.int32)  # [M, O]
+    y = acc.astype(jnp.float32) * s * scale.reshape(-1).astype(jnp.float32)[None, :]
+    return y[:rows].reshape(out_shape)
 
 
 def outlier_capacity(k: int) -> int:

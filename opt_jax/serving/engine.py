@@ -235,7 +235,9 @@ class Engine:
     def _start(self, request: Request, slots: list[int]) -> None:
         config = self.config
         length = len(request.prompt)
-        bucket = min(round_up(length, BUCKET), self.max_length)
+        # The left padding of the bucket takes cache slots too: it must leave the completion
+        # its room (a full cache would write every new token over its last slot).
+        bucket = max(length, min(round_up(length, BUCKET), self.max_length - request.max_tokens))
         ids = np.full((1, bucket), config.pad_token_id, np.int32)
         mask = np.zeros((1, bucket), bool)
         ids[0, bucket - length :], mask[0, bucket - length :] = request.prompt, True
