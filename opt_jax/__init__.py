@@ -17,7 +17,7 @@ import importlib.util
 import sys
 import warnings
 
-from opt_jax import compress
+from opt_jax import compress, data
 from opt_jax.checkpoints.hf import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
 from opt_jax.checkpoints.metaseq import load_metaseq
 from opt_jax.checkpoints.peft import save_adapter
@@ -60,7 +60,6 @@ _MOVED_MODULES = {
     "text": "opt_jax.generation.text",
     "train": "opt_jax.training.train",
     "train_config": "opt_jax.training.experiment",
-    "data": "opt_jax.training.data",
     "metrics": "opt_jax.training.metrics",
     "convert": "opt_jax.checkpoints.hf",
     "torch_reader": "opt_jax.checkpoints.torch_reader",
@@ -103,6 +102,7 @@ __all__ = [
     "PRESETS",
     "PUBLISHED_PARAMS",
     "compress",
+    "data",
     "CausalLMOutput",
     "GenerateOutput",
     "GenerationConfig",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from opt_jax.data import Mixture, StoreError, TokenStore, parse_mixture
+from opt_jax.data.store import MANIFEST, PLAN
 from opt_jax.parallel.sharding import sync
 from opt_jax.tasks.builtin import stdlib_files
 from opt_jax.tokenizer import OPTTokenizer, train_tokenizer
@@ -304,3 +306,57 @@ def prepare(config, workdir: str, resuming: bool = False):
         np.load(os.path.join(data_dir, f"{s}.npy")) for s in ("train", "eval")
     )
     return tokenizer, train_tokens, eval_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Token stores (opt_jax.data): data.source=DIR or data.mixture=DIR_A:0.7,DIR_B:0.3
+# ---------------------------------------------------------------------------------------------
+def uses_stores(config) -> bool:
+    """Whether the run reads token stores (data.mixture, or a data.source that is a store)."""
+    d = config.data
+    source = d.source
+    is_store = os.path.isdir(source) and any(
+        os.path.isfile(os.path.join(source, name)) for name in (MANIFEST, PLAN)
+    )
+    return bool(d.get("mixture")) or is_store
+
+
+def store_datasets(config, verify: bool = True):
+    """The tokenizer and the training / held-out Mixtures of a run on token stores.
+
+    Held-out data: data.eval_source (a store) when set, else the last data.eval_fraction of
+    every store's tokens (left out of training), mixed with the same weights. `verify` checks
+    every shard's sha256 (process 0; the others check sizes only).
+
+    Returns:
+      (tokenizer, train Mixture, eval Mixture)
+
+    Raises:
+      StoreError: a missing or damaged store, weights that are not positive numbers, stores
+        built with another tokenizer than the run's (one line, naming it).
+    """
+    d = config.data
+    sources = parse_mixture(d.mixture) if d.get("mixture") else [(d.source, 1.0)]
+    stores = []
+    for directory, weight in sources:
+        if not os.path.isdir(directory):
+            raise StoreError(f"token store {directory} does not exist")
+        stores.append((TokenStore(directory), weight))
+    named = tokenizer_source(config)
+    tokenizer = OPTTokenizer.from_pretrained(named or stores[0][0].tokenizer_dir)
+    what = f"the run's tokenizer ({named})" if named else f"{stores[0][0].directory}'s tokenizer"
+    eval_store = TokenStore(d.eval_source) if d.get("eval_source") else None
+    for store in [s for s, _ in stores] + ([eval_store] if eval_store else []):
+        store.check_tokenizer(tokenizer.fingerprint(), what)
+        if verify:
+            store.verify()
+    if eval_store is not None:
+        train_sources = stores
+        eval_sources = [(eval_store, 1.0)]
+    else:
+        splits = [(s.split(d.eval_fraction), w) for s, w in stores]
+        train_sources = [(head, w) for (head, _), w in splits]
+        eval_sources = [(tail, w) for (_, tail), w in splits]
+    train = Mixture(train_sources, config.seq_len, config.batch_size, config.seed)
+    held_out = Mixture(eval_sources, config.seq_len, config.batch_size, config.seed + 1)
+    return tokenizer, train, held_out

@@ -100,11 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.quantize_base = ""
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"  # "stdlib", comma-separated globs, or .jsonl files
+    # "stdlib", comma-separated globs, .jsonl files, or a token store (scripts/prepare_data.py)
+    c.data.source = "stdlib"
+    c.data.mixture = ""  # token stores mixed by weight: "DIR_A:0.7,DIR_B:0.3" (replaces source)
+    c.data.eval_source = ""  # a token store held out for evaluation ("": each store's tail)
     c.data.jsonl_field = "text"  # the text field of .jsonl records
     c.data.tokenizer = ""  # an HF tokenizer directory; "" trains one on the training split
     c.data.vocab_size = 8192  # size of a trained tokenizer
-    c.data.eval_fraction = 0.02  # fraction of files held out for evaluation
+    c.data.eval_fraction = 0.02  # held out for evaluation: of files, or of each store's tokens
     c.data.max_files = 0  # use at most this many files (0: all)
     return c
 

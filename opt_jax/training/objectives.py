@@ -115,6 +115,12 @@ class LanguageModelling:
 
     def __init__(self, config, workdir: str, resuming: bool):
         self.config = config
+        if data.uses_stores(config):  # token stores, memory-mapped (opt_jax.data)
+            self.tokenizer, self.train, self.eval = data.store_datasets(
+                config, verify=jax.process_index() == 0
+            )
+            self.sizes = tuple(sum(s.num_tokens for s in m.stores) for m in (self.train, self.eval))
+            return
         self.tokenizer, train_tokens, eval_tokens = data.prepare(config, workdir, resuming)
         self.sizes = (len(train_tokens), len(eval_tokens))
         self.train = data.PackedDataset(
@@ -125,11 +131,24 @@ class LanguageModelling:
         )
 
     def token_arrays(self) -> dict:
+        if isinstance(self.train, data.Mixture):  # ids are < the store tokenizer's vocabulary
+            return {"the stores' largest token id": np.array([[self.tokenizer.vocab_size - 1]])}
         return {"training tokens": self.train.examples, "evaluation tokens": self.eval.examples}
 
     def describe(self) -> str:
         source = self.config.data.source
         source = "the standard library's sources" if source == "stdlib" else source
+        if isinstance(self.train, data.Mixture):
+            weights = self.train.weights
+            source = (
+                "token store"
+                + "s" * (len(weights) > 1)
+                + " "
+                + ", ".join(
+                    f"{name} ({w / sum(weights):.0%})"
+                    for name, w in zip(self.train.names, weights, strict=True)
+                )
+            )
         return (
             f"{source}: {self.sizes[0] / 1e6:.1f}M training and {self.sizes[1] / 1e6:.2f}M "
             "held-out tokens"

@@ -381,6 +381,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         step_time = (time.time() - timer) / max(done - logged_step, 1)
                         record = _metrics_record(metrics, done, step_time, schedule, rates)
                         record["epoch"] = train_ds.epoch_of(done)
+                        if hasattr(train_ds, "metrics"):  # tokens and epochs per token store
+                            record.update(train_ds.metrics(done))
                         if _due(done, config.eval_every_steps, final):
                             record.update(evaluate(state.params))
                         if _due(done, config.sample_every_steps, final) and task.generates:
