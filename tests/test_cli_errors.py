@@ -296,3 +296,15 @@ def test_compress_input_errors(tiny_hf, tmp_path, args, match):
     _fails("scripts/compress.py", "--model", tiny_hf, "--out", str(tmp_path / "o"), *args,
            match=match)  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tmp").exists()
+
+
+# -- prepare_data -------------------------------------------------------------------------------
+def test_prepare_data_reports_bad_sources_in_one_line(tiny_hf, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "alpha"}\n')
+    _fails("scripts/prepare_data.py", "--source", str(tmp_path / "*.txt"), "--tokenizer",
+           tiny_hf, "--out", str(tmp_path / "s"),
+           match=r"source pattern '.*\*\.txt' matches no file")  # fmt: skip
+    _fails("scripts/prepare_data.py", "--source", str(tmp_path / "a.jsonl"), "--tokenizer",
+           tiny_hf, "--out", str(tmp_path / "s"),
+           match=r"a\.jsonl:1 has no field 'text' \(--jsonl_field\)")  # fmt: skip
+    assert not (tmp_path / "s" / "manifest.json").exists()
