@@ -4,6 +4,8 @@
   python scripts/convert.py --to hf --src CKPT_DIR --dst HF_DIR [--max_shard_gb 5]
   python scripts/convert.py --src_format metaseq --src restored.pt --to hf --dst HF_DIR \
       [--model_config 350m]    # a consolidated metaseq checkpoint (to hf or to orbax)
+  python scripts/convert.py --src_format metaseq --src OPT_66B_DIR --to hf --dst HF_DIR \
+      --model_config 66b       # a directory (or glob) of reshard-model_part-K.pt parts
 
 Nothing is downloaded: HF_DIR must be a local directory (e.g. from `huggingface-cli download`).
 The tokenizer files of --src (tokenizer.json, vocab.json, merges.txt, ...) are copied to --dst,
@@ -31,7 +33,8 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "src_format", "hf", ["hf", "metaseq"],
-    "With metaseq, --src is a consolidated metaseq .pt file (or a directory holding one).",
+    "With metaseq, --src is a consolidated metaseq .pt file (or a directory holding one), or a "
+    "directory / glob of model-parallel parts reshard-model_part-K.pt.",
 )  # fmt: skip
 flags.DEFINE_string(
     "model_config", None,

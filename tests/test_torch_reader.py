@@ -191,7 +191,7 @@ def test_metaseq_errors_name_the_problem(tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
     for k in range(2):
-        torch.save({"model": state}, parts / f"reshard-model_part-{k}.pt")
+        torch.save({"model": state}, parts / f"reshard-model_part-{k}-shard{k}.pt")
     with pytest.raises(opt_jax.CheckpointError, match="unconsolidated metaseq checkpoint"):
         load_metaseq(parts, config)
     torch.save({"model": {"flat_param_0": torch.ones(10)}}, tmp_path / "fsdp.pt")
@@ -210,12 +210,79 @@ def test_metaseq_errors_name_the_problem(tmp_path):
         load_metaseq(tmp_path / "missing.pt", config)
 
 
+def _split_parts(state, parts):
+    """Model-parallel parts of a consolidated metaseq state dict, split as metaseq's
+    reshard_megatron_parts splits them (written independently of the loader's rules): each
+    part's qkv_proj holds its share of K, then of V, then of Q; fc1 and the token table by rows;
+    fc2 and out_proj weights by columns; everything else replicated."""
+    out = [collections.OrderedDict() for _ in range(parts)]
+    for key, value in state.items():
+        if ".qkv_proj." in key:
+            k, v, q = (torch.chunk(t, parts) for t in torch.split(value, value.shape[0] // 3))
+            pieces = [torch.cat([k[i], v[i], q[i]]) for i in range(parts)]
+        elif ".fc1." in key or key.endswith(("embed_tokens.weight", "output_projection.weight")):
+            pieces = torch.chunk(value, parts, dim=0)
+        elif key.endswith(("fc2.weight", "out_proj.weight")):
+            pieces = torch.chunk(value, parts, dim=1)
+        else:
+            pieces = [value] * parts
+        for i, piece in enumerate(pieces):
+            out[i][key] = piece.clone()
+    return out
+
+
+def _write_parts(directory, state, parts):
+    directory.mkdir(parents=True, exist_ok=True)
+    for k, part in enumerate(_split_parts(state, parts)):
+        torch.save({"model": part}, directory / f"reshard-model_part-{k}.pt")
+    return directory
+
+
+# ffn and vocabulary sizes that 2 and 4 parts divide (metaseq splits evenly)
+EVEN = dict(ffn_dim=36, vocab_size=100)
+
+
+@pytest.mark.parametrize("variant, parts", [("pre_ln", 2), ("post_ln_project", 4)])
+def test_model_parallel_parts_equal_the_consolidated_checkpoint(tmp_path, variant, parts):
+    hf_model = make_hf_model(variant, **EVEN)
+    state = _metaseq_state(hf_model, hf_model.config.num_hidden_layers)
+    torch.save({"model": state}, tmp_path / "restored.pt")
+    config = opt_jax.OPTConfig.from_hf(_save_config(hf_model, tmp_path))
+    _, whole = load_metaseq(tmp_path / "restored.pt", config)
+    directory = _write_parts(tmp_path / "parts", state, parts)
+    _, merged = load_metaseq(directory, config)
+    assert_trees_equal(merged, whole)  # bit for bit
+    _, globbed = load_metaseq(str(directory / "reshard-model_part-*.pt"), config)
+    assert_trees_equal(globbed, whole)
+
+
+def test_model_parallel_part_errors_name_the_file(tmp_path):
+    hf_model = make_hf_model("pre_ln", **EVEN)
+    state = _metaseq_state(hf_model, 2)
+    config = opt_jax.OPTConfig.from_hf(_save_config(hf_model, tmp_path))
+    three = _write_parts(tmp_path / "three", state, 2)
+    torch.save({"model": _split_parts(state, 2)[0]}, three / "reshard-model_part-3.pt")
+    with pytest.raises(opt_jax.CheckpointError, match=r"missing model part\(s\) \[2\] of 4"):
+        load_metaseq(three, config)
+    mixed = _write_parts(tmp_path / "mixed", state, 2)
+    torch.save({"model": _split_parts(state, 4)[1]}, mixed / "reshard-model_part-1.pt")
+    with pytest.raises(opt_jax.CheckpointError, match=r"reshard-model_part-1.pt: decoder\..* has "
+                       r"shape \(\d+, \d+\), part 0 has"):  # fmt: skip
+        load_metaseq(mixed, config)
+    other = _write_parts(tmp_path / "other", state, 2)
+    part = _split_parts(state, 2)[1]
+    del part["decoder.layers.1.fc2.bias"]
+    torch.save({"model": part}, other / "reshard-model_part-1.pt")
+    with pytest.raises(opt_jax.CheckpointError, match="part-1.pt does not hold the tensors of"):
+        load_metaseq(other, config)
+
+
 def test_convert_script_turns_a_metaseq_file_into_an_hf_directory(tmp_path):
     """scripts/convert.py --src_format metaseq: transformers loads the result with the logits
     of the model the metaseq file was made from."""
     import transformers
 
-    hf_model = make_hf_model("post_ln_project")
+    hf_model = make_hf_model("post_ln_project", **EVEN)
     torch.save({"model": _metaseq_state(hf_model, 2)}, tmp_path / "restored.pt")
     config_dir = _save_config(hf_model, tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,6 +309,19 @@ def test_convert_script_turns_a_metaseq_file_into_an_hf_directory(tmp_path):
         a = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         b = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The model-parallel parts of the same model (OPT-13b and up's release layout) as well.
+    _write_parts(tmp_path / "parts", _metaseq_state(hf_model, 2), 2)
+    proc = subprocess.run(
+        [sys.executable, "scripts/convert.py", "--src_format", "metaseq", "--src",
+         str(tmp_path / "parts"), "--to", "hf", "--dst", str(tmp_path / "from_parts"),
+         "--model_config", str(renamed)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = transformers.OPTForCausalLM.from_pretrained(tmp_path / "from_parts").eval()
+    with torch.no_grad():
+        c = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    np.testing.assert_array_equal(c.numpy(), b.numpy())
 
 
 def test_views_that_could_leave_their_storage_are_refused(tmp_path):
