@@ -3,6 +3,8 @@
   python scripts/generate.py --model opt-125m --prompt "Hello, my name is" --max_new_tokens 40
   python scripts/generate.py --model ckpt/ --tokenizer opt-125m --prompt_file prompts.txt \
       --do_sample --top_p 0.9 --seed 1
+  python scripts/generate.py --model opt-1.3b --assistant opt-125m --num_assistant_tokens 5 \
+      --prompt "def fibonacci(n):"     # speculative decoding (or --prompt_lookup_num_tokens 5)
 
 --model is an HF directory (config.json + weights) or an orbax checkpoint written by
 scripts/convert.py or training (config.json + params/); --tokenizer defaults to --model.
@@ -26,6 +28,9 @@ flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute and param dtype.")
 flags.DEFINE_enum("quantize", None, ["int8", "int4", "llm_int8"], "Quantise weights as they load.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_string(
+    "assistant", None, "A smaller OPT (same tokenizer) drafting tokens: speculative decoding."
+)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 # One flag per GenerationConfig option, derived from its field (name, default, help).
@@ -42,6 +47,8 @@ for _spec in flag_specs():
     _name, _kind, _help = _spec["name"], _spec["kind"], _spec["help"]
     if _kind == "early_stopping":
         flags.DEFINE_enum(_name, str(_spec["default"]), ["True", "False", "never"], _help)
+    elif _kind == "schedule":
+        flags.DEFINE_enum(_name, _spec["default"], ["constant", "heuristic"], _help)
     elif _kind.startswith("ids"):
         flags.DEFINE_multi_integer(_name, None, _help)
     else:
@@ -152,11 +159,17 @@ def _run(f) -> None:
         stop_strings=f.stop or None,
         seed=f.seed,
     )
+    if f.assistant:  # speculative decoding: the assistant drafts, this model verifies
+        draft_config, draft_params = _load(f.assistant, f.dtype, f.quantize)
+        options.update(
+            assistant_model=opt_jax.OPTForCausalLM(draft_config), assistant_params=draft_params
+        )
+    speculative = f.assistant or cfg.prompt_lookup_num_tokens
     generated, start = 0, time.time()
     for prompt in prompts:
         # The prompt is echoed only once its generation has produced something (or finished):
         # an option error raised by the first call leaves stdout empty.
-        if cfg.is_beam or cfg.num_return_sequences > 1:
+        if cfg.is_beam or cfg.num_return_sequences > 1 or speculative:  # these do not stream
             text, count = _generate_whole(model, params, tokenizer, prompt, options)
             sys.stdout.write(prompt + text)
             generated += count

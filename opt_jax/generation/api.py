@@ -23,6 +23,7 @@ from flax import struct
 from opt_jax.generation.beam_search import beam_search
 from opt_jax.generation.config import GenerationConfig
 from opt_jax.generation.decoding import decode
+from opt_jax.generation.speculative import speculative_decode
 from opt_jax.kv_cache import KVCache
 from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.param_tree import tied_embedding
@@ -47,6 +48,9 @@ class GenerateOutput:
     logprobs: np.ndarray | None = None
     # Beam search: final (length-penalised) score of each returned sequence.
     sequences_scores: np.ndarray | None = None
+    # Speculative decoding with output_acceptance=True: [rows, steps] int32, the drafts each
+    # row accepted at each step (-1 after the row's last step).
+    acceptance: np.ndarray | None = None
 
 
 def generate(
@@ -59,6 +63,8 @@ def generate(
     seed: int | None = None,
     prng_key: jax.Array | None = None,
     streamer: Callable[[int, np.ndarray], bool | None] | None = None,
+    assistant_model=None,
+    assistant_params=None,
     **options,
 ) -> GenerateOutput:
     """Generates continuations of left-padded prompts with an OPTForCausalLM.
@@ -75,6 +81,11 @@ def generate(
       streamer: callback(step, tokens [B * num_return_sequences]) receiving tokens as they are
         produced (greedy / sampling / contrastive), only this call's, even with concurrent
         calls; returning False stops generation there (the rest of every row is padding).
+      assistant_model, assistant_params: a smaller OPTForCausalLM with the same vocabulary that
+        drafts `num_assistant_tokens` tokens per step for this model to verify (speculative
+        decoding, generation/speculative.py): greedy output equals this model's greedy output,
+        sampled output follows its distribution. `prompt_lookup_num_tokens=K` drafts from
+        n-grams of the text instead, with no assistant.
 
     Returns:
       GenerateOutput with sequences [B * num_return_sequences, T + max_new_tokens] int32.
@@ -90,6 +101,13 @@ def generate(
         raise ValueError("max_new_tokens is required (pass max_new_tokens=N)")
     if streamer is not None and gen_config.is_beam:
         raise ValueError("streaming is not available for beam search (beams are reordered)")
+    speculative = assistant_model is not None or gen_config.prompt_lookup_num_tokens is not None
+    if speculative:
+        return _speculative(model, params, input_ids, attention_mask, gen_config, seed,
+                            prng_key, streamer, assistant_model, assistant_params)  # fmt: skip
+    if gen_config.output_acceptance:
+        raise ValueError("output_acceptance needs speculative decoding (assistant_model= or "
+                         "prompt_lookup_num_tokens=)")  # fmt: skip
     ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
 
     # Static shapes: bucket the prompt (extra left padding is harmless: positions come from the
@@ -127,6 +145,133 @@ def generate(
         else None,
         sequences_scores=None if scores is None else np.asarray(scores).reshape(-1),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding
+# ---------------------------------------------------------------------------------------------
+# Options the speculative loop does not take yet (each needs every row's own history length).
+_NOT_SPECULATIVE = ("no_repeat_ngram_size", "bad_words_ids", "stop_sequences")
+
+
+def _check_speculative(config, gen_config, assistant_model, assistant_params, streamer):
+    """One-line errors for a speculative request, before anything is traced."""
+    lookup = gen_config.prompt_lookup_num_tokens is not None
+    if lookup and assistant_model is not None:
+        raise ValueError("pass assistant_model= or prompt_lookup_num_tokens=, not both")
+    if gen_config.is_beam or gen_config.is_contrastive:
+        raise ValueError(
+            "speculative decoding (assistant_model / prompt_lookup_num_tokens) works with greedy "
+            "decoding and sampling, not with beam search or contrastive search"
+        )
+    if streamer is not None:
+        raise ValueError("streaming is not available with speculative decoding yet")
+    for name in _NOT_SPECULATIVE:
+        if getattr(gen_config, name):
+            raise ValueError(f"{name} is not available with speculative decoding yet")
+    if assistant_model is None:
+        return None
+    if not isinstance(assistant_model, OPTForCausalLM):
+        raise ValueError(
+            f"assistant_model must be an OPTForCausalLM, got {type(assistant_model).__name__}"
+        )
+    if assistant_params is None:
+        raise ValueError("assistant_model needs assistant_params")
+    draft = assistant_model.config
+    if draft.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"the assistant's vocabulary ({draft.vocab_size} ids) differs from the model's "
+            f"({config.vocab_size}): draft and target must share one tokenizer and embedding size"
+        )
+    return draft
+
+
+def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prng_key,
+                 streamer, assistant_model, assistant_params) -> GenerateOutput:  # fmt: skip
+    config = model.config
+    draft_config = _check_speculative(
+        config, gen_config, assistant_model, assistant_params, streamer
+    )
+    lookup = gen_config.prompt_lookup_num_tokens
+    k = lookup if lookup is not None else gen_config.num_assistant_tokens
+    # Drafts per step, static (the draft length itself is traced): a multiple of 4, with room
+    # for the heuristic schedule to grow the draft by 8.
+    capacity = k if lookup is not None else round_up(k, 4)
+    if lookup is None and gen_config.num_assistant_tokens_schedule == "heuristic":
+        capacity += 8
+    room = capacity + 1  # the verify pass writes this many slots past the committed tokens
+    ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
+    for who, c in (("the model", config), ("the assistant", draft_config)):
+        if c is not None and ids.shape[1] + gen_config.max_new_tokens + room > (
+            c.max_position_embeddings
+        ):
+            raise ValueError(
+                f"prompt length {ids.shape[1]} + max_new_tokens {gen_config.max_new_tokens} + "
+                f"{room} slots for drafts exceeds {who}'s max_position_embeddings "
+                f"{c.max_position_embeddings}: speculative decoding verifies {room} tokens "
+                "past the text"
+            )
+    batch, prompt_len = ids.shape
+    limit = min(config.max_position_embeddings,
+                draft_config.max_position_embeddings if draft_config else 10**9)  # fmt: skip
+    need = gen_config.max_new_tokens + room
+    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - need)
+    buffer_length = min(bucket_prompt + round_up(need, BUCKET), limit)
+    extra = bucket_prompt - prompt_len
+    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
+    mask = np.pad(mask, ((0, 0), (extra, 0)))
+    copies = gen_config.num_return_sequences
+    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
+    values = {name: jnp.float32(v) for name, v in gen_config.values().items()}
+    values["num_assistant_tokens"] = jnp.float32(k)
+    program = _compiled_speculative(config, draft_config, gen_config.program(), capacity)
+    draft_params = None if draft_config is None else nn.unbox(assistant_params)
+    tokens, logprobs, acceptance = program(
+        nn.unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(mask), prng_key, values,
+        gen_config.max_new_tokens, buffer_length,
+    )  # fmt: skip
+    tokens = np.asarray(tokens)
+    steps = gen_config.max_new_tokens
+    return GenerateOutput(
+        sequences=tokens[:, extra : bucket_prompt + steps].astype(np.int32),
+        logprobs=np.asarray(logprobs)[:, :steps] if gen_config.output_logprobs else None,
+        acceptance=np.asarray(acceptance)[:, :steps] if gen_config.output_acceptance else None,
+    )
+
+
+def _compiled_speculative(config, draft_config, program: GenerationConfig, capacity: int):
+    """The jitted speculative program for (target, draft, static options, capacity)."""
+
+    def run(params, draft_params, prompt, mask, rng, values, max_new, buffer_length):
+        TRACE_COUNT["n"] += 1
+        target = all_logits(config, params)
+        cache = KVCache.init(config, prompt.shape[0], buffer_length)
+        draft = draft_cache = None
+        if draft_config is not None:
+            draft = all_logits(draft_config, draft_params)
+            draft_cache = KVCache.init(draft_config, prompt.shape[0], buffer_length)
+        return speculative_decode(
+            target, draft, program, values, prompt, mask, cache, draft_cache, rng, max_new,
+            buffer_length, capacity, config.vocab_size,
+        )  # fmt: skip
+
+    key = ("speculative", config, draft_config, program, capacity)
+    return PROGRAMS.get(key, lambda: jax.jit(run, static_argnums=(7,)))
+
+
+def all_logits(config, params):
+    """(tokens [B, T], mask [B, T], cache) -> (logits [B, T, V] float32 of every position,
+    cache): what speculative decoding verifies drafts with."""
+    decoder = OPTModel(config)
+
+    def run(tokens, mask, cache):
+        out = decoder.apply({"params": params["model"]}, tokens, mask, cache=cache)
+        hidden = out.last_hidden_state.astype(config.compute_dtype)  # [B, T, P]
+        table = tied_embedding(params).astype(config.compute_dtype)
+        return jnp.einsum("btp,vp->btv", hidden, table).astype(jnp.float32), out.cache
+
+    return run
 
 
 def _check_prompt(input_ids, attention_mask, config, max_new_tokens: int):

@@ -98,6 +98,25 @@ class GenerationConfig:
     output_logprobs: bool = _option(
         False, "Also return the log-probability of each chosen token.", "bool"
     )
+    # Speculative decoding (generation/speculative.py): with generate(assistant_model=...) or
+    # prompt lookup. Outputs equal (greedy) or follow (sampling) the target's alone.
+    num_assistant_tokens: int = _option(
+        5, "Speculative decoding: draft tokens per step (>= 1).", "int", traced=True
+    )
+    num_assistant_tokens_schedule: str = _option(
+        "constant",
+        "Draft length: 'constant', or 'heuristic' (+2 after a fully accepted draft, else -1).",
+        "schedule",
+    )
+    prompt_lookup_num_tokens: int | None = _option(
+        None, "Draft this many tokens by n-gram lookup in the prompt and text so far.", "count?"
+    )
+    max_matching_ngram_size: int = _option(
+        2, "Prompt lookup: the longest n-gram matched (then shorter ones).", "int"
+    )
+    output_acceptance: bool = _option(
+        False, "Speculative decoding: return the drafts accepted per step and row.", "bool"
+    )
     # Derived in __post_init__: which traced processors are in effect (part of the program).
     active: frozenset = dataclasses.field(init=False, default=frozenset(), repr=False)
 
@@ -247,7 +266,14 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _schedule(name: str, value) -> str:
+    if value not in ("constant", "heuristic"):
+        raise ValueError(f"{name} must be 'constant' or 'heuristic', got {value!r}")
+    return value
+
+
 _NORMALISERS = {
+    "schedule": _schedule,
     "bool": _bool,
     "count?": _optional(_count),
     "int": _integer,
@@ -316,6 +342,14 @@ def _check(gen_config: GenerationConfig) -> None:
         raise ValueError(
             f"min_new_tokens ({gen_config.min_new_tokens}) must be <= max_new_tokens "
             f"({gen_config.max_new_tokens})"
+        )
+    if gen_config.num_assistant_tokens < 1:
+        raise ValueError(
+            f"num_assistant_tokens must be >= 1, got {gen_config.num_assistant_tokens}"
+        )
+    if gen_config.max_matching_ngram_size < 1:
+        raise ValueError(
+            f"max_matching_ngram_size must be >= 1, got {gen_config.max_matching_ngram_size}"
         )
     if any(len(seq) == 0 for seq in gen_config.bad_words_ids + gen_config.stop_sequences):
         raise ValueError("bad_words_ids and stop_sequences must not contain empty sequences")

@@ -13,7 +13,7 @@ from opt_jax.generation.config import GenerationConfig
 from opt_jax.tokenizer import IncrementalDecoder, OPTTokenizer
 
 # generate()'s keyword arguments that are not GenerationConfig options.
-_CALL_ARGUMENTS = ("seed", "prng_key", "streamer")
+_CALL_ARGUMENTS = ("seed", "prng_key", "streamer", "assistant_model", "assistant_params")
 
 
 def _stop_sequences(tokenizer: OPTTokenizer, stop_strings) -> list[list[int]]:

@@ -1,0 +1,325 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023) inside one `lax.while_loop`.
+
+Axis legend: B rows, Tb bucketed prompt length, L buffer length, K draft tokens per step (Kc the
+static capacity, K <= Kc traced), V vocabulary.
+
+Each iteration, for every row at once:
+  1. drafting: a small model proposes K tokens from its own KV cache (K + 1 draft steps: the
+     last one only puts the K-th token into the draft's cache), or, with prompt lookup, the K
+     tokens that followed the earliest earlier occurrence of the row's last n-gram;
+  2. verifying: the target scores the row's last token and the Kc drafts in one forward pass
+     over its cache ([B, Kc + 1] new tokens; drafts beyond K are never accepted);
+  3. accepting: greedy keeps the drafts up to the first one that differs from the target's
+     argmax, then the target's token there (so the output equals plain greedy decoding, token for
+     token); sampling keeps draft x with probability min(1, p(x) / q(x)) and at the first
+     rejection samples from norm(max(p - q, 0)), or after a fully accepted draft a bonus token
+     from p (so tokens follow the target's distribution p). p and q are the target's and the
+     draft's distributions after the same processors and warpers;
+  4. committing: each row writes its own 1 .. K + 1 new tokens (fewer at max_new_tokens or EOS)
+     and both caches roll back their rejected slots: the row's write index and position move
+     back and the slots are masked out, to be overwritten by the next iteration. Rows advance
+     by different amounts (per-row cache indices), so a ragged batch stays exact.
+Invariant at the top of an iteration: row b holds n_b committed tokens in the buffer, and both
+caches have processed all of them but the last.
+
+The K of the next iteration follows `num_assistant_tokens_schedule`: "constant", or
+"heuristic" (transformers' assisted generation: +2 after a fully accepted draft, else -1, at
+least 1, here at most Kc, which generate() sets 8 above the starting length; with a batch, a
+step counts as fully accepted when any row accepted every draft). K is a traced value:
+changing it never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from opt_jax.generation.config import GenerationConfig
+from opt_jax.generation.processors import process_logits, warp_logits
+
+
+@struct.dataclass
+class SpecState:
+    """Loop carry. tokens / valid: [B, L]; length: [B] committed tokens per row (buffer slots);
+    produced: [B] new tokens per row; done: [B]; k: [] current draft length; iteration: [];
+    target_cache / draft_cache: the two models' caches (draft None with prompt lookup);
+    logprobs: [B, M]; acceptance: [B, M] accepted drafts per iteration (-1: no iteration)."""
+
+    tokens: jax.Array
+    valid: jax.Array
+    length: jax.Array
+    produced: jax.Array
+    done: jax.Array
+    k: jax.Array
+    iteration: jax.Array
+    target_cache: Any
+    draft_cache: Any
+    logprobs: jax.Array
+    acceptance: jax.Array
+
+
+def accept_draft(u, p_draft, q_draft):
+    """Leviathan et al.'s rule: keep draft token x, drawn from q, with probability
+    min(1, p(x) / q(x)) (u ~ U[0, 1))."""
+    return u * q_draft < p_draft
+
+
+def rewind(cache, drop):
+    """The cache with the last `drop` [B] written slots of each row forgotten: write index and
+    position move back, and the slots are masked out of attention until overwritten."""
+    index = cache.index - drop
+    slots = jnp.arange(cache.max_length)[None, :]
+    mask = cache.slot_mask & (slots < index[:, None])
+    return cache.replace(index=index, position=cache.position - drop, slot_mask=mask)
+
+
+def _row_slice(x, start, size):
+    """x [B, L] -> [B, size]: x[b, start[b] : start[b] + size]."""
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size))(x, start)
+
+
+def _row_write(x, start, new, count):
+    """x [B, L] with new[b, :count[b]] written at start[b] (the rest of the window unchanged)."""
+
+    def one(row, s, values, n):
+        window = jax.lax.dynamic_slice_in_dim(row, s, values.shape[0])
+        keep = jnp.arange(values.shape[0]) < n
+        return jax.lax.dynamic_update_slice_in_dim(row, jnp.where(keep, values, window), s, 0)
+
+    return jax.vmap(one)(x, start, new.astype(x.dtype), count)
+
+
+def _scores(gen_config, values, logits, tokens, valid, produced, generated):
+    """Processed logits [B, J, V] of J positions, position j seeing the row's tokens with the
+    first j of the candidates written (tokens / valid [B, J, L] per position)."""
+    batch, positions, vocab = logits.shape
+    flat = lambda x: x.reshape((batch * positions,) + x.shape[2:])  # noqa: E731
+    counts = (produced[:, None] + jnp.arange(positions)[None, :]).reshape(-1, 1)
+    scores = process_logits(
+        gen_config, values, flat(logits), flat(tokens), flat(valid), None, counts, generated
+    )
+    return scores.reshape(batch, positions, vocab)
+
+
+def _views(tokens, valid, length, candidates, positions):
+    """Per position j < positions, the buffer with candidates[:, :j] written after each row's
+    committed tokens: (tokens, valid) [B, positions, L]."""
+    L = tokens.shape[1]
+    slot = jnp.arange(L)[None, None, :]  # [1, 1, L]
+    j = jnp.arange(positions)[None, :, None]
+    offset = slot - length[:, None, None]  # where each slot lies after the row's end
+    written = (offset >= 0) & (offset < j)
+    gathered = jnp.take_along_axis(
+        candidates[:, None, :].repeat(positions, 1),
+        jnp.clip(offset, 0, candidates.shape[1] - 1),
+        axis=2,
+    )
+    return (
+        jnp.where(written, gathered, tokens[:, None, :]),
+        valid[:, None, :] | written,
+    )
+
+
+def _lookup(tokens, valid, length, capacity, ngram):
+    """Prompt-lookup drafts: for each row, the tokens after the earliest earlier occurrence of
+    its last m-gram (m = ngram .. 1, the largest that occurs). Returns (drafts [B, capacity],
+    how many of them are real [B])."""
+    batch, L = tokens.shape
+    starts = jnp.arange(L)[None, :]
+    found = jnp.zeros((batch,), bool)
+    begin = jnp.zeros((batch,), jnp.int32)
+    for m in range(ngram, 0, -1):
+        suffix = _row_slice(tokens, length - m, m)  # [B, m]
+        match = jnp.ones((batch, L), bool)
+        for i in range(m):
+            shifted = jnp.roll(tokens, -i, axis=1)
+            shifted_valid = jnp.roll(valid, -i, axis=1)
+            match &= (shifted == suffix[:, i : i + 1]) & shifted_valid
+        # an occurrence that ends before the row's last token (a continuation exists)
+        match &= (starts + m < length[:, None]) & (starts + m <= L)
+        first = jnp.argmax(match, axis=1).astype(jnp.int32)
+        hit = match.any(axis=1) & ~found
+        begin = jnp.where(hit, first + m, begin)
+        found |= hit
+    drafts = _row_slice(jnp.pad(tokens, ((0, 0), (0, capacity))), begin, capacity)
+    available = jnp.where(found, jnp.minimum(length - begin, capacity), 0)
+    return drafts, available.astype(jnp.int32)
+
+
+def speculative_decode(
+    target, draft, gen_config: GenerationConfig, values: dict, prompt, prompt_mask,
+    target_cache, draft_cache, rng, max_new_tokens, buffer_length: int, capacity: int,
+    vocab_size: int,
+):  # fmt: skip
+    """Speculative decoding (pure; jit it). See the module docstring.
+
+    Args:
+      target, draft: (tokens [B, T], mask [B, T], cache) -> (logits [B, T, V] float32 of every
+        position, cache); draft is None for prompt lookup.
+      prompt, prompt_mask: [B, Tb] left-padded prompts (every row's last token real).
+      target_cache, draft_cache: empty caches with buffer_length slots (draft_cache None for
+        prompt lookup).
+      max_new_tokens: traced scalar; buffer_length: static L >= Tb + max_new_tokens + capacity + 1.
+      capacity: static Kc, the most draft tokens per iteration.
+      vocab_size: V of both models.
+
+    Returns:
+      (tokens [B, L], logprobs [B, L - Tb], acceptance [B, L - Tb] int32).
+    """
+    batch, prompt_len = prompt.shape
+    pad = gen_config.pad_token_id
+    eos = jnp.asarray(gen_config.eos_token_id, jnp.int32)
+    sample = gen_config.do_sample
+    tokens = jnp.full((batch, buffer_length), pad, jnp.int32).at[:, :prompt_len].set(prompt)
+    valid = jnp.zeros((batch, buffer_length), bool).at[:, :prompt_len].set(prompt_mask)
+    generated = jnp.arange(buffer_length) >= prompt_len
+    # Prefill all but the last prompt token: the loop feeds each row's last token itself.
+    head, head_mask = prompt[:, :-1], prompt_mask[:, :-1]
+    _, target_cache = target(head, head_mask, target_cache)
+    if draft is not None:
+        _, draft_cache = draft(head, head_mask, draft_cache)
+    steps = buffer_length - prompt_len
+    state = SpecState(
+        tokens=tokens, valid=valid, length=jnp.full((batch,), prompt_len, jnp.int32),
+        produced=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+        k=jnp.clip(values["num_assistant_tokens"].astype(jnp.int32), 1, capacity),
+        iteration=jnp.zeros((), jnp.int32), target_cache=target_cache, draft_cache=draft_cache,
+        logprobs=jnp.zeros((batch, steps), jnp.float32),
+        acceptance=jnp.full((batch, steps), -1, jnp.int32),
+    )  # fmt: skip
+
+    def cond(s: SpecState):
+        return ~s.done.all() & (s.iteration < steps)
+
+    def body(s: SpecState):
+        key = jax.random.fold_in(rng, s.iteration)
+        draft_key, accept_key, resample_key = jax.random.split(key, 3)
+        last = jnp.take_along_axis(s.tokens, (s.length - 1)[:, None], axis=1)  # [B, 1]
+        ones = jnp.ones((batch, 1), bool)
+
+        # -- 1. drafts [B, Kc] and the draft's distributions q [B, Kc, V] -------------------------
+        if draft is None:
+            drafts, available = _lookup(
+                s.tokens, s.valid, s.length, capacity, gen_config.max_matching_ngram_size
+            )
+            available = jnp.minimum(available, s.k)
+            q = None
+            draft_cache = None
+        else:
+
+            def draft_step(i, carry):
+                cache, drafts, q, previous = carry
+                logits, cache = draft(previous, ones, cache)
+                view_tokens, view_valid = _views(s.tokens, s.valid, s.length, drafts, capacity + 1)
+                at = jnp.minimum(i, capacity)
+                scores = _scores(
+                    gen_config, values, logits[:, -1:], view_tokens[:, at][:, None],
+                    view_valid[:, at][:, None], s.produced + i, generated,
+                )[:, 0]  # fmt: skip
+                if sample:
+                    warped = warp_logits(gen_config, values, scores)
+                    token = jax.random.categorical(jax.random.fold_in(draft_key, i), warped)
+                    probs = jax.nn.softmax(warped, axis=-1)
+                else:
+                    token = jnp.argmax(scores, axis=-1)
+                    probs = jax.nn.one_hot(token, scores.shape[-1], dtype=jnp.float32)
+                token = token.astype(jnp.int32)
+                write = i < capacity
+                drafts = jnp.where(
+                    write,
+                    jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], at, 1),
+                    drafts,
+                )
+                q = jnp.where(
+                    write, jax.lax.dynamic_update_slice_in_dim(q, probs[:, None], at, 1), q
+                )
+                return cache, drafts, q, token[:, None]
+
+            carry = (
+                s.draft_cache, jnp.zeros((batch, capacity), jnp.int32),
+                jnp.zeros((batch, capacity, vocab_size), jnp.float32), last,
+            )  # fmt: skip
+            draft_cache, drafts, q, _ = jax.lax.fori_loop(0, s.k + 1, draft_step, carry)
+            available = jnp.broadcast_to(s.k, (batch,))
+
+        # -- 2. the target scores the last token and every draft --------------------------------
+        chunk = jnp.concatenate([last, drafts], axis=1)  # [B, Kc + 1]
+        target_logits, target_cache = target(chunk, jnp.ones_like(chunk, bool), s.target_cache)
+        view_tokens, view_valid = _views(s.tokens, s.valid, s.length, drafts, capacity + 1)
+        scores = _scores(
+            gen_config, values, target_logits, view_tokens, view_valid, s.produced, generated
+        )  # fmt: skip  [B, Kc + 1, V]
+
+        # -- 3. acceptance -----------------------------------------------------------------------
+        position = jnp.arange(capacity)[None, :]
+        if sample:
+            warped = warp_logits(gen_config, values, scores.reshape(-1, scores.shape[-1]))
+            p = jax.nn.softmax(warped, axis=-1).reshape(scores.shape)
+            p_draft = jnp.take_along_axis(p[:, :capacity], drafts[..., None], axis=2)[..., 0]
+            q_draft = (
+                jnp.ones_like(p_draft)
+                if q is None
+                else jnp.take_along_axis(q, drafts[..., None], axis=2)[..., 0]
+            )
+            u = jax.random.uniform(accept_key, p_draft.shape)
+            ok = accept_draft(u, p_draft, q_draft)
+        else:
+            best = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B, Kc + 1]
+            ok = drafts == best[:, :capacity]
+        ok &= position < available[:, None]
+        accepted = jnp.cumprod(ok, axis=1).sum(axis=1).astype(jnp.int32)  # [B]
+        if sample:
+            at = accepted[:, None, None]
+            p_at = jnp.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
+            if q is None:
+                q_full = jax.nn.one_hot(drafts, p.shape[-1], dtype=jnp.float32)
+            else:
+                q_full = q
+            q_at = jnp.take_along_axis(jnp.pad(q_full, ((0, 0), (0, 1), (0, 0))), at, axis=1)[
+                :, 0
+            ]  # zero after a fully accepted draft (at == available <= Kc)
+            q_at = jnp.where((accepted < available)[:, None], q_at, 0.0)
+            residual = jnp.maximum(p_at - q_at, 0.0)
+            residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_at)
+            extra = jax.random.categorical(resample_key, jnp.log(residual)).astype(jnp.int32)
+        else:
+            extra = jnp.take_along_axis(best, accepted[:, None], axis=1)[:, 0]
+        new = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+        new = jnp.where(jnp.arange(capacity + 1)[None, :] == accepted[:, None], extra[:, None], new)
+
+        # -- 4. commit -----------------------------------------------------------------------------
+        count = accepted + 1
+        count = jnp.minimum(count, max_new_tokens - s.produced)
+        is_eos = jnp.isin(new, eos) & (jnp.arange(capacity + 1)[None, :] < count[:, None])
+        first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, count)
+        count = jnp.where(s.done, 0, jnp.minimum(count, first_eos)).astype(jnp.int32)
+        tokens = _row_write(s.tokens, s.length, new, count)
+        valid = _row_write(s.valid, s.length, jnp.ones_like(new, bool), count)
+        raw = jax.nn.log_softmax(target_logits, axis=-1)
+        chosen = jnp.take_along_axis(raw, new[..., None], axis=2)[..., 0]  # [B, Kc + 1]
+        logprobs = _row_write(s.logprobs, s.produced, chosen, count)
+        acceptance = s.acceptance.at[:, jnp.minimum(s.iteration, steps - 1)].set(
+            jnp.where(s.done, -1, jnp.minimum(accepted, count))
+        )
+        produced = s.produced + count
+        done = s.done | is_eos.any(axis=1) | (produced >= max_new_tokens)
+        # Both caches keep the committed tokens but the newest (fed next iteration).
+        target_cache = rewind(target_cache, capacity + 1 - count)
+        if draft is not None:
+            draft_cache = rewind(draft_cache, s.k + 1 - count)
+        if gen_config.num_assistant_tokens_schedule == "heuristic":
+            full = (accepted == s.k) & ~s.done
+            k = jnp.where(full.any(), s.k + 2, s.k - 1)
+        else:
+            k = s.k
+        return SpecState(
+            tokens=tokens, valid=valid, length=s.length + count, produced=produced, done=done,
+            k=jnp.clip(k, 1, capacity), iteration=s.iteration + 1, target_cache=target_cache,
+            draft_cache=draft_cache, logprobs=logprobs, acceptance=acceptance,
+        )  # fmt: skip
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.logprobs, state.acceptance

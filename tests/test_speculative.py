@@ -1,0 +1,199 @@
+"""Speculative decoding: greedy output equals the target's plain greedy output token for token
+(ragged batches, several K, a draft that mostly disagrees, EOS and max_new_tokens inside a
+draft, prompt lookup, the heuristic schedule), sampled output follows the target's distribution
+(and a wrong acceptance rule is caught), transformers' assisted generation agrees, and bad
+requests fail before compiling."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from conftest import make_hf_model, ragged_batch, random_tiny_model, save_hf
+
+import opt_jax
+from opt_jax.generation import api, speculative
+
+TARGET_CONFIG, TARGET, TARGET_PARAMS = random_tiny_model(
+    init_std=0.3, noise_seed=3, dropout=0.0, hidden_size=32, ffn_dim=64,
+    max_position_embeddings=64,
+)  # fmt: skip
+# A one-layer draft with its own random weights: it mostly disagrees with the target.
+DRAFT_CONFIG, DRAFT, DRAFT_PARAMS = random_tiny_model(
+    init_std=0.3, noise_seed=4, dropout=0.0, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+    max_position_embeddings=64,
+)  # fmt: skip
+IDS, MASK = ragged_batch()  # 3 left-padded rows of different lengths
+
+
+def _greedy(**options):
+    return opt_jax.generate(TARGET, TARGET_PARAMS, IDS, MASK, **options)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_greedy_equals_plain_greedy_with_a_draft_that_disagrees(k):
+    plain = _greedy(max_new_tokens=12, eos_token_id=[])
+    out = _greedy(max_new_tokens=12, eos_token_id=[], assistant_model=DRAFT,
+                  assistant_params=DRAFT_PARAMS, num_assistant_tokens=k,
+                  output_acceptance=True)  # fmt: skip
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    steps = out.acceptance >= 0
+    assert (out.acceptance[steps] <= k).all()
+    # Every row produced exactly 12 tokens: one per step plus its accepted drafts.
+    np.testing.assert_array_equal(((out.acceptance + 1) * steps).sum(1), [12, 12, 12])
+
+
+def test_eos_and_max_new_tokens_inside_a_draft_and_a_perfect_draft():
+    """The target drafting for itself accepts everything, so EOS and the token budget fall
+    inside drafts; rows stop there exactly as plain greedy does."""
+    plain = _greedy(max_new_tokens=9, eos_token_id=[]).sequences[2, IDS.shape[1] :].tolist()
+    j = next(i for i in range(2, 5) if plain.index(plain[i]) == i)  # a first occurrence
+    eos = plain[j]  # ends row 2 at its (j + 1)-th new token, inside the first draft of 5
+    plain = _greedy(max_new_tokens=9, eos_token_id=[eos], output_logprobs=True)
+    out = _greedy(max_new_tokens=9, eos_token_id=[eos], assistant_model=TARGET,
+                  assistant_params=TARGET_PARAMS, num_assistant_tokens=5,
+                  output_acceptance=True, output_logprobs=True)  # fmt: skip
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    np.testing.assert_allclose(out.logprobs, plain.logprobs, atol=2e-5)
+    assert out.acceptance[2].tolist()[:2] == [j + 1, -1]  # drafts up to EOS, then done
+    for row in (0, 1):
+        if eos not in out.sequences[row, IDS.shape[1] :]:
+            # 5 drafts + the target's token, then 3 of the next 5 drafts: max_new_tokens = 9
+            assert out.acceptance[row].tolist()[:3] == [5, 3, -1]
+
+
+def test_prompt_lookup_and_the_heuristic_schedule_equal_plain_greedy():
+    repeated = np.concatenate([IDS[:, -6:], IDS[:, -6:], IDS[:, -6:]], axis=1)  # repeats itself
+    mask = np.concatenate([MASK[:, -6:]] * 3, axis=1)
+    plain = opt_jax.generate(TARGET, TARGET_PARAMS, repeated, mask, max_new_tokens=10)
+    out = opt_jax.generate(TARGET, TARGET_PARAMS, repeated, mask, max_new_tokens=10,
+                           prompt_lookup_num_tokens=4, output_acceptance=True)  # fmt: skip
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    out = _greedy(max_new_tokens=20, assistant_model=TARGET, assistant_params=TARGET_PARAMS,
+                  num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic",
+                  eos_token_id=[], output_acceptance=True)  # fmt: skip
+    plain = _greedy(max_new_tokens=20, eos_token_id=[])
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    # A perfect draft grows the draft length: 2, then 4, then 6 accepted.
+    assert out.acceptance[0, :3].tolist() == [2, 4, 6]
+
+
+def test_draft_length_never_recompiles():
+    _greedy(max_new_tokens=6, assistant_model=DRAFT, assistant_params=DRAFT_PARAMS,
+            num_assistant_tokens=5)  # fmt: skip
+    before = api.TRACE_COUNT["n"]
+    for k in (6, 7, 8):  # one capacity (8): the draft length is a traced value
+        _greedy(max_new_tokens=6, assistant_model=DRAFT, assistant_params=DRAFT_PARAMS,
+                num_assistant_tokens=k)  # fmt: skip
+    assert api.TRACE_COUNT["n"] == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling follows the target's distribution
+# ---------------------------------------------------------------------------------------------
+SMALL = dict(vocab_size=8, hidden_size=16, ffn_dim=32, num_attention_heads=2,
+             max_position_embeddings=48, dropout=0.0, pad_token_id=1, bos_token_id=2,
+             eos_token_id=2)  # fmt: skip
+
+
+def _joint_counts(rows=4000):
+    """Counts of the first two sampled tokens over `rows` independent rows, and their exact
+    probabilities under the target (temperature 0.8, top_k 6)."""
+    t_config, target, t_params = random_tiny_model(init_std=0.6, noise_seed=11, **SMALL)
+    _, draft, d_params = random_tiny_model(init_std=0.6, noise_seed=12, num_hidden_layers=1,
+                                           **SMALL)  # fmt: skip
+    prompt = np.array([[2, 5, 3, 6, 4]], np.int32)
+    options = dict(do_sample=True, temperature=0.8, top_k=6, eos_token_id=[], max_new_tokens=2)
+    out = opt_jax.generate(target, t_params, np.repeat(prompt, rows, 0), seed=7,
+                           assistant_model=draft, assistant_params=d_params,
+                           num_assistant_tokens=3, **options)  # fmt: skip
+    first, second = out.sequences[:, 5], out.sequences[:, 6]
+    counts = np.zeros((8, 8))
+    np.add.at(counts, (first, second), 1)
+
+    def probs(ids):
+        logits = np.asarray(target.apply({"params": t_params}, ids).logits[:, -1], np.float64)
+        logits = logits / 0.8
+        kth = np.sort(logits, axis=-1)[:, -6][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        return p / p.sum(-1, keepdims=True)
+
+    p1 = probs(prompt)[0]
+    continuations = np.concatenate([np.repeat(prompt, 8, 0), np.arange(8)[:, None]], axis=1)
+    exact = p1[:, None] * probs(continuations)  # [first, second]
+    return counts, exact
+
+
+def _p_value(counts, exact):
+    keep = exact.ravel() > 0
+    assert counts.ravel()[~keep].sum() == 0  # nothing outside the target's support
+    expected = exact.ravel()[keep] * counts.sum()
+    return scipy.stats.chisquare(counts.ravel()[keep], expected).pvalue
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    counts, exact = _joint_counts()
+    assert _p_value(counts, exact) > 1e-3
+
+
+def test_a_wrong_acceptance_rule_is_caught(monkeypatch):
+    """Accepting every draft makes the output follow the draft's distribution: the same
+    statistic rejects it."""
+    monkeypatch.setattr(speculative, "accept_draft", lambda u, p, q: u < 2)
+    api.PROGRAMS.clear()
+    try:
+        counts, exact = _joint_counts()
+    finally:
+        monkeypatch.undo()
+        api.PROGRAMS.clear()
+    assert _p_value(np.where(exact > 0, counts, 0), exact) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' assisted generation, and bad requests
+# ---------------------------------------------------------------------------------------------
+def test_greedy_equals_transformers_assisted_generation(tmp_path):
+    hf_target = make_hf_model("pre_ln", seed=1)
+    hf_draft = make_hf_model("pre_ln", seed=2, num_hidden_layers=1)
+    config, params = opt_jax.load_pretrained(save_hf(hf_target, tmp_path / "t"))
+    d_config, d_params = opt_jax.load_pretrained(save_hf(hf_draft, tmp_path / "d"))
+    ids, mask = ragged_batch(batch=1, length=7)
+    with torch.no_grad():
+        ref = hf_target.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            assistant_model=hf_draft, max_new_tokens=10, do_sample=False,
+            num_assistant_tokens=4, eos_token_id=None, pad_token_id=1,
+        )  # fmt: skip
+    ours = opt_jax.generate(opt_jax.OPTForCausalLM(config), params, ids, mask,
+                            max_new_tokens=10, eos_token_id=[],
+                            assistant_model=opt_jax.OPTForCausalLM(d_config),
+                            assistant_params=d_params, num_assistant_tokens=4)  # fmt: skip
+    np.testing.assert_array_equal(ours.sequences, ref.numpy())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(num_assistant_tokens=0), "num_assistant_tokens must be >= 1, got 0"),
+        (dict(num_beams=2), "not with beam search or contrastive search"),
+        (dict(prompt_lookup_num_tokens=3), "pass assistant_model= or prompt_lookup_num_tokens="),
+        (dict(assistant_params=None), "assistant_model needs assistant_params"),
+        (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size is not available with speculative"),
+        (dict(max_new_tokens=48), r"\+ 9 slots for drafts exceeds the model's "),
+    ],
+)
+def test_bad_requests_fail_before_compiling(options, match):
+    args = dict(max_new_tokens=4, assistant_model=DRAFT, assistant_params=DRAFT_PARAMS)
+    args.update(options)
+    before = api.TRACE_COUNT["n"]
+    with pytest.raises(ValueError, match=match):
+        _greedy(**args)
+    assert api.TRACE_COUNT["n"] == before
+
+
+def test_an_assistant_with_another_vocabulary_is_refused():
+    _, other, other_params = random_tiny_model(vocab_size=64, hidden_size=16, ffn_dim=32,
+                                               num_hidden_layers=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"assistant's vocabulary \(64 ids\) differs from the "
+                       r"model's \(99\)"):  # fmt: skip
+        _greedy(max_new_tokens=4, assistant_model=other, assistant_params=other_params)
