@@ -1,0 +1,163 @@
+"""Speculative decoding against plain decoding and transformers' assisted generation, one run.
+
+  python scripts/benchmark_speculative.py --target runs/small --draft demo_out \
+      --output experiments/speculative/results.json --plot experiments/speculative/k.png
+
+Batch 1, prompts of --prompt_len held-out tokens of the target's run (its data/eval.npy),
+--new_tokens new tokens, EOS off. For each draft length K in --ks: greedy and sampled
+(temperature 0.8) speculative decoding with the draft model, its acceptance (accepted drafts per
+step / K) and tokens/s against our plain decoding of the target; prompt lookup (no draft) at
+--lookup_k; and transformers' assisted generation (PyTorch, the same weights, greedy,
+num_assistant_tokens=K at the best K) against ours. Each timing is the median of --reps rounds
+that run every variant once (interleaved), after a warm-up call of each.
+"""
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string(
+    "target", None, "Target model (a training workdir or checkpoint).", required=True
+)
+flags.DEFINE_string("draft", None, "Draft model, same tokenizer.", required=True)
+flags.DEFINE_list("ks", ["1", "2", "3", "4", "5", "6", "8"], "Draft lengths to try.")
+flags.DEFINE_integer("lookup_k", 5, "Prompt lookup draft length.")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
+flags.DEFINE_integer("new_tokens", 64, "New tokens per call.")
+flags.DEFINE_integer("prompts", 4, "Prompts (held-out windows).")
+flags.DEFINE_integer("reps", 3, "Timed rounds (median).")
+flags.DEFINE_bool("transformers", True, "Also time transformers' assisted generation.")
+flags.DEFINE_string("output", None, "Write the results as JSON here.")
+flags.DEFINE_string("plot", None, "Write acceptance and speed-up against K as a PNG here.")
+
+
+def _load(path):
+    import opt_jax
+    from opt_jax.checkpoints import orbax_io
+
+    directory = orbax_io.resolve_checkpoint(path)
+    config, params = opt_jax.load_pretrained(directory, architecture="OPTForCausalLM")
+    return directory, config, params
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    import opt_jax
+    from opt_jax.planning import roofline
+
+    f = flags.FLAGS
+    target_dir, t_config, t_params = _load(f.target)
+    draft_dir, d_config, d_params = _load(f.draft)
+    target, draft = opt_jax.OPTForCausalLM(t_config), opt_jax.OPTForCausalLM(d_config)
+    held_out = np.load(os.path.join(f.target, "data", "eval.npy"))
+    starts = np.linspace(0, len(held_out) - f.prompt_len - 1, f.prompts).astype(int)
+    prompts = [held_out[s : s + f.prompt_len][None].astype(np.int32) for s in starts]
+    base = dict(max_new_tokens=f.new_tokens, eos_token_id=[])
+    sampled = dict(base, do_sample=True, temperature=0.8, top_k=None)
+    variants = {"plain greedy": dict(base), "plain sampled": dict(sampled),
+                f"lookup K={f.lookup_k}": dict(base, prompt_lookup_num_tokens=f.lookup_k,
+                                               output_acceptance=True)}  # fmt: skip
+    spec = dict(assistant_model=draft, assistant_params=d_params, output_acceptance=True)
+    for k in map(int, f.ks):
+        variants[f"greedy K={k}"] = dict(base, num_assistant_tokens=k, **spec)
+        variants[f"sampled K={k}"] = dict(sampled, num_assistant_tokens=k, **spec)
+
+    def run(options, seed=0):
+        outs = [opt_jax.generate(target, t_params, p, seed=seed, **options) for p in prompts]
+        return outs
+
+    accepted = {}
+    for name, options in variants.items():  # warm-up (compiles) and acceptance
+        outs = run(options)
+        if outs[0].acceptance is not None:
+            steps = np.concatenate([o.acceptance[o.acceptance >= 0] for o in outs])
+            accepted[name] = float(steps.mean())
+    times = {name: [] for name in variants}
+    for _ in range(f.reps):
+        for name, options in variants.items():
+            start = time.perf_counter()
+            run(options)
+            times[name].append(time.perf_counter() - start)
+    tokens = f.new_tokens * len(prompts)
+    rows = []
+    for name in variants:
+        seconds = statistics.median(times[name])
+        plain = statistics.median(times["plain sampled" if "sampled" in name else "plain greedy"])
+        row = {"variant": name, "tokens_per_s": tokens / seconds, "speedup": plain / seconds,
+               "accepted_per_step": accepted.get(name)}  # fmt: skip
+        if name.split("K=")[-1].isdigit() and accepted.get(name) is not None:
+            row["acceptance_rate"] = accepted[name] / int(name.split("K=")[-1])
+        rows.append(row)
+        print(f"[benchmark_speculative] {row}", flush=True)
+    results = {"cpu": roofline.describe_cpu(), "target": target_dir, "draft": draft_dir,
+               "prompt_len": f.prompt_len, "new_tokens": f.new_tokens, "rows": rows}  # fmt: skip
+
+    if f.transformers:  # the same weights in PyTorch, transformers' assisted generation
+        import torch
+        import transformers
+
+        greedy = [r for r in rows if r["variant"].startswith("greedy K=")]
+        best = max(greedy, key=lambda r: r["speedup"])
+        k = int(best["variant"].split("=")[1])
+        with tempfile.TemporaryDirectory() as tmp:
+            opt_jax.save_pretrained(os.path.join(tmp, "t"), t_config, t_params)
+            opt_jax.save_pretrained(os.path.join(tmp, "d"), d_config, d_params)
+            hf_t = transformers.OPTForCausalLM.from_pretrained(os.path.join(tmp, "t")).eval()
+            hf_d = transformers.OPTForCausalLM.from_pretrained(os.path.join(tmp, "d")).eval()
+
+        def hf_run():
+            with torch.no_grad():
+                for p in prompts:
+                    mask = torch.ones(p.shape, dtype=torch.long)
+                    hf_t.generate(torch.tensor(p), attention_mask=mask,
+                                  assistant_model=hf_d, num_assistant_tokens=k,
+                                  num_assistant_tokens_schedule="constant", do_sample=False,
+                                  max_new_tokens=f.new_tokens, min_new_tokens=f.new_tokens,
+                                  pad_token_id=1)  # fmt: skip
+
+        hf_run()
+        hf_times, ours_times = [], []
+        for _ in range(f.reps):
+            start = time.perf_counter()
+            hf_run()
+            hf_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run(variants[best["variant"]])
+            ours_times.append(time.perf_counter() - start)
+        results["transformers_assisted"] = {
+            "k": k, "hf_tokens_per_s": tokens / statistics.median(hf_times),
+            "ours_tokens_per_s": tokens / statistics.median(ours_times),
+            "ratio": statistics.median(hf_times) / statistics.median(ours_times),
+        }  # fmt: skip
+        print(f"[benchmark_speculative] {results['transformers_assisted']}", flush=True)
+    if f.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        for mode in ("greedy", "sampled"):
+            picked = [r for r in rows if r["variant"].startswith(f"{mode} K=")]
+            ks = [int(r["variant"].split("=")[1]) for r in picked]
+            a.plot(ks, [r["acceptance_rate"] for r in picked], "o-", label=mode)
+            b.plot(ks, [r["speedup"] for r in picked], "o-", label=mode)
+        a.set(xlabel="draft tokens K", ylabel="accepted drafts / K", title="acceptance")
+        b.axhline(1.0, color="gray", lw=0.5)
+        b.set(xlabel="draft tokens K", ylabel="x plain decoding", title="speed-up")
+        a.legend(), b.legend()
+        fig.tight_layout()
+        fig.savefig(f.plot, dpi=100)
+    if f.output:
+        with open(f.output, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
