@@ -12,8 +12,9 @@ Methods: gptq (--bits, --group_size, --act_order, --static_groups), sparsegpt (-
 --prune_n/--prune_m, optionally --bits), smoothquant (--alpha, --activations), and the papers'
 baselines: rtn (round to nearest on GPTQ's grid), magnitude (pruning), w8a8 (SmoothQuant's
 quantisation without smoothing). --model is an HF directory, one of our exports, or a training
-workdir. --calibration is comma-separated text-file globs (encoded with the model's tokenizer)
-or a .npy of token ids (1-D: a stream to draw --nsamples segments of --seq_len tokens from;
+workdir. --calibration is a token store (scripts/prepare_data.py, built with the model's
+tokenizer), comma-separated text-file globs (encoded with the model's tokenizer) or a .npy of
+token ids (1-D: a stream to draw --nsamples segments of --seq_len tokens from;
 [N, T]: the segments). --out gets an HF directory (float results: pruning) or our orbax format
 (quantised ones), plus the tokenizer, so generate.py, evaluate.py and serve.py load it.
 --eval FILE scores the float and the compressed model on held-out text (or a 1-D .npy).
@@ -33,7 +34,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("method", None, ["gptq", "sparsegpt", "smoothquant", "rtn", "magnitude", "w8a8"],
                   "Compression method.", required=True)  # fmt: skip
-flags.DEFINE_string("calibration", None, "Text-file globs or a .npy of token ids.")
+flags.DEFINE_string("calibration", None, "A token store, text-file globs or a .npy of ids.")
 flags.DEFINE_string(
     "out", None, "Output directory (must not hold a checkpoint yet).", required=True
 )
@@ -116,6 +117,7 @@ def main(argv):
         import opt_jax
         from opt_jax.checkpoints import orbax_io
         from opt_jax.compress import data
+        from opt_jax.data import TokenStore
 
         if os.path.exists(f.out) and (not os.path.isdir(f.out) or os.listdir(f.out)):
             raise FileExistsError(f"--out {f.out} exists and is not empty; refusing to overwrite")
@@ -134,7 +136,10 @@ def main(argv):
             ids = data.sample_segments(tokens, f.nsamples, seq_len, f.seed)
         held_out = None
         if f.eval:
-            held_out = np.asarray(data.read_tokens(f.eval, tokenizer)).reshape(-1)
+            held_out = data.read_tokens(f.eval, tokenizer)
+            if isinstance(held_out, TokenStore):  # a held-out store: its whole stream
+                held_out = held_out.tokens(0, held_out.num_tokens)
+            held_out = np.asarray(held_out).reshape(-1)
             held_out = held_out[: f.eval_tokens].tolist()
         layer_seconds = []
 

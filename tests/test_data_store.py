@@ -281,3 +281,18 @@ def test_mixture_specs_parse():
     assert parse_mixture("only") == [("only", 1.0)]
     with pytest.raises(StoreError, match="mixture weight 'lots' of 'a' is not a number"):
         parse_mixture("a:lots")
+
+
+def test_compression_calibrates_from_a_store(store, tokenizer_dir, tmp_path):
+    """opt_jax.compress draws its calibration segments from a store's memory-mapped stream, and
+    refuses a store built with another tokenizer than the model's."""
+    from opt_jax.compress import data as calibration
+
+    tokenizer = opt_jax.OPTTokenizer.from_pretrained(tokenizer_dir)
+    segments = calibration.sample_segments(calibration.read_tokens(store, tokenizer), 5, 16, 3)
+    whole = TokenStore(store)
+    starts = np.random.default_rng(3).integers(0, whole.num_tokens - 15, size=5)
+    np.testing.assert_array_equal(segments, np.stack([whole.tokens(s, s + 16) for s in starts]))
+    other = opt_jax.train_tokenizer(["x y z"] * 20, vocab_size=280)
+    with pytest.raises(StoreError, match="built with another tokenizer than the model's"):
+        calibration.read_tokens(store, other)
