@@ -48,7 +48,9 @@ from opt_jax.data.store import (
 from opt_jax.tokenizer import OPTTokenizer
 
 CHUNK_BYTES = 64 << 20  # a work unit holds about this much text
-ENCODE_BATCH = 1024  # documents tokenized per encode_batch call
+# Documents tokenized per encode_batch call: at most this many, and at most this much text (a
+# batch's Encoding objects take tens of times its text: 1,024 long files took 1.5 GB).
+ENCODE_BATCH, ENCODE_CHARS = 1024, 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +258,13 @@ def _write_shard(task) -> dict:
                 count += len(ids)
                 offsets.append(count)
 
-        batch = []
+        batch, chars = [], 0
         for text in _documents(unit, field, invalid):
             batch.append(text)
-            if len(batch) == ENCODE_BATCH:
+            chars += len(text)
+            if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
                 flush(batch)
-                batch = []
+                batch, chars = [], 0
         if batch:
             flush(batch)
     index_bytes = np.asarray(offsets, np.int64).tobytes()
