@@ -77,6 +77,17 @@ def test_prompt_lookup_and_the_heuristic_schedule_equal_plain_greedy():
     assert out.acceptance[0, :3].tolist() == [2, 4, 6]
 
 
+def test_history_processors_see_the_drafts_before_each_position():
+    """Penalties depend on what each position has seen, drafts included: with them on, greedy
+    speculative output still equals plain greedy output."""
+    options = dict(max_new_tokens=12, eos_token_id=[], repetition_penalty=1.5,
+                   presence_penalty=0.3, min_new_tokens=4)  # fmt: skip
+    plain = _greedy(**options)
+    out = _greedy(assistant_model=TARGET, assistant_params=TARGET_PARAMS,
+                  num_assistant_tokens=4, **options)  # fmt: skip
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+
+
 def test_draft_length_never_recompiles():
     _greedy(max_new_tokens=6, assistant_model=DRAFT, assistant_params=DRAFT_PARAMS,
             num_assistant_tokens=5)  # fmt: skip

@@ -69,8 +69,8 @@ def _part_files(path: str) -> list[str]:
         raise CheckpointError(f"{path} mixes model-parallel parts with other files: {others}")
     if any(re.search(r"-shard\d+", os.path.basename(f)) for _, f in numbered):
         raise CheckpointError(
-            _unconsolidated(path, "FSDP shards of model-parallel parts").replace(
-                "convert_to_singleton) and load that", "reshard_fsdp per part) and load the parts"
+            _unconsolidated(
+                path, "FSDP shards of model-parallel parts", "reshard_fsdp per part, then load them"
             )
         )
     by_part: dict[int, list[str]] = {}
@@ -176,10 +176,12 @@ def _checkpoint_file(path: str) -> str:
     return os.path.join(path, files[0])
 
 
-def _unconsolidated(path: str, what: str) -> str:
+def _unconsolidated(
+    path: str, what: str, remedy: str = "reshard_fsdp, then convert_to_singleton, and load that"
+) -> str:
     return (
-        f"{path} is {what} of an unconsolidated metaseq checkpoint; merge it into one file with "
-        "metaseq's scripts (reshard_fsdp, then convert_to_singleton) and load that"
+        f"{path} is {what} of an unconsolidated metaseq checkpoint; merge it with metaseq's "
+        f"scripts ({remedy})"
     )
 
 

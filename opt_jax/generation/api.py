@@ -110,17 +110,11 @@ def generate(
                          "prompt_lookup_num_tokens=)")  # fmt: skip
     ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
 
-    # Static shapes: bucket the prompt (extra left padding is harmless: positions come from the
-    # mask) and the buffer, capped so that every slot has a position embedding.
-    batch, prompt_len = ids.shape
-    limit = config.max_position_embeddings
-    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - gen_config.max_new_tokens)
-    buffer_length = min(bucket_prompt + round_up(gen_config.max_new_tokens, BUCKET), limit)
-    extra = bucket_prompt - prompt_len
-    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
-    mask = np.pad(mask, ((0, 0), (extra, 0)))
+    batch = ids.shape[0]
     copies = gen_config.num_beams if gen_config.is_beam else gen_config.num_return_sequences
-    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    ids, mask, bucket_prompt, buffer_length, extra = _bucketed(
+        ids, mask, gen_config, gen_config.max_new_tokens, config.max_position_embeddings, copies
+    )
     prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
 
     params = nn.unbox(params)
@@ -211,24 +205,20 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
                 f"{c.max_position_embeddings}: speculative decoding verifies {room} tokens "
                 "past the text"
             )
-    batch, prompt_len = ids.shape
-    limit = min(config.max_position_embeddings,
-                draft_config.max_position_embeddings if draft_config else 10**9)  # fmt: skip
-    need = gen_config.max_new_tokens + room
-    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - need)
-    buffer_length = min(bucket_prompt + round_up(need, BUCKET), limit)
-    extra = bucket_prompt - prompt_len
-    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
-    mask = np.pad(mask, ((0, 0), (extra, 0)))
-    copies = gen_config.num_return_sequences
-    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    limit = min(c.max_position_embeddings for c in (config, draft_config) if c is not None)
+    ids, mask, bucket_prompt, buffer_length, extra = _bucketed(
+        ids, mask, gen_config, gen_config.max_new_tokens + room, limit,
+        gen_config.num_return_sequences,
+    )  # fmt: skip
     prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
     values = {name: jnp.float32(v) for name, v in gen_config.values().items()}
     values["num_assistant_tokens"] = jnp.float32(k)
     program = _compiled_speculative(config, draft_config, gen_config.program(), capacity)
+    params = nn.unbox(params)
     draft_params = None if draft_config is None else nn.unbox(assistant_params)
+    heads = (lm_head_copy(params), None if draft_params is None else lm_head_copy(draft_params))
     tokens, logprobs, acceptance = program(
-        nn.unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(mask), prng_key, values,
+        params, draft_params, heads, jnp.asarray(ids), jnp.asarray(mask), prng_key, values,
         gen_config.max_new_tokens, buffer_length,
     )  # fmt: skip
     tokens = np.asarray(tokens)
@@ -243,13 +233,13 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
 def _compiled_speculative(config, draft_config, program: GenerationConfig, capacity: int):
     """The jitted speculative program for (target, draft, static options, capacity)."""
 
-    def run(params, draft_params, prompt, mask, rng, values, max_new, buffer_length):
+    def run(params, draft_params, heads, prompt, mask, rng, values, max_new, buffer_length):
         TRACE_COUNT["n"] += 1
-        target = all_logits(config, params)
+        target = _every_position(config, params, heads[0])
         cache = KVCache.init(config, prompt.shape[0], buffer_length)
         draft = draft_cache = None
         if draft_config is not None:
-            draft = all_logits(draft_config, draft_params)
+            draft = _every_position(draft_config, draft_params, heads[1])
             draft_cache = KVCache.init(draft_config, prompt.shape[0], buffer_length)
         return speculative_decode(
             target, draft, program, values, prompt, mask, cache, draft_cache, rng, max_new,
@@ -257,21 +247,37 @@ def _compiled_speculative(config, draft_config, program: GenerationConfig, capac
         )  # fmt: skip
 
     key = ("speculative", config, draft_config, program, capacity)
-    return PROGRAMS.get(key, lambda: jax.jit(run, static_argnums=(7,)))
+    return PROGRAMS.get(key, lambda: jax.jit(run, static_argnums=(8,)))
 
 
-def all_logits(config, params):
-    """(tokens [B, T], mask [B, T], cache) -> (logits [B, T, V] float32 of every position,
-    cache): what speculative decoding verifies drafts with."""
-    decoder = OPTModel(config)
+def _every_position(config, params, head):
+    """(tokens, mask, cache) -> (logits [B, T, V] of every position, cache): what speculative
+    decoding verifies drafts with."""
+    tokens_to_logits = opt_tokens_to_logits(config, params, head, every_position=True)
 
     def run(tokens, mask, cache):
-        out = decoder.apply({"params": params["model"]}, tokens, mask, cache=cache)
-        hidden = out.last_hidden_state.astype(config.compute_dtype)  # [B, T, P]
-        table = tied_embedding(params).astype(config.compute_dtype)
-        return jnp.einsum("btp,vp->btv", hidden, table).astype(jnp.float32), out.cache
+        logits, _, cache = tokens_to_logits(tokens, mask, cache)
+        return logits, cache
 
     return run
+
+
+def _bucketed(ids, mask, gen_config, need: int, limit: int, copies: int):
+    """Static shapes: the prompt bucketed (extra left padding is harmless: positions come from
+    the mask) and a buffer with `need` slots after it, capped so that every slot has a position
+    embedding (`limit`); each row repeated `copies` times.
+
+    Returns:
+      (ids, mask [B * copies, Tb], Tb, buffer length, left padding added)
+    """
+    prompt_len = ids.shape[1]
+    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - need)
+    buffer_length = min(bucket_prompt + round_up(need, BUCKET), limit)
+    extra = bucket_prompt - prompt_len
+    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
+    mask = np.pad(mask, ((0, 0), (extra, 0)))
+    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    return ids, mask, bucket_prompt, buffer_length, extra
 
 
 def _check_prompt(input_ids, attention_mask, config, max_new_tokens: int):
@@ -324,9 +330,10 @@ def _compiled(config, program: GenerationConfig, streaming: bool):
     return PROGRAMS.get((config, program, streaming), lambda: jax.jit(run, static_argnums=(8,)))
 
 
-def opt_tokens_to_logits(config, params, head=None):
+def opt_tokens_to_logits(config, params, head=None, every_position: bool = False):
     """tokens_to_logits for an OPTForCausalLM: runs the decoder with the cache and computes the
-    tied-head logits for the last position only (the prefill needs no others).
+    tied-head logits for the last position only (the prefill needs no others), or for every
+    position ([B, T, V]: speculative decoding verifies several drafts at once).
 
     head: optional [P, V] copy of the embedding (see lm_head_copy) used for the LM head matmul.
     """
@@ -335,12 +342,13 @@ def opt_tokens_to_logits(config, params, head=None):
     def tokens_to_logits(tokens, mask, cache):
         out = decoder.apply({"params": params["model"]}, tokens, mask, cache=cache)
         hidden = out.last_hidden_state  # [B, T, P]
-        last = hidden[:, -1].astype(config.compute_dtype)
+        read = hidden if every_position else hidden[:, -1]
+        read = read.astype(config.compute_dtype)
         if head is None:
-            embedding = tied_embedding(params)
-            logits = jnp.einsum("bp,vp->bv", last, embedding.astype(config.compute_dtype))
+            embedding = tied_embedding(params).astype(config.compute_dtype)
+            logits = jnp.einsum("...p,vp->...v", read, embedding)
         else:
-            logits = jnp.einsum("bp,pv->bv", last, head.astype(config.compute_dtype))
+            logits = jnp.einsum("...p,pv->...v", read, head.astype(config.compute_dtype))
         return logits.astype(jnp.float32), hidden, out.cache
 
     return tokens_to_logits

@@ -39,6 +39,10 @@ from flax import struct
 
 from opt_jax.generation.config import GenerationConfig
 from opt_jax.generation.processors import process_logits, warp_logits
+from opt_jax.kv_cache import write_rows
+
+# The processors that read a row's history (what was generated before each position).
+HISTORY = frozenset({"repetition_penalty", "presence_penalty", "frequency_penalty"})
 
 
 @struct.dataclass
@@ -83,19 +87,17 @@ def _row_slice(x, start, size):
 
 def _row_write(x, start, new, count):
     """x [B, L] with new[b, :count[b]] written at start[b] (the rest of the window unchanged)."""
-
-    def one(row, s, values, n):
-        window = jax.lax.dynamic_slice_in_dim(row, s, values.shape[0])
-        keep = jnp.arange(values.shape[0]) < n
-        return jax.lax.dynamic_update_slice_in_dim(row, jnp.where(keep, values, window), s, 0)
-
-    return jax.vmap(one)(x, start, new.astype(x.dtype), count)
+    window = _row_slice(x, start, new.shape[1])
+    keep = jnp.arange(new.shape[1])[None, :] < count[:, None]
+    return write_rows(x, jnp.where(keep, new.astype(x.dtype), window), start)
 
 
 def _scores(gen_config, values, logits, tokens, valid, produced, generated):
     """Processed logits [B, J, V] of J positions, position j seeing the row's tokens with the
     first j of the candidates written (tokens / valid [B, J, L] per position)."""
     batch, positions, vocab = logits.shape
+    tokens = jnp.broadcast_to(tokens, (batch, positions, tokens.shape[-1]))
+    valid = jnp.broadcast_to(valid, tokens.shape)
     flat = lambda x: x.reshape((batch * positions,) + x.shape[2:])  # noqa: E731
     counts = (produced[:, None] + jnp.arange(positions)[None, :]).reshape(-1, 1)
     scores = process_logits(
@@ -104,22 +106,21 @@ def _scores(gen_config, values, logits, tokens, valid, produced, generated):
     return scores.reshape(batch, positions, vocab)
 
 
-def _views(tokens, valid, length, candidates, positions):
-    """Per position j < positions, the buffer with candidates[:, :j] written after each row's
-    committed tokens: (tokens, valid) [B, positions, L]."""
+def _views(gen_config, tokens, valid, length, candidates, written):
+    """What each scored position has seen: for each count in `written` [J], the buffer with
+    candidates[:, :count] written after each row's committed tokens: (tokens, valid)
+    [B, J, L]. Without a processor that reads the history, the buffer as it is ([B, 1, L])."""
+    if not HISTORY & gen_config.active:
+        return tokens[:, None, :], valid[:, None, :]
     L = tokens.shape[1]
-    slot = jnp.arange(L)[None, None, :]  # [1, 1, L]
-    j = jnp.arange(positions)[None, :, None]
-    offset = slot - length[:, None, None]  # where each slot lies after the row's end
-    written = (offset >= 0) & (offset < j)
+    offset = jnp.arange(L)[None, None, :] - length[:, None, None]  # [B, 1, L] past the row's end
+    here = (offset >= 0) & (offset < written[None, :, None])  # [B, J, L]
     gathered = jnp.take_along_axis(
-        candidates[:, None, :].repeat(positions, 1),
-        jnp.clip(offset, 0, candidates.shape[1] - 1),
-        axis=2,
-    )
+        candidates, jnp.clip(offset[:, 0], 0, candidates.shape[1] - 1), axis=1
+    )  # [B, L]
     return (
-        jnp.where(written, gathered, tokens[:, None, :]),
-        valid[:, None, :] | written,
+        jnp.where(here, gathered[:, None, :], tokens[:, None, :]),
+        valid[:, None, :] | here,
     )
 
 
@@ -212,46 +213,39 @@ def speculative_decode(
 
             def draft_step(i, carry):
                 cache, drafts, q, previous = carry
-                logits, cache = draft(previous, ones, cache)
-                view_tokens, view_valid = _views(s.tokens, s.valid, s.length, drafts, capacity + 1)
-                at = jnp.minimum(i, capacity)
+                logits, cache = draft(previous, ones, cache)  # [B, 1, V]
+                at = jnp.minimum(i, capacity)  # the draft being chosen has seen `at` drafts
+                seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, at[None])
                 scores = _scores(
-                    gen_config, values, logits[:, -1:], view_tokens[:, at][:, None],
-                    view_valid[:, at][:, None], s.produced + i, generated,
+                    gen_config, values, logits, *seen, s.produced + i, generated
                 )[:, 0]  # fmt: skip
                 if sample:
                     warped = warp_logits(gen_config, values, scores)
                     token = jax.random.categorical(jax.random.fold_in(draft_key, i), warped)
-                    probs = jax.nn.softmax(warped, axis=-1)
                 else:
                     token = jnp.argmax(scores, axis=-1)
-                    probs = jax.nn.one_hot(token, scores.shape[-1], dtype=jnp.float32)
                 token = token.astype(jnp.int32)
-                write = i < capacity
+                write = i < capacity  # the last step only puts the K-th draft into the cache
                 drafts = jnp.where(
                     write,
                     jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], at, 1),
                     drafts,
                 )
-                q = jnp.where(
-                    write, jax.lax.dynamic_update_slice_in_dim(q, probs[:, None], at, 1), q
-                )
+                if sample:  # q: the distribution each draft was drawn from
+                    probs = jax.nn.softmax(warped, axis=-1)[:, None]
+                    q = jnp.where(write, jax.lax.dynamic_update_slice_in_dim(q, probs, at, 1), q)
                 return cache, drafts, q, token[:, None]
 
-            carry = (
-                s.draft_cache, jnp.zeros((batch, capacity), jnp.int32),
-                jnp.zeros((batch, capacity, vocab_size), jnp.float32), last,
-            )  # fmt: skip
+            q = jnp.zeros((batch, capacity, vocab_size), jnp.float32) if sample else None
+            carry = (s.draft_cache, jnp.zeros((batch, capacity), jnp.int32), q, last)
             draft_cache, drafts, q, _ = jax.lax.fori_loop(0, s.k + 1, draft_step, carry)
             available = jnp.broadcast_to(s.k, (batch,))
 
         # -- 2. the target scores the last token and every draft --------------------------------
         chunk = jnp.concatenate([last, drafts], axis=1)  # [B, Kc + 1]
         target_logits, target_cache = target(chunk, jnp.ones_like(chunk, bool), s.target_cache)
-        view_tokens, view_valid = _views(s.tokens, s.valid, s.length, drafts, capacity + 1)
-        scores = _scores(
-            gen_config, values, target_logits, view_tokens, view_valid, s.produced, generated
-        )  # fmt: skip  [B, Kc + 1, V]
+        seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, jnp.arange(capacity + 1))
+        scores = _scores(gen_config, values, target_logits, *seen, s.produced, generated)
 
         # -- 3. acceptance -----------------------------------------------------------------------
         position = jnp.arange(capacity)[None, :]

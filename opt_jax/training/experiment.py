@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "stdlib"
     c.data.mixture = ""  # token stores mixed by weight: "DIR_A:0.7,DIR_B:0.3" (replaces source)
     c.data.eval_source = ""  # a token store held out for evaluation ("": each store's tail)
+    # sha256 of every store shard before training (process 0; sizes are always checked). It
+    # reads the whole store: turn it off for stores too large to hash at every start.
+    c.data.verify_store = True
     c.data.jsonl_field = "text"  # the text field of .jsonl records
     c.data.tokenizer = ""  # an HF tokenizer directory; "" trains one on the training split
     c.data.vocab_size = 8192  # size of a trained tokenizer

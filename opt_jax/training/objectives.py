@@ -117,7 +117,7 @@ class LanguageModelling:
         self.config = config
         if data.uses_stores(config):  # token stores, memory-mapped (opt_jax.data)
             self.tokenizer, self.train, self.eval = data.store_datasets(
-                config, verify=jax.process_index() == 0
+                config, verify=jax.process_index() == 0 and config.data.verify_store
             )
             self.sizes = tuple(sum(s.num_tokens for s in m.stores) for m in (self.train, self.eval))
             return
