@@ -5,6 +5,8 @@
       --do_sample --top_p 0.9 --seed 1
   python scripts/generate.py --model opt-1.3b --assistant opt-125m --num_assistant_tokens 5 \
       --prompt "def fibonacci(n):"     # speculative decoding (or --prompt_lookup_num_tokens 5)
+  python scripts/generate.py --model opt-13b --offload disk --memory_limit 8GB \
+      --dtype float32 --prompt "Hello"  # a model larger than memory, read layer by layer
 
 --model is an HF directory (config.json + weights) or an orbax checkpoint written by
 scripts/convert.py or training (config.json + params/); --tokenizer defaults to --model.
@@ -27,6 +29,13 @@ flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute and param dtype.")
 flags.DEFINE_enum("quantize", None, ["int8", "int4", "llm_int8"], "Quantise weights as they load.")
+flags.DEFINE_enum(
+    "offload",
+    None,
+    ["disk"],
+    "Keep the decoder layers on disk and stream them (needs --memory_limit).",
+)
+flags.DEFINE_string("memory_limit", None, "With --offload: memory the model may use, e.g. 8GB.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_string(
     "assistant", None, "A smaller OPT (same tokenizer) drafting tokens: speculative decoding."
@@ -67,9 +76,17 @@ def _generation_options(f) -> dict:
     return options
 
 
-def _load(path, dtype, quantize):
+def _load(path, dtype, quantize, offload=None, memory_limit=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path} is not a directory")
+    if offload or memory_limit:  # layers stay on disk; the cast to dtype happens per layer
+        if not (offload and memory_limit):
+            raise ValueError("--offload disk and --memory_limit go together")
+        if quantize:
+            raise ValueError("--offload does not combine with --quantize")
+        return opt_jax.load_pretrained(
+            path, offload=offload, memory_limit=memory_limit, dtype=dtype, param_dtype=dtype
+        )
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
     if quantize:  # layer by layer: only one layer's weights are ever dequantised at a time
         overrides["scan_layers"] = True
@@ -149,7 +166,7 @@ def _run(f) -> None:
     cfg = _check_flags(f)
     prompts = _read_prompts(f)
     distributed.initialize_from_flags()  # before any other JAX call
-    config, params = _load(f.model, f.dtype, f.quantize)
+    config, params = _load(f.model, f.dtype, f.quantize, f.offload, f.memory_limit)
     tokenizer = _load_tokenizer(f.tokenizer or f.model, f.model)
     _check_prompts(prompts, tokenizer, config, cfg.max_new_tokens)
     model = opt_jax.OPTForCausalLM(config)

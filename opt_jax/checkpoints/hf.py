@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -23,7 +21,18 @@ from flax import traverse_util
 
 from opt_jax import param_tree
 from opt_jax._deprecation import moved
-from opt_jax.checkpoints import orbax_io, peft, torch_reader
+from opt_jax.checkpoints import orbax_io, peft
+from opt_jax.checkpoints.hf_files import (  # noqa: F401  (the file names: public here)
+    _SAFE_SHARD,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    TIED_LM_HEAD,
+    TORCH_INDEX,
+    TORCH_WEIGHTS,
+    canonical_key,
+    iter_tensors,
+    weight_files,
+)
 from opt_jax.checkpoints.hf_layout import (  # noqa: F401  (CheckpointError, hf_name: public here)
     CheckpointError,
     from_hf_layout,
@@ -31,110 +40,11 @@ from opt_jax.checkpoints.hf_layout import (  # noqa: F401  (CheckpointError, hf_
     hf_shape,
     to_hf_layout,
 )
+from opt_jax.checkpoints.offload import load_offloaded
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params
 from opt_jax.quantization import check_method, quantize_kernel
 from opt_jax.quantization import quantize as quantize_params
-
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-_SAFE_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# The tied LM head: HF ties it to embed_tokens, the original facebook files omit it.
-TIED_LM_HEAD = "lm_head.weight"
-
-
-def _canonical_key(key: str, root_is_decoder: bool) -> str:
-    """Maps the key spellings users have onto our HF-style names.
-
-    HF writes `model.decoder.*` for the head models; the original facebook/opt-* files and a bare
-    OPTModel use `decoder.*`.
-    """
-    if root_is_decoder:
-        return key[len("model.") :] if key.startswith("model.decoder.") else key
-    return "model." + key if key.startswith("decoder.") else key
-
-
-# --------------------------------------------------------------------------------------------
-# Reading checkpoint files
-# --------------------------------------------------------------------------------------------
-def _weight_files(directory: str) -> list[str]:
-    """The weight files of an HF directory, in transformers' order of preference: safetensors
-    before torch files, a single file before a sharded index."""
-    for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (TORCH_INDEX, TORCH_WEIGHTS)):
-        if os.path.isfile(os.path.join(directory, single)):
-            return [os.path.join(directory, single)]
-        index_path = os.path.join(directory, index_name)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path} has no weight_map")
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
-            if missing:
-                raise CheckpointError(f"{index_path} names shard files that are missing: {missing}")
-            return [os.path.join(directory, name) for name in files]
-    raise FileNotFoundError(
-        f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS} or "
-        f"{TORCH_INDEX}"
-    )
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
-
-
-def _read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Reads a safetensors file tensor by tensor with plain reads into fresh buffers.
-
-    (The safetensors library memory-maps the file; its resident pages then count as process
-    memory on top of the loaded copy, doubling peak host memory for a whole checkpoint.)
-    """
-    import ml_dtypes
-
-    dtypes = dict(_SAFETENSORS_DTYPES, BF16=ml_dtypes.bfloat16)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if info["dtype"] not in dtypes:
-                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-            dtype = np.dtype(dtypes[info["dtype"]])
-            begin, end = info["data_offsets"]
-            count = (end - begin) // dtype.itemsize
-            f.seek(base + begin)
-            array = np.fromfile(f, dtype=dtype, count=count)
-            if array.size != count:
-                raise CheckpointError(f"{path} is truncated inside tensor {key}")
-            yield key, array.reshape(info["shape"])
-
-
-def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) one tensor at a time from a safetensors or torch (.bin / .pt) file."""
-    if path.endswith(".safetensors"):
-        yield from _read_safetensors(path)
-        return
-    try:
-        state = torch_reader.load(path)
-    except torch_reader.TorchFileError as e:
-        raise CheckpointError(str(e)) from e
-    yield from _torch_state_tensors(state, path)
-
-
-def _torch_state_tensors(state, path: str) -> Iterator[tuple[str, np.ndarray]]:
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    for key in list(state):
-        value = state.pop(key)  # drop each reference as we go: one tensor in memory at a time
-        if not isinstance(value, torch_reader.TensorRef):
-            raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({value!r})")
-        yield key, value.read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +59,8 @@ def load_pretrained(
     shardings=None,
     adapter: str | os.PathLike | None = None,
     quantize: str | None = None,
+    offload: str | None = None,
+    memory_limit: int | str | None = None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory, or one of our orbax exports.
@@ -170,6 +82,13 @@ def load_pretrained(
         kernel is quantised as it is read, so host memory holds the quantised model plus one
         float tensor, never the float model (HF layouts; `quant_group_size=` sets int4's
         groups).
+      offload: "disk" keeps the decoder layers in the directory's safetensors files: the
+        params returned are a `DiskLayers` (checkpoints/offload.py) that `opt_jax.generate`
+        runs layer by layer, reading each layer while the one before computes
+        (generation/streamed.py), for models larger than memory.
+      memory_limit: with offload, the bytes the model may hold: "1GB", "512MB", "2GiB" or an
+        int (resident parts, KV cache, layers in flight, activations); the rest of the limit
+        keeps layers resident.
       config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
         along a leading layers axis), remat_policy, attention_impl.
 
@@ -184,10 +103,34 @@ def load_pretrained(
     if architecture:
         overrides["architecture"] = architecture
     overrides.update(config_overrides)
+    if offload is not None or memory_limit is not None:
+        return _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, overrides)
     config, params = _load_base(path, shardings, quantize, overrides)
     if adapter is not None:  # QLoRA when quantised: the adapters go onto the quantised base
         config, params = peft.load_adapter(adapter, config, params)
     return config, params
+
+
+def _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, overrides):
+    if offload != "disk":
+        raise ValueError(
+            f"offload must be 'disk' (with memory_limit=), got {offload!r}"
+            if offload is not None
+            else "memory_limit= is for offload='disk'"
+        )
+    if memory_limit is None:
+        raise ValueError("offload='disk' needs memory_limit= (e.g. '1GB')")
+    given = [n for n, v in (("shardings", shardings), ("adapter", adapter),
+                            ("quantize", quantize)) if v is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"offload='disk' does not combine with {', '.join(given)}")
+    if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
+        raise ValueError(
+            f"offload='disk' reads HF directories (safetensors); {path} is an orbax export: "
+            "convert it with scripts/convert.py --to hf"
+        )
+    config = OPTConfig.from_hf(path, **overrides)
+    return config, load_offloaded(path, config, memory_limit)
 
 
 def _load_base(path: str, shardings, quantize: str | None, overrides: dict):
@@ -200,8 +143,8 @@ def _load_base(path: str, shardings, quantize: str | None, overrides: dict):
     config = OPTConfig.from_hf(path, **overrides)
     root_is_decoder = config.architecture == "OPTModel"
     tensors = (
-        (_canonical_key(key, root_is_decoder), key, value)
-        for file in _weight_files(path)
+        (canonical_key(key, root_is_decoder), key, value)
+        for file in weight_files(path)
         for key, value in iter_tensors(file)
     )
     if quantize is not None:

@@ -30,12 +30,8 @@ import re
 import numpy as np
 
 from opt_jax.checkpoints import torch_reader
-from opt_jax.checkpoints.hf import (
-    TIED_LM_HEAD,
-    CheckpointError,
-    _assemble,
-    _canonical_key,
-)
+from opt_jax.checkpoints.hf import CheckpointError, _assemble
+from opt_jax.checkpoints.hf_files import TIED_LM_HEAD, canonical_key
 from opt_jax.config import PRESETS, OPTConfig, preset
 
 _RENAMES = {
@@ -244,11 +240,11 @@ def _hf_tensors(state: dict, path: str, root_is_decoder: bool):
             k, v, q = np.split(fused, 3, axis=0)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 name = key.replace(".qkv_proj.", f".{proj}.")
-                yield _canonical_key(name, root_is_decoder), key, np.ascontiguousarray(part)
+                yield canonical_key(name, root_is_decoder), key, np.ascontiguousarray(part)
             del fused, k, v, q
             continue
         name = _RENAMES.get(key, key)
-        yield _canonical_key(name, root_is_decoder), key, ref.read()
+        yield canonical_key(name, root_is_decoder), key, ref.read()
 
 
 def _named_config(name: str) -> OPTConfig:

@@ -18,39 +18,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from opt_jax.generation.beam_search import beam_search
 from opt_jax.generation.config import GenerationConfig
 from opt_jax.generation.decoding import decode
+from opt_jax.generation.prompts import GenerateOutput, bucketed, check_prompt
 from opt_jax.generation.speculative import speculative_decode
+from opt_jax.generation.streamed import LayerSource, streamed_generate
 from opt_jax.kv_cache import KVCache
 from opt_jax.model import OPTForCausalLM, OPTModel
 from opt_jax.param_tree import tied_embedding
 from opt_jax.shapes import ProgramCache, round_up
-from opt_jax.validation import validate_token_ids
 
-# Prompt and new-token lengths are rounded up to multiples of this for static shapes.
-BUCKET = 32
 # Compiled generation programs kept (least recently used dropped first). Each one is a
 # (model config, static options, streaming) triple holding its executables for the shapes
 # it has seen; a notebook sweeping traced values (temperature, top_p, ...) reuses one entry.
 COMPILE_CACHE_SIZE = 16
-
-
-@struct.dataclass
-class GenerateOutput:
-    """sequences: [B * num_return_sequences, prompt_length + max_new_tokens] int32 (prompt as
-    given, then new tokens, pad after EOS); logprobs: [same rows, max_new_tokens] float32 model
-    log-probabilities of the chosen tokens (0 after EOS), when requested."""
-
-    sequences: np.ndarray
-    logprobs: np.ndarray | None = None
-    # Beam search: final (length-penalised) score of each returned sequence.
-    sequences_scores: np.ndarray | None = None
-    # Speculative decoding with output_acceptance=True: [rows, steps] int32, the drafts each
-    # row accepted at each step (-1 after the row's last step).
-    acceptance: np.ndarray | None = None
 
 
 def generate(
@@ -102,17 +85,23 @@ def generate(
     if streamer is not None and gen_config.is_beam:
         raise ValueError("streaming is not available for beam search (beams are reordered)")
     speculative = assistant_model is not None or gen_config.prompt_lookup_num_tokens is not None
+    if isinstance(params, LayerSource):  # weights that stream (load_pretrained(offload="disk"))
+        if speculative:
+            raise ValueError("speculative decoding does not take offloaded params yet")
+        prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
+        return streamed_generate(config, params, input_ids, attention_mask, gen_config, prng_key,
+                                 streamer)  # fmt: skip
     if speculative:
         return _speculative(model, params, input_ids, attention_mask, gen_config, seed,
                             prng_key, streamer, assistant_model, assistant_params)  # fmt: skip
     if gen_config.output_acceptance:
         raise ValueError("output_acceptance needs speculative decoding (assistant_model= or "
                          "prompt_lookup_num_tokens=)")  # fmt: skip
-    ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
+    ids, mask = check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
 
     batch = ids.shape[0]
     copies = gen_config.num_beams if gen_config.is_beam else gen_config.num_return_sequences
-    ids, mask, bucket_prompt, buffer_length, extra = _bucketed(
+    ids, mask, bucket_prompt, buffer_length, extra = bucketed(
         ids, mask, gen_config, gen_config.max_new_tokens, config.max_position_embeddings, copies
     )
     prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
@@ -194,7 +183,7 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
     if lookup is None and gen_config.num_assistant_tokens_schedule == "heuristic":
         capacity += 8
     room = capacity + 1  # the verify pass writes this many slots past the committed tokens
-    ids, mask = _check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
+    ids, mask = check_prompt(input_ids, attention_mask, config, gen_config.max_new_tokens)
     for who, c in (("the model", config), ("the assistant", draft_config)):
         if c is not None and ids.shape[1] + gen_config.max_new_tokens + room > (
             c.max_position_embeddings
@@ -206,7 +195,7 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
                 "past the text"
             )
     limit = min(c.max_position_embeddings for c in (config, draft_config) if c is not None)
-    ids, mask, bucket_prompt, buffer_length, extra = _bucketed(
+    ids, mask, bucket_prompt, buffer_length, extra = bucketed(
         ids, mask, gen_config, gen_config.max_new_tokens + room, limit,
         gen_config.num_return_sequences,
     )  # fmt: skip
@@ -260,46 +249,6 @@ def _every_position(config, params, head):
         return logits, cache
 
     return run
-
-
-def _bucketed(ids, mask, gen_config, need: int, limit: int, copies: int):
-    """Static shapes: the prompt bucketed (extra left padding is harmless: positions come from
-    the mask) and a buffer with `need` slots after it, capped so that every slot has a position
-    embedding (`limit`); each row repeated `copies` times.
-
-    Returns:
-      (ids, mask [B * copies, Tb], Tb, buffer length, left padding added)
-    """
-    prompt_len = ids.shape[1]
-    bucket_prompt = min(round_up(prompt_len, BUCKET), limit - need)
-    buffer_length = min(bucket_prompt + round_up(need, BUCKET), limit)
-    extra = bucket_prompt - prompt_len
-    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=gen_config.pad_token_id)
-    mask = np.pad(mask, ((0, 0), (extra, 0)))
-    ids, mask = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
-    return ids, mask, bucket_prompt, buffer_length, extra
-
-
-def _check_prompt(input_ids, attention_mask, config, max_new_tokens: int):
-    """(ids [B, T] int32, mask [B, T] bool) after the host-side checks jitted code cannot do."""
-    ids = validate_token_ids(input_ids, config.vocab_size, attention_mask=attention_mask)
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    mask = mask.astype(bool)
-    empty = np.flatnonzero(~mask.any(axis=1))
-    if empty.size:
-        raise ValueError(f"prompt rows {empty.tolist()} are empty (no real token in the mask)")
-    if not mask[:, -1].all():
-        raise ValueError(
-            "prompts must be left-padded (every row's last token real): rows "
-            f"{np.flatnonzero(~mask[:, -1]).tolist()} end in padding"
-        )
-    total = ids.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"max_position_embeddings {config.max_position_embeddings}"
-        )
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,17 +122,67 @@ def decode(
     _check_resolved(gen_config)
     values = gen_config.values() if values is None else values
     batch, prompt_len = prompt.shape
+    logits, hidden, cache = tokens_to_logits(prompt, prompt_mask, cache)  # prefill
+    state = start(gen_config, prompt, prompt_mask, logits, cache, buffer_length, hidden)
+    generated = jnp.arange(buffer_length) >= prompt_len
+
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~s.done.all()
+
+    def body(s: DecodeState):
+        end = prompt_len + s.step  # the slot this step writes
+        next_logits = cache = context = None
+        if gen_config.is_contrastive:
+            scores = process_logits(
+                gen_config, values, s.logits, s.tokens, s.valid, end, s.step, generated
+            )
+            token, next_logits, cache, context = _contrastive_choice(
+                gen_config, values["penalty_alpha"], tokens_to_logits, s, scores, end
+            )
+            token = jnp.where(s.done, gen_config.pad_token_id, token).astype(jnp.int32)
+        else:
+            token = choose(gen_config, values, s, rng, end, generated)
+        s = record(gen_config, s, token, end)
+        done = s.done
+        if stream is not None and stream_id is not None:
+            keep = io_callback(
+                stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, s.step - 1, token,
+                ordered=True,
+            )  # fmt: skip
+            done = done | ~keep
+        elif stream is not None:
+            io_callback(stream, None, s.step - 1, token, ordered=True)
+        if not gen_config.is_contrastive:
+            next_logits, _, cache = tokens_to_logits(
+                token[:, None], jnp.ones((batch, 1), bool), s.cache
+            )
+        return s.replace(
+            done=done,
+            logits=next_logits.astype(jnp.float32),
+            cache=cache,
+            context=s.context if context is None else context,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.logprobs
+
+
+# The pieces of one decoding step, shared with the host-driven loop of layer-streamed generation
+# (generation/streamed.py), which calls the model between them.
+def start(gen_config, prompt, prompt_mask, logits, cache, buffer_length: int, hidden=None):
+    """The loop's first state after the prefill: the prompt in a [B, L] buffer, its logits.
+
+    hidden: the prefill's [B, Tb, P] hidden states (contrastive search keeps them as context).
+    """
+    batch, prompt_len = prompt.shape
     pad = gen_config.pad_token_id
     tokens = jnp.full((batch, buffer_length), pad, jnp.int32).at[:, :prompt_len].set(prompt)
     valid = jnp.zeros((batch, buffer_length), bool).at[:, :prompt_len].set(prompt_mask)
-    generated = jnp.arange(buffer_length) >= prompt_len
-
-    logits, hidden, cache = tokens_to_logits(prompt, prompt_mask, cache)  # prefill
     context = None
     if gen_config.is_contrastive:
         context = jnp.zeros((batch, buffer_length, hidden.shape[-1]), hidden.dtype)
         context = context.at[:, :prompt_len].set(hidden)
-    state = DecodeState(
+    return DecodeState(
         step=jnp.zeros((), jnp.int32),
         tokens=tokens,
         valid=valid,
@@ -143,53 +193,27 @@ def decode(
         context=context,
     )
 
-    def cond(s: DecodeState):
-        return (s.step < max_new_tokens) & ~s.done.all()
 
-    def body(s: DecodeState):
-        end = prompt_len + s.step  # the slot this step writes
-        scores = process_logits(
-            gen_config, values, s.logits, s.tokens, s.valid, end, s.step, generated
-        )
-        next_logits = cache = context = None
-        if gen_config.is_contrastive:
-            token, next_logits, cache, context = _contrastive_choice(
-                gen_config, values["penalty_alpha"], tokens_to_logits, s, scores, end
-            )
-        elif gen_config.do_sample:
-            key = jax.random.fold_in(rng, s.step)
-            token = jax.random.categorical(key, warp_logits(gen_config, values, scores), axis=-1)
-        else:
-            token = jnp.argmax(scores, axis=-1)
-        token = jnp.where(s.done, pad, token).astype(jnp.int32)  # finished rows emit padding
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], end, axis=1)
-        valid = jax.lax.dynamic_update_slice_in_dim(s.valid, ~s.done[:, None], end, axis=1)
-        logprobs = s.logprobs
-        if gen_config.output_logprobs:
-            chosen = jnp.take_along_axis(jax.nn.log_softmax(s.logits), token[:, None], axis=1)
-            logprobs = logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, chosen[:, 0]))
-        done = s.done | stop_hit(gen_config, tokens, valid, end + 1, token)
-        if stream is not None and stream_id is not None:
-            keep = io_callback(
-                stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, s.step, token, ordered=True
-            )
-            done = done | ~keep
-        elif stream is not None:
-            io_callback(stream, None, s.step, token, ordered=True)
-        if not gen_config.is_contrastive:
-            next_logits, _, cache = tokens_to_logits(
-                token[:, None], jnp.ones((batch, 1), bool), s.cache
-            )
-        return DecodeState(
-            step=s.step + 1,
-            tokens=tokens,
-            valid=valid,
-            done=done,
-            logits=next_logits.astype(jnp.float32),
-            cache=cache,
-            logprobs=logprobs,
-            context=context,
-        )
+def choose(gen_config, values, s: DecodeState, rng, end, generated) -> jax.Array:
+    """The next token of every row [B] int32 (greedy or sampled; padding for finished rows)
+    from s.logits after the processors; step t samples with fold_in(rng, t)."""
+    scores = process_logits(gen_config, values, s.logits, s.tokens, s.valid, end, s.step, generated)
+    if gen_config.do_sample:
+        key = jax.random.fold_in(rng, s.step)
+        token = jax.random.categorical(key, warp_logits(gen_config, values, scores), axis=-1)
+    else:
+        token = jnp.argmax(scores, axis=-1)
+    return jnp.where(s.done, gen_config.pad_token_id, token).astype(jnp.int32)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state.tokens, state.logprobs
+
+def record(gen_config, s: DecodeState, token, end) -> DecodeState:
+    """Writes `token` [B] at slot `end`: tokens, validity, log-probabilities (of s.logits), which
+    rows are done, step + 1. The logits and cache are left for the caller to advance."""
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], end, axis=1)
+    valid = jax.lax.dynamic_update_slice_in_dim(s.valid, ~s.done[:, None], end, axis=1)
+    logprobs = s.logprobs
+    if gen_config.output_logprobs:
+        chosen = jnp.take_along_axis(jax.nn.log_softmax(s.logits), token[:, None], axis=1)
+        logprobs = logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, chosen[:, 0]))
+    done = s.done | stop_hit(gen_config, tokens, valid, end + 1, token)
+    return s.replace(step=s.step + 1, tokens=tokens, valid=valid, done=done, logprobs=logprobs)

@@ -1,0 +1,234 @@
+"""Layer-streamed generation from disk (load_pretrained(offload="disk")): the same tokens as
+generate on the same weights in memory, memory held under the limit, and clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import opt_jax
+from opt_jax.checkpoints.offload import DiskLayers, parse_bytes
+from opt_jax.config import OPTConfig
+
+CONFIG = OPTConfig(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=4,
+    ffn_dim=128,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An HF directory of a random model stored in float16, and the model in memory."""
+    path = tmp_path_factory.mktemp("offload") / "model"
+    params = opt_jax.init_params(CONFIG, 0)
+    half = jax.tree.map(lambda x: x.astype(np.float16), params)
+    opt_jax.save_pretrained(path, CONFIG.replace(param_dtype="float16"), half)
+    # Computing in float32 from float16 weights, as a CPU user would run a published checkpoint.
+    config, params = opt_jax.load_pretrained(path, dtype="float32", param_dtype="float32")
+    return str(path), config, params
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, CONFIG.vocab_size, (5, 40))
+    mask = np.ones_like(ids)
+    mask[0, :9], mask[3, :30] = 0, 0  # ragged, left-padded
+    return ids, mask
+
+
+def _offloaded(path, limit="64MB"):
+    return opt_jax.load_pretrained(
+        path, offload="disk", memory_limit=limit, dtype="float32", param_dtype="float32"
+    )
+
+
+def _limit_that_streams(path, batch, buffer_length, prompt_length):
+    """A memory limit under which some layers stay resident, others stream, and the prefill
+    runs in micro-batches: every path of the schedule at once."""
+    _, source = _offloaded(path)
+    for limit in range(source.memory_limit // 64, source.memory_limit, 4096):
+        source.memory_limit = limit
+        try:
+            plan = source.plan(batch, buffer_length, prompt_length)
+        except ValueError:
+            continue
+        if 0 < len(plan.resident_layers) < CONFIG.num_hidden_layers and plan.prefill_rows < batch:
+            return limit, plan
+    raise AssertionError("no limit streams some layers and micro-batches the prefill")
+
+
+def test_streamed_equals_in_memory_greedy_and_sampled(checkpoint, prompts):
+    path, config, params = checkpoint
+    ids, mask = prompts
+    model = opt_jax.OPTForCausalLM(config)
+    # generate buckets the 40-token prompt to 64 and 20 new tokens to a 96-slot buffer.
+    for options in (
+        {},
+        {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 50},
+        {"repetition_penalty": 1.3, "output_logprobs": True, "no_repeat_ngram_size": 2},
+        {"do_sample": True, "num_return_sequences": 2, "eos_token_id": 7},
+    ):
+        rows = 5 * options.get("num_return_sequences", 1)
+        limit, plan = _limit_that_streams(path, rows, 96, 64)
+        offloaded_config, source = _offloaded(path, limit)
+        assert offloaded_config == config and isinstance(source, DiskLayers)
+        want = opt_jax.generate(model, params, ids, mask, max_new_tokens=20, seed=3, **options)
+        got = opt_jax.generate(model, source, ids, mask, max_new_tokens=20, seed=3, **options)
+        np.testing.assert_array_equal(got.sequences, want.sequences, err_msg=str(options))
+        if want.logprobs is not None:
+            np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+        assert set(plan.resident_layers) == set(source._resident_layers)
+
+
+def test_memory_held_stays_under_the_limit(checkpoint, prompts):
+    path, config, params = checkpoint
+    ids, mask = prompts
+    limit, plan = _limit_that_streams(path, 5, 96, 64)
+    _, source = _offloaded(path, limit)
+    streamed = CONFIG.num_hidden_layers - len(plan.resident_layers)
+    before = {id(a) for a in jax.live_arrays()}
+    peak = [0]
+    fetch = source.fetch
+
+    def watched(i):  # runs in the fetch thread while a layer computes
+        weights = fetch(i)
+        held = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+        peak[0] = max(peak[0], held)
+        return weights
+
+    source.fetch = watched
+    model = opt_jax.OPTForCausalLM(config)
+    opt_jax.generate(model, source, ids, mask, max_new_tokens=20)
+    assert 0 < peak[0] <= limit, (peak[0], limit)
+    # Each forward pass reads every streamed layer once (one pass ahead may be in flight).
+    passes = 20  # the prefill + 19 decode steps
+    per_layer = source.layer_bytes
+    assert passes * streamed <= source.stats["reads"] - len(plan.resident_layers)
+    assert source.stats["reads"] - len(plan.resident_layers) <= passes * streamed + 1
+    assert source.stats["bytes_read"] >= passes * streamed * per_layer
+
+
+def test_streamer_sees_every_token(checkpoint):
+    path, config, params = checkpoint
+    _, source = _offloaded(path)
+    ids = np.array([[5, 9, 30, 41]])
+    pieces = []
+    want = opt_jax.generate(opt_jax.OPTForCausalLM(config), params, ids, max_new_tokens=8)
+    opt_jax.generate(
+        opt_jax.OPTForCausalLM(config), source, ids, max_new_tokens=8,
+        streamer=lambda step, tokens: pieces.append(int(tokens[0])),
+    )  # fmt: skip
+    assert pieces == want.sequences[0, 4:].tolist()
+
+
+def test_script_generates_offloaded(tmp_path):
+    out = tmp_path / "random"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/random_checkpoint.py"), "--out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    common = [sys.executable, str(ROOT / "scripts/generate.py"), "--model", str(out),
+              "--prompt", "def f(x):", "--max_new_tokens", "6"]  # fmt: skip
+    plain = subprocess.run(common, capture_output=True, text=True, check=True)
+    streamed = subprocess.run(
+        common + ["--offload", "disk", "--memory_limit", "20MB"], capture_output=True, text=True
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout
+    small = subprocess.run(
+        common + ["--offload", "disk", "--memory_limit", "2MB"], capture_output=True, text=True
+    )
+    assert small.returncode == 2
+    assert (
+        "error: memory_limit 2.0 MB is too small" in small.stderr
+        and "need at least" in small.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1GB", 10**9), ("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), (4096, 4096)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "1 parsec", "-3GB", 0, "GB"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="memory_limit"):
+        parse_bytes(text)
+
+
+def test_bad_requests(checkpoint, prompts):
+    path, config, params = checkpoint
+    ids, mask = prompts
+    model = opt_jax.OPTForCausalLM(config)
+    with pytest.raises(ValueError, match=r"memory_limit 0.1 MB is too small .* need at least"):
+        _offloaded(path, "100KB")
+    with pytest.raises(ValueError, match="needs memory_limit"):
+        opt_jax.load_pretrained(path, offload="disk")
+    with pytest.raises(ValueError, match="offload must be 'disk'"):
+        opt_jax.load_pretrained(path, offload="ram", memory_limit="1GB")
+    with pytest.raises(ValueError, match="does not combine with quantize"):
+        opt_jax.load_pretrained(path, offload="disk", memory_limit="1GB", quantize="int8")
+    # Enough for the weights, not for this request's KV cache: said before anything runs.
+    _, source = _offloaded(path, "1MB")
+    with pytest.raises(ValueError, match=r"KV cache .* \(5 rows x 96 slots\)"):
+        opt_jax.generate(model, source, ids, mask, max_new_tokens=20)
+    _, source = _offloaded(path)
+    with pytest.raises(ValueError, match="not beam search"):
+        opt_jax.generate(model, source, ids, mask, max_new_tokens=4, num_beams=2)
+    with pytest.raises(ValueError, match="speculative decoding does not take offloaded"):
+        opt_jax.generate(model, source, ids, mask, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    other = opt_jax.OPTForCausalLM(config.replace(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="config differs"):
+        opt_jax.generate(other, source, ids, mask, max_new_tokens=4)
+
+
+def test_bad_checkpoints(checkpoint, tmp_path):
+    path, config, params = checkpoint
+    weights = os.path.join(path, "model.safetensors")
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(path, target)
+        return target
+
+    truncated = copy("truncated")
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 100)
+    with pytest.raises(ValueError, match="truncated inside tensor"):
+        _offloaded(str(truncated))
+
+    reshaped = copy("reshaped")
+    (reshaped / "config.json").write_text(
+        json.dumps(dict(json.loads((reshaped / "config.json").read_text()), ffn_dim=96))
+    )
+    with pytest.raises(
+        ValueError, match=r"layers.0.fc1.bias has shape \(128,\), the config expects \(96,\)"
+    ):
+        _offloaded(str(reshaped))
+
+    deeper = copy("deeper")
+    (deeper / "config.json").write_text(
+        json.dumps(dict(json.loads((deeper / "config.json").read_text()), num_hidden_layers=5))
+    )
+    with pytest.raises(ValueError, match=r"missing tensors: model.decoder.layers.4"):
+        _offloaded(str(deeper))
+
+    torch_files = copy("torch")
+    (torch_files / "model.safetensors").rename(torch_files / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="reads safetensors files"):
+        _offloaded(str(torch_files))
