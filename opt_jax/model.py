@@ -25,6 +25,7 @@ from opt_jax.layers import (
     normal_init,
     token_embedding_init,
 )
+from opt_jax.ops.attention import EINSUM
 from opt_jax.parallel import sharding as ax
 from opt_jax.param_tree import unstack_layers
 
@@ -528,10 +529,20 @@ def _dummy_ids(batch: int = 1, length: int = 1) -> jax.Array:
     return jnp.ones((batch, length), jnp.int32)
 
 
+def initializable(module: nn.Module) -> nn.Module:
+    """`module` with einsum attention, for `init` on a one-token dummy input: the parameters do
+    not depend on the attention kernel, and the TPU flash kernel cannot run a length-1 sequence
+    (its tiles are 128 tokens)."""
+    config = getattr(module, "config", None)
+    if isinstance(config, OPTConfig) and config.attention_impl != EINSUM:
+        return module.clone(config=config.replace(attention_impl=EINSUM))
+    return module
+
+
 def init_params(config: OPTConfig, rng: jax.Array | int = 0, module: nn.Module | None = None):
     """Fresh parameters (plain arrays, no partitioning boxes) of `module` (default: the config's
     architecture)."""
-    module = module or model_for(config)
+    module = initializable(module or model_for(config))
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     variables = jax.jit(module.init)(rng, _dummy_ids())
@@ -544,13 +555,13 @@ def abstract_params(config: OPTConfig, module: nn.Module | None = None):
         # Every decoder layer has the same parameters: trace one (the scanned model's) and name
         # it per layer, rather than trace them all (0.8 s of every 125m checkpoint load).
         return jax.eval_shape(unstack_layers, abstract_params(config.replace(scan_layers=True)))
-    module = module or model_for(config)
+    module = initializable(module or model_for(config))
     variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())
     return nn.unbox(variables["params"])
 
 
 def param_logical_axes(config: OPTConfig, module: nn.Module | None = None):
     """The logical axis names (a PartitionSpec of names) of every parameter."""
-    module = module or model_for(config)
+    module = initializable(module or model_for(config))
     variables = jax.eval_shape(module.init, jax.random.key(0), _dummy_ids())
     return nn.get_partition_spec(variables)["params"]

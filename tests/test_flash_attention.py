@@ -57,3 +57,17 @@ def test_flash_rejects_lengths_the_kernel_cannot_tile(models):
     _, flash, params = models
     with pytest.raises(ValueError, match="multiple of 128 .* got 100"):
         jax.eval_shape(lambda p: flash.apply({"params": p}, jnp.ones((1, 100), jnp.int32)), params)
+
+
+def test_flash_configs_initialise_and_decode(models):
+    """Init traces a one-token dummy, which the kernel cannot tile: it runs with einsum attention
+    (same parameters); cached decode steps fall back to einsum (choose_impl), so generate works."""
+    reference, flash, params = models
+    fresh = opt_jax.init_params(flash.config, 0)
+    want = opt_jax.init_params(reference.config, 0)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), fresh, want))
+    ids, mask = ragged_batch(length=16)
+    out = opt_jax.generate(flash, params, ids, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(
+        out.sequences, opt_jax.generate(reference, params, ids, mask, max_new_tokens=4).sequences
+    )

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from opt_jax.parallel import sharding
 
 # The names `OPTConfig.attention_impl` takes.
 EINSUM, DOT_PRODUCT, FLASH = "einsum", "dot_product", "flash"
@@ -118,13 +122,23 @@ def _tpu_flash(q, k, v, key_mask):
             f"attention_impl='flash' needs a sequence length that is a multiple of {FLASH_BLOCK} "
             f"(the kernel's tile), got {q.shape[1]}"
         )
+
+    def kernel(q, k, v, segments):  # q, k, v: [B, N, T, H]; segments: [B, T]
+        return tpu_flash.flash_attention(
+            q, k, v, segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments), causal=True,
+            sm_scale=1.0,
+        )  # fmt: skip
+
+    args = (q.transpose(0, 2, 1, 3), k.astype(q.dtype), v.astype(q.dtype))
     segments = key_mask.astype(jnp.int32)
-    out = tpu_flash.flash_attention(
-        q.transpose(0, 2, 1, 3),
-        k.astype(q.dtype),
-        v.astype(q.dtype),
-        segment_ids=tpu_flash.SegmentIds(q=segments, kv=segments),
-        causal=True,
-        sm_scale=1.0,
-    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args, segments).transpose(0, 2, 1, 3)  # [B, T, N, H]
+    # A Pallas (Mosaic) kernel is not partitioned by XLA: on a mesh each device runs it on its
+    # rows and heads (split as the logical rules split batch and heads; no other axis is).
+    spec = P(*nn.logical_to_mesh_axes((sharding.BATCH, sharding.HEADS, None, None)))
+    out = jax.shard_map(
+        kernel, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec,
+        check_vma=False,
+    )(*args, segments)  # fmt: skip
     return out.transpose(0, 2, 1, 3)  # [B, T, N, H]

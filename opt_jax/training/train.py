@@ -30,7 +30,13 @@ from opt_jax.checkpoints import peft
 from opt_jax.checkpoints.hf import load_pretrained, save_pretrained
 from opt_jax.config import ARCHITECTURE_FIELDS, OPTConfig
 from opt_jax.generation.text import generate_text
-from opt_jax.model import OPTForCausalLM, abstract_params, model_for, param_logical_axes
+from opt_jax.model import (
+    OPTForCausalLM,
+    abstract_params,
+    initializable,
+    model_for,
+    param_logical_axes,
+)
 from opt_jax.parallel import sharding
 from opt_jax.param_tree import stack_layers, unstack_layers
 from opt_jax.planning import roofline
@@ -420,7 +426,7 @@ def _initial_state(config, workdir, ckpts, latest, opt_config, model, tx, traina
     """
 
     def init_state(rng):
-        params = nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
+        params = nn.unbox(initializable(model).init(rng, jnp.ones((1, 1), jnp.int32))["params"])
         return fresh_state(params, tx, trainable)
 
     rng = jax.random.key(config.seed)

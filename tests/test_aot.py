@@ -1,0 +1,175 @@
+"""Compiling for TPU slices on this CPU with libtpu's compiler (opt_jax/training/aot.py,
+scripts/aot_compile.py): tiny shapes, a 4-chip v5e and an 8-chip v5p."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import opt_jax
+from opt_jax.parallel import sharding
+from opt_jax.training import aot
+from opt_jax.training.experiment import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Widths of whole TPU tiles (128 lanes), so the compiler pads little.
+MODEL = dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, ffn_dim=512,
+             num_attention_heads=2, max_position_embeddings=510)  # fmt: skip
+
+
+def _experiment(**model):
+    experiment = base_config()
+    experiment.model.preset = ""
+    for name, value in {**MODEL, "word_embed_proj_dim": 256, **model}.items():
+        experiment.model[name] = value
+    return experiment
+
+
+def _config(**fields):
+    return opt_jax.OPTConfig(**{**MODEL, **fields})
+
+
+def _shard_bytes(tree) -> int:
+    return sharding.per_device_bytes(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments():
+    mesh = aot.make_mesh("v5e:2x2", (1, 4, 1))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    (step,), state = aot.train_programs(_experiment(), _config(), mesh, rules, 8, 256)
+    b = step.bytes_per_chip
+    state_bytes = _shard_bytes(state)
+    batch_bytes = 2 * 8 * 256 * 4 // 4  # ids and mask, int32, split over 4 chips
+    # The donated state comes back in place; the arguments are the state's shards plus the
+    # batch, up to the TPU's tile padding of small leaves (biases, scalars): 0.45% here.
+    assert state_bytes + batch_bytes <= b["arguments"] <= 1.01 * (state_bytes + batch_bytes)
+    assert b["aliased"] >= 0.99 * state_bytes
+    assert b["temporaries"] > 0
+    # FSDP: parameters gathered for the forward and backward passes, gradients scattered.
+    assert step.collectives["all-gather"]["count"] > 0
+    assert step.collectives["reduce-scatter"]["count"] > 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # bfloat16 weights as served
+        {"quantization": "int8"},
+    ],
+)
+def test_decode_programs_compile_for_a_v5p_slice(fields):
+    config = _config(dtype="bfloat16", param_dtype="bfloat16", **fields)
+    mesh = aot.make_mesh("v5p:2x2x2", (2, 2, 2))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    programs, params = aot.decode_programs(config, mesh, rules, 4, 256)
+    assert [p.name for p in programs] == ["prefill", "decode_step"]
+    decode = programs[1].bytes_per_chip
+    # k and v of 2 layers: rows over data x fsdp, width over tensor, bfloat16.
+    cache = 2 * 2 * (4 // 4) * 256 * (256 // 2) * 2
+    assert decode["arguments"] >= _shard_bytes(params) + cache
+    # Tensor parallelism: the attention and MLP outputs are summed across the tensor axis.
+    assert programs[1].collectives["all-reduce"]["count"] > 0
+
+
+def test_lora_and_flash_train_steps_compile():
+    mesh = aot.make_mesh("v5e:2x2", (1, 4, 1))
+    experiment = _experiment()
+    experiment.lora.rank = 4
+    rules = sharding.rules_from_config(experiment.sharding_rules)
+    config = _config(lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "v_proj"))
+    (lora_step,), state = aot.train_programs(experiment, config, mesh, rules, 8, 256)
+    # Only the adapters train: the optimizer state holds no moments of the frozen weights.
+    full = math.prod(MODEL[k] for k in ("hidden_size", "ffn_dim")) * 4 * 3  # fc1, three copies
+    assert lora_step.bytes_per_chip["arguments"] < _shard_bytes(state) + full
+    flash = _config(attention_impl="flash", dtype="bfloat16")
+    (step,), _ = aot.train_programs(_experiment(), flash, mesh, rules, 8, 256)
+    assert step.bytes_per_chip["temporaries"] > 0
+
+
+def test_collectives_count_each_loop_iteration():
+    hlo = "\n".join(
+        [
+            "%body (p: f32[4]) -> f32[4] {",
+            "  %all-reduce.1 = f32[4]{0} all-reduce(%p), to_apply=%add",
+            "}",
+            "ENTRY %main (a: f32[4]) -> f32[4] {",
+            '  %w = f32[4]{0} while(%a), condition=%cond, body=%body, backend_config={"known_'
+            'trip_count":{"n":"24"}}',
+            "  %all-gather.2 = f32[8,4]{1,0} all-gather(%w), dimensions={0}",
+            "}",
+        ]
+    )
+    found = aot.collectives(hlo)
+    assert found["all-reduce"] == {"count": 24, "bytes": 24 * 16}
+    assert found["all-gather"] == {"count": 1, "bytes": 128}
+    # The TPU compiler annotates no trip count: the condition's counter limit gives it.
+    tpu = (
+        hlo.replace(', backend_config={"known_trip_count":{"n":"24"}}', "")
+        + "\n"
+        + "\n".join(
+            [
+                "%cond (p: s32[]) -> pred[] {",
+                "  %constant.7 = s32[]{:T(128)} constant(12)",
+                "  ROOT %lt = pred[] compare(%p, %constant.7), direction=LT",
+                "}",
+            ]
+        )
+    )
+    assert aot.collectives(tpu)["all-reduce"]["count"] == 12
+
+
+def _script(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/aot_compile.py"),
+         "--config", str(ROOT / "configs/tiny.py"), *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_script_contract_and_a_program_that_does_not_fit(tmp_path):
+    out = tmp_path / "decode.json"
+    # A v5e chip (16 GiB) cannot hold 2048 rows of a 2048-slot KV cache of this model (34 GB).
+    done = _script("--topology", "v5e:2x2", "--mesh", "4,1,1", "--workload", "decode",
+                   "--batch", "8192", "--seq_len", "2048", "--json", str(out),
+                   "--config.model.max_position_embeddings=2048")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and r["chips"] == 4
+    assert r["bytes_per_chip"]["total"] > 0.95 * r["hbm_bytes_per_chip"]
+    for key in ("arguments", "outputs", "temporaries", "aliased", "total"):
+        assert key in r["bytes_per_chip"] and key in r["plan"]
+    assert r["model_flops_per_step"] > 0 and r["compile_seconds"] > 0
+    assert set(r["collectives"]) == set(aot.COLLECTIVES)
+    assert "DOES NOT FIT" in done.stdout
+    # The TPU compiler refuses a program that cannot fit: its message gives the temporaries.
+    assert "exceeds available HBM" in r["compiler_refused"]["decode_step"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v5e:2x2", "--mesh", "1,8,1"], "has 8 devices, topology v5e:2x2 has 4"),
+        (["--topology", "v9x:2x2", "--mesh", "1,4,1"], "unknown TPU topology 'v9x:2x2'"),
+        (
+            ["--topology", "v5e:2x2", "--mesh", "1,1,4", "--config.model.num_attention_heads=2"],
+            "tensor axis (4) must divide the heads (2)",
+        ),  # fmt: skip
+        (["--topology", "v5e:2x2", "--mesh", "1,4"], "--mesh must be three positive sizes"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(args, message):
+    done = _script(*args)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_unknown_topology_in_process():
+    with pytest.raises(ValueError, match="unknown TPU topology"):
+        aot.topology_devices("v5e-8")
+    assert np.isclose(aot.chip_hbm_bytes("v5p:2x2x1") / 1024**3, 95)
