@@ -104,7 +104,12 @@ def test_memory_held_stays_under_the_limit(checkpoint, prompts):
 
     def watched(i):  # runs in the fetch thread while a layer computes
         weights = fetch(i)
-        held = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+        # Distinct buffers: a streamed layer's arrays alias its read buffer, and arrays of a
+        # finished layer may still be alive (not yet collected) over the same buffer.
+        fresh = {
+            a.unsafe_buffer_pointer(): a.nbytes for a in jax.live_arrays() if id(a) not in before
+        }
+        held = sum(fresh.values())
         peak[0] = max(peak[0], held)
         return weights
 
@@ -115,8 +120,9 @@ def test_memory_held_stays_under_the_limit(checkpoint, prompts):
     # Each forward pass reads every streamed layer once (one pass ahead may be in flight).
     passes = 20  # the prefill + 19 decode steps
     per_layer = source.layer_bytes
-    assert passes * streamed <= source.stats["reads"] - len(plan.resident_layers)
-    assert source.stats["reads"] - len(plan.resident_layers) <= passes * streamed + 1
+    # Layer fetches (resident layers are loaded once, apart): one per streamed layer and pass,
+    # plus the next pass's first layer when its fetch had started before generation ended.
+    assert passes * streamed <= source.stats["reads"] <= passes * streamed + 1
     assert source.stats["bytes_read"] >= passes * streamed * per_layer
 
 
