@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from opt_jax.config import OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache
 from opt_jax.parallel import sharding
+from opt_jax.planning.memory import compiled_train_step_bytes
 
 GiB = 1024**3
 # HBM per chip by TPU generation (Google Cloud's published figures).
@@ -174,13 +175,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
 
 def _bytes(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    out = {
-        "arguments": int(m.argument_size_in_bytes),
-        "outputs": int(m.output_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "aliased": int(m.alias_size_in_bytes),
-    }
+    out = compiled_train_step_bytes(compiled)
     # Donated (aliased) outputs reuse their arguments' memory.
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
     return out
