@@ -6,10 +6,14 @@
 Batch 1, prompts of --prompt_len held-out tokens of the target's run (its data/eval.npy),
 --new_tokens new tokens, EOS off. For each draft length K in --ks: greedy and sampled
 (temperature 0.8) speculative decoding with the draft model, its acceptance (accepted drafts per
-step / K) and tokens/s against our plain decoding of the target; prompt lookup (no draft) at
---lookup_k; and transformers' assisted generation (PyTorch, the same weights, greedy,
-num_assistant_tokens=K at the best K) against ours. Each timing is the median of --reps rounds
-that run every variant once (interleaved), after a warm-up call of each.
+step / K) and tokens/s against our plain decoding of the target, and transformers' heuristic
+draft length (starting at 5); prompt lookup (no draft) at each of --lookup_ks, on the same
+prompts and on --grounded input-grounded prompts (--grounded_len tokens of held-out code,
+chosen among 500 windows as those whose true continuation repeats the most of the prompt's
+3-grams: code that reuses its prompt's identifiers); and transformers' assisted generation
+(PyTorch, the same weights, greedy, num_assistant_tokens=K at the best K) against ours. Each
+timing is the median of --reps rounds that run every variant once (interleaved), after a
+warm-up call of each.
 """
 
 import json
@@ -25,7 +29,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("draft", None, "Draft model, same tokenizer.", required=True)
 flags.DEFINE_list("ks", ["1", "2", "3", "4", "5", "6", "8"], "Draft lengths to try.")
-flags.DEFINE_integer("lookup_k", 5, "Prompt lookup draft length.")
+flags.DEFINE_list("lookup_ks", ["2", "4", "8"], "Prompt lookup draft lengths.")
+flags.DEFINE_integer("grounded", 4, "Input-grounded prompts for prompt lookup (0: none).")
+flags.DEFINE_integer("grounded_len", 192, "Tokens of each input-grounded prompt.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per call.")
 flags.DEFINE_integer("prompts", 4, "Prompts (held-out windows).")
@@ -44,6 +50,30 @@ def _load(path):
     return directory, config, params
 
 
+def grounded_prompts(held_out, count: int, length: int, new_tokens: int, candidates: int = 500):
+    """The `count` held-out windows of `length` tokens (of `candidates` evenly spaced) whose
+    next `new_tokens` true tokens repeat the most of the prompt's 3-grams: input-grounded text,
+    where prompt lookup has something to find. Returns ([1, length] int32 prompts, the mean
+    share of the continuation's 3-grams found in the prompt)."""
+    import numpy as np
+
+    if count == 0:
+        return [], None
+    span = length + new_tokens
+    starts = np.linspace(0, len(held_out) - span - 1, candidates).astype(int)
+
+    def share(s):
+        window = held_out[s : s + span].tolist()
+        seen = {tuple(window[i : i + 3]) for i in range(length - 2)}
+        ahead = [tuple(window[i : i + 3]) for i in range(length, span - 2)]
+        return sum(g in seen for g in ahead) / len(ahead)
+
+    scores = np.array([share(s) for s in starts])
+    best = np.argsort(-scores, kind="stable")[:count]
+    prompts = [held_out[s : s + length][None].astype(np.int32) for s in starts[best]]
+    return prompts, float(scores[best].mean())
+
+
 def main(argv):
     del argv
     import numpy as np
@@ -58,23 +88,30 @@ def main(argv):
     held_out = np.load(os.path.join(f.target, "data", "eval.npy"))
     starts = np.linspace(0, len(held_out) - f.prompt_len - 1, f.prompts).astype(int)
     prompts = [held_out[s : s + f.prompt_len][None].astype(np.int32) for s in starts]
+    grounded, overlap = grounded_prompts(held_out, f.grounded, f.grounded_len, f.new_tokens)
     base = dict(max_new_tokens=f.new_tokens, eos_token_id=[])
     sampled = dict(base, do_sample=True, temperature=0.8, top_k=None)
-    variants = {"plain greedy": dict(base), "plain sampled": dict(sampled),
-                f"lookup K={f.lookup_k}": dict(base, prompt_lookup_num_tokens=f.lookup_k,
-                                               output_acceptance=True)}  # fmt: skip
+    variants = {"plain greedy": dict(base), "plain sampled": dict(sampled)}
     spec = dict(assistant_model=draft, assistant_params=d_params, output_acceptance=True)
     for k in map(int, f.ks):
         variants[f"greedy K={k}"] = dict(base, num_assistant_tokens=k, **spec)
         variants[f"sampled K={k}"] = dict(sampled, num_assistant_tokens=k, **spec)
+    variants["greedy heuristic"] = dict(base, num_assistant_tokens=5, **spec,
+                                        num_assistant_tokens_schedule="heuristic")  # fmt: skip
+    for k in map(int, f.lookup_ks):
+        variants[f"lookup K={k}"] = dict(base, prompt_lookup_num_tokens=k, output_acceptance=True)
+    if grounded:
+        variants["grounded plain greedy"] = dict(base)
+        for k in map(int, f.lookup_ks):
+            variants[f"grounded lookup K={k}"] = variants[f"lookup K={k}"]
 
-    def run(options, seed=0):
-        outs = [opt_jax.generate(target, t_params, p, seed=seed, **options) for p in prompts]
-        return outs
+    def run(options, seed=0, name=""):
+        chosen = grounded if name.startswith("grounded") else prompts
+        return [opt_jax.generate(target, t_params, p, seed=seed, **options) for p in chosen]
 
     accepted = {}
     for name, options in variants.items():  # warm-up (compiles) and acceptance
-        outs = run(options)
+        outs = run(options, name=name)
         if outs[0].acceptance is not None:
             steps = np.concatenate([o.acceptance[o.acceptance >= 0] for o in outs])
             accepted[name] = float(steps.mean())
@@ -82,21 +119,26 @@ def main(argv):
     for _ in range(f.reps):
         for name, options in variants.items():
             start = time.perf_counter()
-            run(options)
+            run(options, name=name)
             times[name].append(time.perf_counter() - start)
     tokens = f.new_tokens * len(prompts)
     rows = []
     for name in variants:
         seconds = statistics.median(times[name])
-        plain = statistics.median(times["plain sampled" if "sampled" in name else "plain greedy"])
-        row = {"variant": name, "tokens_per_s": tokens / seconds, "speedup": plain / seconds,
+        peer = "plain sampled" if "sampled" in name else "plain greedy"
+        on_grounded = name.startswith("grounded")
+        plain = statistics.median(times["grounded " + peer if on_grounded else peer])
+        made = f.new_tokens * len(grounded) if on_grounded else tokens
+        row = {"variant": name, "tokens_per_s": made / seconds, "speedup": plain / seconds,
                "accepted_per_step": accepted.get(name)}  # fmt: skip
         if name.split("K=")[-1].isdigit() and accepted.get(name) is not None:
             row["acceptance_rate"] = accepted[name] / int(name.split("K=")[-1])
         rows.append(row)
         print(f"[benchmark_speculative] {row}", flush=True)
     results = {"cpu": roofline.describe_cpu(), "target": target_dir, "draft": draft_dir,
-               "prompt_len": f.prompt_len, "new_tokens": f.new_tokens, "rows": rows}  # fmt: skip
+               "prompt_len": f.prompt_len, "new_tokens": f.new_tokens,
+               "grounded_len": f.grounded_len, "grounded_overlap": overlap,
+               "rows": rows}  # fmt: skip
 
     if f.transformers:  # the same weights in PyTorch, transformers' assisted generation
         import torch
@@ -143,8 +185,10 @@ def main(argv):
         import matplotlib.pyplot as plt
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for mode in ("greedy", "sampled"):
+        for mode in ("greedy", "sampled", "grounded lookup"):
             picked = [r for r in rows if r["variant"].startswith(f"{mode} K=")]
+            if not picked:
+                continue
             ks = [int(r["variant"].split("=")[1]) for r in picked]
             a.plot(ks, [r["acceptance_rate"] for r in picked], "o-", label=mode)
             b.plot(ks, [r["speedup"] for r in picked], "o-", label=mode)

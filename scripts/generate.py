@@ -181,12 +181,11 @@ def _run(f) -> None:
         options.update(
             assistant_model=opt_jax.OPTForCausalLM(draft_config), assistant_params=draft_params
         )
-    speculative = f.assistant or cfg.prompt_lookup_num_tokens
     generated, start = 0, time.time()
     for prompt in prompts:
         # The prompt is echoed only once its generation has produced something (or finished):
         # an option error raised by the first call leaves stdout empty.
-        if cfg.is_beam or cfg.num_return_sequences > 1 or speculative:  # these do not stream
+        if cfg.is_beam or cfg.num_return_sequences > 1:  # these do not stream
             text, count = _generate_whole(model, params, tokenizer, prompt, options)
             sys.stdout.write(prompt + text)
             generated += count

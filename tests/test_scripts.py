@@ -105,6 +105,13 @@ def test_generate_cli_streams_from_hf_and_orbax(tmp_path):
         str(tmp_path / "demo"), "--prompt", "class A:", "--max_new_tokens", "6",
     )  # fmt: skip
     assert proc_out.startswith("class A:")
+    # Speculative decoding (the contract), the model drafting for itself: same text.
+    spec_out = _run(
+        "scripts/generate.py", "--model", str(tmp_path / "ck"), "--tokenizer",
+        str(tmp_path / "demo"), "--prompt", "class A:", "--max_new_tokens", "6",
+        "--assistant", str(tmp_path / "demo"), "--num_assistant_tokens", "3",
+    )  # fmt: skip
+    assert spec_out == proc_out
 
 
 def test_profile_ops_names_the_training_steps_operations():

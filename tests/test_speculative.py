@@ -61,6 +61,47 @@ def test_eos_and_max_new_tokens_inside_a_draft_and_a_perfect_draft():
             assert out.acceptance[row].tolist()[:3] == [5, 3, -1]
 
 
+@pytest.mark.parametrize("ids, mask, max_new", [
+    ([[7]], [[1]], 58),  # no room for bucketing: a one-token buffer prompt
+    ([[1, 7], [4, 9]], [[0, 1], [1, 1]], 57),  # two tokens, the first row's one a pad
+])  # fmt: skip
+def test_a_perfect_draft_accepts_everything_from_the_shortest_prompts(ids, mask, max_new):
+    """The draft's cache lags the text by two tokens (an iteration's first draft call feeds
+    the last two): with prompts that leave nothing (or padding) to prefill, a draft equal to
+    the target still accepts every draft, so its cache held exactly the right tokens."""
+    ids, mask = np.array(ids), np.array(mask)
+    plain = opt_jax.generate(TARGET, TARGET_PARAMS, ids, mask, max_new_tokens=max_new,
+                             eos_token_id=[])  # fmt: skip
+    out = opt_jax.generate(TARGET, TARGET_PARAMS, ids, mask, max_new_tokens=max_new,
+                           eos_token_id=[], assistant_model=TARGET,
+                           assistant_params=TARGET_PARAMS, num_assistant_tokens=3,
+                           output_acceptance=True)  # fmt: skip
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    for row in out.acceptance:
+        steps = row[row >= 0].tolist()
+        assert steps[:-1] == [3] * (len(steps) - 1)  # 4 tokens a step until the budget
+        assert 4 * (len(steps) - 1) < max_new <= 4 * len(steps)
+
+
+def test_streaming_sends_the_steps_plain_decoding_sends():
+    """Rows advance by different amounts per iteration; the streamer still gets one call per
+    step with every row's token (the pad id after a row's EOS), as in plain decoding."""
+    plain = _greedy(max_new_tokens=10, eos_token_id=[]).sequences[2, IDS.shape[1] :].tolist()
+    eos = plain[next(i for i in range(2, 6) if plain.index(plain[i]) == i)]  # ends row 2 early
+    calls = {"plain": [], "speculative": []}
+    options = dict(max_new_tokens=10, eos_token_id=[eos])
+    for name, extra in (("plain", {}), ("speculative", dict(assistant_model=DRAFT,
+                        assistant_params=DRAFT_PARAMS, num_assistant_tokens=3))):  # fmt: skip
+        out = _greedy(**options, **extra, streamer=lambda step, tokens, name=name: calls[
+            name].append((step, tokens.tolist())))  # fmt: skip
+    assert calls["speculative"] == calls["plain"] and len(calls["plain"]) == 10
+    assert calls["plain"][-1][1][2] == 1  # row 2 finished: the pad id
+    np.testing.assert_array_equal(out.sequences, _greedy(**options).sequences)
+    steps = []  # a streamer that returns False stops decoding
+    _greedy(**options, **extra, streamer=lambda step, tokens: steps.append(step) or step < 2)
+    assert steps == [0, 1, 2]
+
+
 def test_prompt_lookup_and_the_heuristic_schedule_equal_plain_greedy():
     repeated = np.concatenate([IDS[:, -6:], IDS[:, -6:], IDS[:, -6:]], axis=1)  # repeats itself
     mask = np.concatenate([MASK[:, -6:]] * 3, axis=1)
@@ -86,6 +127,27 @@ def test_history_processors_see_the_drafts_before_each_position():
     out = _greedy(assistant_model=TARGET, assistant_params=TARGET_PARAMS,
                   num_assistant_tokens=4, **options)  # fmt: skip
     np.testing.assert_array_equal(out.sequences, plain.sequences)
+
+
+def test_no_repeat_ngram_bad_words_and_stop_sequences_see_each_row_own_history():
+    """These read the text before each position, which differs per row and per draft: with all
+    three on (each changing the output), greedy speculative output equals plain greedy output,
+    with a draft that disagrees, a perfect draft (the stop falls inside a draft) and lookup."""
+    n = IDS.shape[1]
+    free = _greedy(max_new_tokens=12, eos_token_id=[]).sequences[:, n:]
+    options = dict(max_new_tokens=12, eos_token_id=[], no_repeat_ngram_size=2,
+                   bad_words_ids=[[int(free[0, 0])], free[1, 3:5].tolist()])  # fmt: skip
+    banned = _greedy(**options).sequences[:, n:]
+    options["stop_sequences"] = [banned[2, 4:6].tolist()]
+    plain = _greedy(**options).sequences
+    assert (plain[:, n:] != free).any(1).all()  # every row's text changed
+    assert (plain[2, n + 6 :] == 1).all()  # row 2 stopped after its stop sequence
+    for extra in (dict(assistant_model=DRAFT, assistant_params=DRAFT_PARAMS,
+                       num_assistant_tokens=3),
+                  dict(assistant_model=TARGET, assistant_params=TARGET_PARAMS,
+                       num_assistant_tokens=5),
+                  dict(prompt_lookup_num_tokens=3)):  # fmt: skip
+        np.testing.assert_array_equal(_greedy(**options, **extra).sequences, plain)
 
 
 def test_draft_length_never_recompiles():
@@ -189,7 +251,6 @@ def test_greedy_equals_transformers_assisted_generation(tmp_path):
         (dict(num_beams=2), "not with beam search or contrastive search"),
         (dict(prompt_lookup_num_tokens=3), "pass assistant_model= or prompt_lookup_num_tokens="),
         (dict(assistant_params=None), "assistant_model needs assistant_params"),
-        (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size is not available with speculative"),
         (dict(max_new_tokens=48), r"\+ 9 slots for drafts exceeds the model's "),
     ],
 )

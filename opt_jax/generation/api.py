@@ -133,11 +133,9 @@ def generate(
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding
 # ---------------------------------------------------------------------------------------------
-# Options the speculative loop does not take yet (each needs every row's own history length).
-_NOT_SPECULATIVE = ("no_repeat_ngram_size", "bad_words_ids", "stop_sequences")
 
 
-def _check_speculative(config, gen_config, assistant_model, assistant_params, streamer):
+def _check_speculative(config, gen_config, assistant_model, assistant_params):
     """One-line errors for a speculative request, before anything is traced."""
     lookup = gen_config.prompt_lookup_num_tokens is not None
     if lookup and assistant_model is not None:
@@ -147,11 +145,6 @@ def _check_speculative(config, gen_config, assistant_model, assistant_params, st
             "speculative decoding (assistant_model / prompt_lookup_num_tokens) works with greedy "
             "decoding and sampling, not with beam search or contrastive search"
         )
-    if streamer is not None:
-        raise ValueError("streaming is not available with speculative decoding yet")
-    for name in _NOT_SPECULATIVE:
-        if getattr(gen_config, name):
-            raise ValueError(f"{name} is not available with speculative decoding yet")
     if assistant_model is None:
         return None
     if not isinstance(assistant_model, OPTForCausalLM):
@@ -172,9 +165,7 @@ def _check_speculative(config, gen_config, assistant_model, assistant_params, st
 def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prng_key,
                  streamer, assistant_model, assistant_params) -> GenerateOutput:  # fmt: skip
     config = model.config
-    draft_config = _check_speculative(
-        config, gen_config, assistant_model, assistant_params, streamer
-    )
+    draft_config = _check_speculative(config, gen_config, assistant_model, assistant_params)
     lookup = gen_config.prompt_lookup_num_tokens
     k = lookup if lookup is not None else gen_config.num_assistant_tokens
     # Drafts per step, static (the draft length itself is traced): a multiple of 4, with room
@@ -202,15 +193,25 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
     prng_key = jax.random.key(0 if seed is None else seed) if prng_key is None else prng_key
     values = {name: jnp.float32(v) for name, v in gen_config.values().items()}
     values["num_assistant_tokens"] = jnp.float32(k)
-    program = _compiled_speculative(config, draft_config, gen_config.program(), capacity)
+    program = _compiled_speculative(
+        config, draft_config, gen_config.program(), capacity, streamer is not None
+    )
     params = nn.unbox(params)
     draft_params = None if draft_config is None else nn.unbox(assistant_params)
     heads = (lm_head_copy(params), None if draft_params is None else lm_head_copy(draft_params))
-    tokens, logprobs, acceptance = program(
-        params, draft_params, heads, jnp.asarray(ids), jnp.asarray(mask), prng_key, values,
-        gen_config.max_new_tokens, buffer_length,
-    )  # fmt: skip
-    tokens = np.asarray(tokens)
+    stream_id = 0
+    if streamer is not None:
+        aligned = StepAligner(streamer, ids.shape[0], gen_config.pad_token_id)
+        stream_id = _register_streamer(aligned)
+    try:
+        tokens, logprobs, acceptance = program(
+            params, draft_params, heads, jnp.asarray(ids), jnp.asarray(mask), prng_key, values,
+            gen_config.max_new_tokens, jnp.int32(stream_id), buffer_length,
+        )  # fmt: skip
+        tokens = np.asarray(tokens)  # waits for the device, and so for every streamed token
+    finally:
+        if streamer is not None:
+            _unregister_streamer(stream_id)
     steps = gen_config.max_new_tokens
     return GenerateOutput(
         sequences=tokens[:, extra : bucket_prompt + steps].astype(np.int32),
@@ -219,10 +220,13 @@ def _speculative(model, params, input_ids, attention_mask, gen_config, seed, prn
     )
 
 
-def _compiled_speculative(config, draft_config, program: GenerationConfig, capacity: int):
+def _compiled_speculative(
+    config, draft_config, program: GenerationConfig, capacity: int, streaming: bool
+):
     """The jitted speculative program for (target, draft, static options, capacity)."""
 
-    def run(params, draft_params, heads, prompt, mask, rng, values, max_new, buffer_length):
+    def run(params, draft_params, heads, prompt, mask, rng, values, max_new, stream_id,
+            buffer_length):  # fmt: skip
         TRACE_COUNT["n"] += 1
         target = _every_position(config, params, heads[0])
         cache = KVCache.init(config, prompt.shape[0], buffer_length)
@@ -233,10 +237,11 @@ def _compiled_speculative(config, draft_config, program: GenerationConfig, capac
         return speculative_decode(
             target, draft, program, values, prompt, mask, cache, draft_cache, rng, max_new,
             buffer_length, capacity, config.vocab_size,
+            _speculative_dispatch if streaming else None, stream_id,
         )  # fmt: skip
 
-    key = ("speculative", config, draft_config, program, capacity)
-    return PROGRAMS.get(key, lambda: jax.jit(run, static_argnums=(8,)))
+    key = ("speculative", config, draft_config, program, capacity, streaming)
+    return PROGRAMS.get(key, lambda: jax.jit(run, static_argnums=(9,)))
 
 
 def _every_position(config, params, head):
@@ -351,6 +356,43 @@ def _register_streamer(streamer: Callable) -> int:
 def _unregister_streamer(stream_id: int) -> None:
     with _STREAMERS_LOCK:
         _STREAMERS.pop(stream_id, None)
+
+
+class StepAligner:
+    """Turns speculative iterations (each row's 1 .. K + 1 new tokens, rows at different steps)
+    into the streamer's contract, the one plain decoding keeps: streamer(step, tokens [B]) for
+    step 0, 1, ..., with every row's token of that step (the pad id once a row has finished).
+    Step t is sent once every row has made its t-th token or finished."""
+
+    def __init__(self, streamer: Callable, rows: int, pad_id: int):
+        self.streamer, self.pad_id = streamer, pad_id
+        self.made: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.step = 0
+
+    def __call__(self, new: np.ndarray, count: np.ndarray, done: np.ndarray) -> bool:
+        for row, (tokens, n, finished) in enumerate(zip(new, count, done, strict=True)):
+            self.made[row].extend(int(t) for t in tokens[:n])
+            self.done[row] = bool(finished)
+        while True:
+            have = [len(m) > self.step for m in self.made]
+            if not any(have) or not all(h or d for h, d in zip(have, self.done, strict=True)):
+                return True
+            tokens = [
+                m[self.step] if h else self.pad_id for m, h in zip(self.made, have, strict=True)
+            ]
+            if self.streamer(self.step, np.array(tokens, np.int32)) is False:
+                return False
+            self.step += 1
+
+
+def _speculative_dispatch(stream_id, new, count, done):
+    """Forwards one speculative iteration's tokens to the StepAligner of call `stream_id`."""
+    with _STREAMERS_LOCK:
+        aligned = _STREAMERS.get(int(stream_id))
+    if aligned is None:
+        return np.bool_(False)
+    return np.bool_(aligned(np.asarray(new), np.asarray(count), np.asarray(done)))
 
 
 def _stream_dispatch(stream_id, step, tokens):

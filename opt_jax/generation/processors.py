@@ -51,15 +51,19 @@ def presence_frequency_penalty(logits, counts, presence, frequency):
     return logits - presence * (counts > 0) - frequency * counts
 
 
+def _before(x, end, m: int):
+    """x [N, L] -> [N, m]: each row's m slots before its `end` (a scalar or [N]; clipped at 0)."""
+    start = jnp.maximum(jnp.broadcast_to(end, x.shape[:1]) - m, 0)
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, m))(x, start)
+
+
 def ends_with(tokens, valid, end, sequence: tuple[int, ...]):
     """[N] bool: whether tokens[:, end - len(sequence):end] equals `sequence` (all real).
 
-    `end` is a traced scalar (exclusive); too short a history never matches.
+    `end` is a traced scalar or [N] (exclusive, per row); too short a history never matches.
     """
     m = len(sequence)
-    start = jnp.maximum(end - m, 0)
-    window = jax.lax.dynamic_slice_in_dim(tokens, start, m, axis=1)  # [N, m]
-    window_valid = jax.lax.dynamic_slice_in_dim(valid, start, m, axis=1)
+    window, window_valid = _before(tokens, end, m), _before(valid, end, m)  # [N, m]
     match = (window == jnp.asarray(sequence, tokens.dtype)).all(-1) & window_valid.all(-1)
     return match & (end >= m)
 
@@ -81,21 +85,21 @@ def ban_repeated_ngrams(logits, tokens, valid, end, n: int):
     """no_repeat_ngram_size: bans every token that would complete an n-gram already in the row.
 
     Args:
-      end: traced scalar, the number of buffer slots written so far (exclusive end).
+      end: traced scalar or [N], the number of buffer slots written so far (exclusive end).
     """
     length = tokens.shape[1]
     if n > length:
         return logits
     starts = length - n + 1
+    end = jnp.broadcast_to(end, tokens.shape[:1])[:, None]  # [N, 1]
     # windows[:, j, k] = tokens[:, j + k]: every n-gram of the buffer.  [N, starts, n]
     windows = jnp.stack([tokens[:, k : k + starts] for k in range(n)], axis=-1)
     windows_valid = jnp.stack([valid[:, k : k + starts] for k in range(n)], axis=-1).all(-1)
-    prefix_start = jnp.maximum(end - (n - 1), 0)
-    prefix = jax.lax.dynamic_slice_in_dim(tokens, prefix_start, n - 1, axis=1)  # [N, n-1]
-    prefix_valid = jax.lax.dynamic_slice_in_dim(valid, prefix_start, n - 1, axis=1).all(-1)
-    complete = jnp.arange(starts) + n - 1 < end  # the n-gram lies fully in the history
+    prefix = _before(tokens, end[:, 0], n - 1)  # [N, n-1]
+    prefix_valid = _before(valid, end[:, 0], n - 1).all(-1)
+    complete = jnp.arange(starts)[None, :] + n - 1 < end  # the n-gram lies fully in the history
     match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)
-    match &= windows_valid & complete[None, :] & prefix_valid[:, None] & (end >= n - 1)
+    match &= windows_valid & complete & prefix_valid[:, None] & (end >= n - 1)
     banned = _row_scatter(logits.shape, windows[:, :, n - 1], match, "max")
     return jnp.where(banned, NEG_INF, logits)
 
@@ -187,7 +191,7 @@ def process_logits(
       values: the traced options by name (scalars).
       scores: [N, V] float32 (raw logits, or log-probs in beam search).
       tokens, valid: [N, L] token buffer and its real-token mask.
-      end: traced scalar, slots written so far. num_generated: traced scalar.
+      end: traced scalar or [N], slots written so far. num_generated: traced scalar or [N, 1].
       generated: [L] bool, which slots hold generated (not prompt) tokens.
     """
     vocab = scores.shape[-1]

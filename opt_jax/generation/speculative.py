@@ -4,9 +4,10 @@ Axis legend: B rows, Tb bucketed prompt length, L buffer length, K draft tokens 
 static capacity, K <= Kc traced), V vocabulary.
 
 Each iteration, for every row at once:
-  1. drafting: a small model proposes K tokens from its own KV cache (K + 1 draft steps: the
-     last one only puts the K-th token into the draft's cache), or, with prompt lookup, the K
-     tokens that followed the earliest earlier occurrence of the row's last n-gram;
+  1. drafting: a small model proposes K tokens from its own KV cache in K calls (the first
+     feeds the row's last two tokens: the draft's cache never holds the K-th draft, which no
+     call needs, so an iteration's first call adds the token before the last), or, with prompt
+     lookup, the K tokens that followed the earliest earlier occurrence of the row's last n-gram;
   2. verifying: the target scores the row's last token and the Kc drafts in one forward pass
      over its cache ([B, Kc + 1] new tokens; drafts beyond K are never accepted);
   3. accepting: greedy keeps the drafts up to the first one that differs from the target's
@@ -19,8 +20,8 @@ Each iteration, for every row at once:
      and both caches roll back their rejected slots: the row's write index and position move
      back and the slots are masked out, to be overwritten by the next iteration. Rows advance
      by different amounts (per-row cache indices), so a ragged batch stays exact.
-Invariant at the top of an iteration: row b holds n_b committed tokens in the buffer, and both
-caches have processed all of them but the last.
+Invariant at the top of an iteration: row b holds n_b committed tokens in the buffer, the
+target's cache has processed all of them but the last, the draft's all but the last two.
 
 The K of the next iteration follows `num_assistant_tokens_schedule`: "constant", or
 "heuristic" (transformers' assisted generation: +2 after a fully accepted draft, else -1, at
@@ -36,13 +37,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.experimental import io_callback
 
 from opt_jax.generation.config import GenerationConfig
-from opt_jax.generation.processors import process_logits, warp_logits
+from opt_jax.generation.processors import ends_with, process_logits, warp_logits
 from opt_jax.kv_cache import write_rows
 
 # The processors that read a row's history (what was generated before each position).
 HISTORY = frozenset({"repetition_penalty", "presence_penalty", "frequency_penalty"})
+
+
+def _reads_history(gen_config: GenerationConfig) -> bool:
+    return bool(
+        HISTORY & gen_config.active or gen_config.no_repeat_ngram_size or gen_config.bad_words_ids
+    )
 
 
 @struct.dataclass
@@ -92,16 +100,18 @@ def _row_write(x, start, new, count):
     return write_rows(x, jnp.where(keep, new.astype(x.dtype), window), start)
 
 
-def _scores(gen_config, values, logits, tokens, valid, produced, generated):
-    """Processed logits [B, J, V] of J positions, position j seeing the row's tokens with the
-    first j of the candidates written (tokens / valid [B, J, L] per position)."""
+def _scores(gen_config, values, logits, tokens, valid, length, written, produced, generated):
+    """Processed logits [B, J, V] of J positions, position j seeing the row's `length` [B]
+    committed tokens and the first written[j] candidates (tokens / valid [B, J, L] per
+    position, from _views)."""
     batch, positions, vocab = logits.shape
     tokens = jnp.broadcast_to(tokens, (batch, positions, tokens.shape[-1]))
     valid = jnp.broadcast_to(valid, tokens.shape)
     flat = lambda x: x.reshape((batch * positions,) + x.shape[2:])  # noqa: E731
-    counts = (produced[:, None] + jnp.arange(positions)[None, :]).reshape(-1, 1)
+    counts = (produced[:, None] + written[None, :]).reshape(-1, 1)
+    ends = (length[:, None] + written[None, :]).reshape(-1)
     scores = process_logits(
-        gen_config, values, flat(logits), flat(tokens), flat(valid), None, counts, generated
+        gen_config, values, flat(logits), flat(tokens), flat(valid), ends, counts, generated
     )
     return scores.reshape(batch, positions, vocab)
 
@@ -110,8 +120,13 @@ def _views(gen_config, tokens, valid, length, candidates, written):
     """What each scored position has seen: for each count in `written` [J], the buffer with
     candidates[:, :count] written after each row's committed tokens: (tokens, valid)
     [B, J, L]. Without a processor that reads the history, the buffer as it is ([B, 1, L])."""
-    if not HISTORY & gen_config.active:
+    if not _reads_history(gen_config):
         return tokens[:, None, :], valid[:, None, :]
+    return _written(tokens, valid, length, candidates, written)
+
+
+def _written(tokens, valid, length, candidates, written):
+    """_views' buffers [B, J, L], always."""
     L = tokens.shape[1]
     offset = jnp.arange(L)[None, None, :] - length[:, None, None]  # [B, 1, L] past the row's end
     here = (offset >= 0) & (offset < written[None, :, None])  # [B, J, L]
@@ -153,7 +168,7 @@ def _lookup(tokens, valid, length, capacity, ngram):
 def speculative_decode(
     target, draft, gen_config: GenerationConfig, values: dict, prompt, prompt_mask,
     target_cache, draft_cache, rng, max_new_tokens, buffer_length: int, capacity: int,
-    vocab_size: int,
+    vocab_size: int, stream=None, stream_id=None,
 ):  # fmt: skip
     """Speculative decoding (pure; jit it). See the module docstring.
 
@@ -166,6 +181,9 @@ def speculative_decode(
       max_new_tokens: traced scalar; buffer_length: static L >= Tb + max_new_tokens + capacity + 1.
       capacity: static Kc, the most draft tokens per iteration.
       vocab_size: V of both models.
+      stream, stream_id: optional host callback stream(stream_id, new [B, Kc + 1], count [B],
+        done [B]) -> bool, called after each iteration with each row's new tokens new[b, :count[b]]
+        (in order, after those of earlier calls); False ends the loop (every row done).
 
     Returns:
       (tokens [B, L], logprobs [B, L - Tb], acceptance [B, L - Tb] int32).
@@ -177,11 +195,11 @@ def speculative_decode(
     tokens = jnp.full((batch, buffer_length), pad, jnp.int32).at[:, :prompt_len].set(prompt)
     valid = jnp.zeros((batch, buffer_length), bool).at[:, :prompt_len].set(prompt_mask)
     generated = jnp.arange(buffer_length) >= prompt_len
-    # Prefill all but the last prompt token: the loop feeds each row's last token itself.
-    head, head_mask = prompt[:, :-1], prompt_mask[:, :-1]
-    _, target_cache = target(head, head_mask, target_cache)
-    if draft is not None:
-        _, draft_cache = draft(head, head_mask, draft_cache)
+    # Prefill all but the last prompt token (the draft: all but the last two): the loop feeds
+    # each row's last token(s) itself.
+    _, target_cache = target(prompt[:, :-1], prompt_mask[:, :-1], target_cache)
+    if draft is not None and prompt_len > 2:
+        _, draft_cache = draft(prompt[:, :-2], prompt_mask[:, :-2], draft_cache)
     steps = buffer_length - prompt_len
     state = SpecState(
         tokens=tokens, valid=valid, length=jnp.full((batch,), prompt_len, jnp.int32),
@@ -211,13 +229,11 @@ def speculative_decode(
             draft_cache = None
         else:
 
-            def draft_step(i, carry):
-                cache, drafts, q, previous = carry
-                logits, cache = draft(previous, ones, cache)  # [B, 1, V]
-                at = jnp.minimum(i, capacity)  # the draft being chosen has seen `at` drafts
-                seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, at[None])
+            def choose(i, logits, drafts, q):
+                """The i-th draft from the draft's logits [B, 1, V] (it has seen i drafts)."""
+                seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, i[None])
                 scores = _scores(
-                    gen_config, values, logits, *seen, s.produced + i, generated
+                    gen_config, values, logits, *seen, s.length, i[None], s.produced, generated
                 )[:, 0]  # fmt: skip
                 if sample:
                     warped = warp_logits(gen_config, values, scores)
@@ -225,27 +241,39 @@ def speculative_decode(
                 else:
                     token = jnp.argmax(scores, axis=-1)
                 token = token.astype(jnp.int32)
-                write = i < capacity  # the last step only puts the K-th draft into the cache
-                drafts = jnp.where(
-                    write,
-                    jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], at, 1),
-                    drafts,
-                )
+                drafts = jax.lax.dynamic_update_slice_in_dim(drafts, token[:, None], i, 1)
                 if sample:  # q: the distribution each draft was drawn from
                     probs = jax.nn.softmax(warped, axis=-1)[:, None]
-                    q = jnp.where(write, jax.lax.dynamic_update_slice_in_dim(q, probs, at, 1), q)
-                return cache, drafts, q, token[:, None]
+                    q = jax.lax.dynamic_update_slice_in_dim(q, probs, i, 1)
+                return drafts, q, token[:, None]
 
+            def draft_step(i, carry):
+                cache, drafts, q, previous = carry
+                logits, cache = draft(previous, ones, cache)  # [B, 1, V]
+                return (cache, *choose(i, logits, drafts, q))
+
+            # The first call feeds the token before the last too (padding in a one-token row).
+            before = jnp.maximum(s.length - 2, 0)[:, None]
+            chunk = jnp.concatenate([jnp.take_along_axis(s.tokens, before, axis=1), last], 1)
+            chunk_mask = jnp.take_along_axis(s.valid, before, axis=1) & (s.length >= 2)[:, None]
+            logits, draft_cache = draft(
+                chunk, jnp.concatenate([chunk_mask, ones], 1), s.draft_cache
+            )  # fmt: skip
             q = jnp.zeros((batch, capacity, vocab_size), jnp.float32) if sample else None
-            carry = (s.draft_cache, jnp.zeros((batch, capacity), jnp.int32), q, last)
-            draft_cache, drafts, q, _ = jax.lax.fori_loop(0, s.k + 1, draft_step, carry)
+            first = choose(jnp.int32(0), logits[:, -1:], jnp.zeros((batch, capacity), jnp.int32), q)
+            draft_cache, drafts, q, _ = jax.lax.fori_loop(
+                1, s.k, draft_step, (draft_cache, *first)
+            )  # fmt: skip
             available = jnp.broadcast_to(s.k, (batch,))
 
         # -- 2. the target scores the last token and every draft --------------------------------
         chunk = jnp.concatenate([last, drafts], axis=1)  # [B, Kc + 1]
         target_logits, target_cache = target(chunk, jnp.ones_like(chunk, bool), s.target_cache)
-        seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, jnp.arange(capacity + 1))
-        scores = _scores(gen_config, values, target_logits, *seen, s.produced, generated)
+        written = jnp.arange(capacity + 1)
+        seen = _views(gen_config, s.tokens, s.valid, s.length, drafts, written)
+        scores = _scores(
+            gen_config, values, target_logits, *seen, s.length, written, s.produced, generated
+        )  # fmt: skip
 
         # -- 3. acceptance -----------------------------------------------------------------------
         position = jnp.arange(capacity)[None, :]
@@ -287,7 +315,14 @@ def speculative_decode(
         # -- 4. commit -----------------------------------------------------------------------------
         count = accepted + 1
         count = jnp.minimum(count, max_new_tokens - s.produced)
-        is_eos = jnp.isin(new, eos) & (jnp.arange(capacity + 1)[None, :] < count[:, None])
+        is_eos = jnp.isin(new, eos)
+        if gen_config.stop_sequences:  # the text with new[:, :j + 1] written ends with one
+            ends = s.length[:, None] + jnp.arange(1, capacity + 2)[None, :]  # [B, Kc + 1]
+            views = _written(s.tokens, s.valid, s.length, new, jnp.arange(1, capacity + 2))
+            flat = [v.reshape(-1, v.shape[-1]) for v in views]
+            for sequence in gen_config.stop_sequences:
+                is_eos |= ends_with(*flat, ends.reshape(-1), sequence).reshape(ends.shape)
+        is_eos &= jnp.arange(capacity + 1)[None, :] < count[:, None]
         first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, count)
         count = jnp.where(s.done, 0, jnp.minimum(count, first_eos)).astype(jnp.int32)
         tokens = _row_write(s.tokens, s.length, new, count)
@@ -300,7 +335,14 @@ def speculative_decode(
         )
         produced = s.produced + count
         done = s.done | is_eos.any(axis=1) | (produced >= max_new_tokens)
-        # Both caches keep the committed tokens but the newest (fed next iteration).
+        if stream is not None:
+            keep = io_callback(
+                stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, new, count, done,
+                ordered=True,
+            )  # fmt: skip
+            done = done | ~keep
+        # The target's cache keeps the committed tokens but the newest, the draft's all but the
+        # newest two (fed next iteration): it wrote the two it was fed and K - 1 drafts.
         target_cache = rewind(target_cache, capacity + 1 - count)
         if draft is not None:
             draft_cache = rewind(draft_cache, s.k + 1 - count)
