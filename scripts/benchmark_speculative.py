@@ -74,6 +74,30 @@ def grounded_prompts(held_out, count: int, length: int, new_tokens: int, candida
     return prompts, float(scores[best].mean())
 
 
+def forward_ms(config, params, positions: int, context: int = 96, reps: int = 30) -> float:
+    """Median ms of one model call that feeds `positions` new tokens (batch 1) to a KV cache
+    already holding `context` tokens and returns the logits of every new position: the cost of
+    a draft step (1 position; 2 for an iteration's first call) or of a verify pass (Kc + 1)."""
+    import jax
+    import numpy as np
+
+    from opt_jax.generation.api import lm_head_copy, opt_tokens_to_logits
+    from opt_jax.kv_cache import KVCache
+
+    context = min(context, config.max_position_embeddings - positions - 1)
+    step = jax.jit(opt_tokens_to_logits(config, params, lm_head_copy(params), every_position=True))
+    cache = KVCache.init(config, 1, context + positions + 1)
+    _, _, cache = step(np.full((1, context), 5, np.int32), np.ones((1, context), bool), cache)
+    tokens, mask = np.full((1, positions), 7, np.int32), np.ones((1, positions), bool)
+    jax.block_until_ready(step(tokens, mask, cache))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(step(tokens, mask, cache))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def main(argv):
     del argv
     import numpy as np
@@ -178,6 +202,14 @@ def main(argv):
             "ratio": statistics.median(hf_times) / statistics.median(ours_times),
         }  # fmt: skip
         print(f"[benchmark_speculative] {results['transformers_assisted']}", flush=True)
+    # The cost model behind the speed-ups: an iteration with K drafts costs one 2-token draft
+    # call, K - 1 one-token draft calls and one target pass over Kc + 1 positions, where Kc is
+    # K rounded up to a multiple of 4 (generate's static draft capacity).
+    results["forward_ms"] = {
+        "target": {n: forward_ms(t_config, t_params, n) for n in (1, 2, 5, 9, 13)},
+        "draft": {n: forward_ms(d_config, d_params, n) for n in (1, 2)},
+    }
+    print(f"[benchmark_speculative] forward ms {results['forward_ms']}", flush=True)
     if f.plot:
         import matplotlib
 

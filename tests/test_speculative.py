@@ -4,6 +4,12 @@ draft, prompt lookup, the heuristic schedule), sampled output follows the target
 (and a wrong acceptance rule is caught), transformers' assisted generation agrees, and bad
 requests fail before compiling."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -269,3 +275,40 @@ def test_an_assistant_with_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match=r"assistant's vocabulary \(64 ids\) differs from the "
                        r"model's \(99\)"):  # fmt: skip
         _greedy(max_new_tokens=4, assistant_model=other, assistant_params=other_params)
+
+
+def test_the_study_scripts_distil_a_draft_and_benchmark_it(tmp_path):
+    """experiments/speculative/distil.py and scripts/benchmark_speculative.py as the study runs
+    them, on a tiny random target with a workdir's layout (export/, data/*.npy)."""
+    target = tmp_path / "target"
+    opt_jax.save_pretrained(target / "export", TARGET_CONFIG, TARGET_PARAMS)
+    (target / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("train", 4000), ("eval", 2000)):
+        np.save(target / "data" / f"{name}.npy", rng.integers(3, 99, size).astype(np.uint16))
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    out = run("experiments/speculative/distil.py", "--target", str(target), "--out",
+              str(tmp_path / "draft"), "--hidden", "16", "--layers", "1", "--heads", "2",
+              "--steps", "4", "--eval_every", "2", "--batch", "2", "--seq_len", "16")  # fmt: skip
+    assert "step 4: train KL" in out and "greedy agreement" in out
+    draft_config, _ = opt_jax.load_pretrained(str(tmp_path / "draft"))
+    assert (draft_config.hidden_size, draft_config.num_hidden_layers) == (16, 1)
+    assert draft_config.vocab_size == TARGET_CONFIG.vocab_size
+    run("scripts/benchmark_speculative.py", "--target", str(target), "--draft",
+        str(tmp_path / "draft"), "--ks", "2", "--lookup_ks", "2", "--prompts", "1", "--reps", "1",
+        "--prompt_len", "8", "--new_tokens", "4", "--grounded", "1", "--grounded_len", "8",
+        "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "k.png"))  # fmt: skip
+    results = json.loads((tmp_path / "r.json").read_text())
+    names = {row["variant"] for row in results["rows"]}
+    assert {"greedy K=2", "sampled K=2", "greedy heuristic", "grounded lookup K=2"} <= names
+    assert results["transformers_assisted"]["ratio"] > 0
+    assert set(results["forward_ms"]["target"]) == {"1", "2", "5", "9", "13"}
+    assert (tmp_path / "k.png").stat().st_size > 0

@@ -23,6 +23,11 @@ import time
 
 from absl import app, flags
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt",
+)  # fmt: skip
+
 flags.DEFINE_string("target", None, "The target's training workdir.", required=True)
 flags.DEFINE_string(
     "out", None, "Where to write the draft (a Hugging Face directory).", required=True
@@ -119,8 +124,8 @@ def main(argv):
 
     def save(params):
         opt_jax.save_pretrained(f.out, d_config, params)
-        for name in os.listdir(target_dir):  # the target's tokenizer: the two must share it
-            if name != "config.json" and os.path.isfile(os.path.join(target_dir, name)):
+        for name in TOKENIZER_FILES:  # the target's tokenizer: the two must share it
+            if os.path.isfile(os.path.join(target_dir, name)):
                 shutil.copy(os.path.join(target_dir, name), f.out)
 
     start = time.perf_counter()
