@@ -13,6 +13,9 @@ JSON: per-chip bytes from the compiler (arguments, outputs, temporaries, aliased
 the chip's HBM, `fits` (95% of HBM), the memory planner's estimate of the same fields, model
 FLOPs per step with the MFU formula a measured step time gives, compile seconds, and the
 collectives of the compiled HLO (count and bytes per step; scanned layers counted per layer).
+--save DIR writes each compiled program (NAME.exe, serialized, and NAME.json: the chips and the
+jax / jaxlib / libtpu versions a loading process must have); on the slice,
+`opt_jax.training.aot.load_executable("DIR/train_step.exe")` returns it ready to call.
 Compiled, not run. Exit 0 when the program compiled, fits or not; 2 with one line otherwise.
 """
 
@@ -36,6 +39,9 @@ flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's se
 flags.DEFINE_enum("workload", "train", ["train", "decode"], "What to compile.")
 flags.DEFINE_string("json", None, "Write the report here.")
 flags.DEFINE_string("hlo", None, "Write the compiled HLO of the largest program here.")
+flags.DEFINE_string(
+    "save", None, "Write each compiled program here (NAME.exe + NAME.json), to load on the slice."
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -79,9 +85,10 @@ def _plan(config, mesh, batch, seq_len, workload, accum):
     return fields
 
 
-def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None) -> dict:
+def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=None) -> dict:
     """Compiles and returns the JSON report (see the module docstring); `hlo`: a path for the
-    compiled HLO text of the largest program."""
+    compiled HLO text of the largest program; `save`: a directory for the serialized
+    executables (aot.save_executable; load them on the slice with aot.load_executable)."""
     from opt_jax.planning.roofline import device_peaks, model_flops_per_token
     from opt_jax.training import aot
 
@@ -109,6 +116,12 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None) -> di
     chips = len(device_mesh.devices.flat)
     kind = device_mesh.devices.flat[0].device_kind
     peak = device_peaks(kind, "bfloat16")
+    saved = []
+    if save:
+        about = {"topology": topology, "mesh": list(mesh), "batch": batch, "seq_len": seq_len,
+                 "workload": workload, "config": experiment.to_json()}  # fmt: skip
+        saved = [aot.save_executable(save, c.name, c.executable, about)
+                 for c in programs if c.executable is not None]  # fmt: skip
     return {
         "workload": workload,
         "topology": topology,
@@ -152,6 +165,7 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None) -> di
         # are then the arguments and the temporaries it asked for).
         "compiler_refused": {c.name: c.error for c in programs if c.error} or None,
         "collectives": main.collectives,
+        "saved": saved,
     }
 
 
@@ -177,6 +191,8 @@ def _print(r: dict) -> None:
     for name, v in used.items():
         print(f"  {name:18s} {v['count']:5d} x, {v['bytes'] / gib:.3f} GiB per step")
     print(f"  {r['mfu_formula']}")
+    for path in r["saved"]:
+        print(f"  saved {path} (load on the slice: opt_jax.training.aot.load_executable)")
 
 
 def main(argv):
@@ -187,7 +203,8 @@ def main(argv):
         mesh = _mesh_sizes(FLAGS.mesh)
         batch = FLAGS.batch or experiment.batch_size
         seq_len = FLAGS.seq_len or experiment.seq_len
-        r = report(experiment, FLAGS.topology, mesh, batch, seq_len, FLAGS.workload, FLAGS.hlo)
+        r = report(experiment, FLAGS.topology, mesh, batch, seq_len, FLAGS.workload, FLAGS.hlo,
+                   FLAGS.save)  # fmt: skip
     except (ValueError, ImportError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,7 @@ def _shard_bytes(tree) -> int:
     return sharding.per_device_bytes(tree, jax.tree.map(lambda x: x.sharding, tree))
 
 
-def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments():
+def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments(tmp_path):
     mesh = aot.make_mesh("v5e:2x2", (1, 4, 1))
     rules = sharding.rules_from_config(_experiment().sharding_rules)
     (step,), state = aot.train_programs(_experiment(), _config(), mesh, rules, 8, 256)
@@ -53,6 +53,13 @@ def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments():
     # FSDP: parameters gathered for the forward and backward passes, gradients scattered.
     assert step.collectives["all-gather"]["count"] > 0
     assert step.collectives["reduce-scatter"]["count"] > 0
+    # Saved for the slice (what aot_compile.py --save writes); this CPU process cannot run it.
+    path = aot.save_executable(str(tmp_path), step.name, step.executable, {"mesh": [1, 4, 1]})
+    manifest = json.loads((tmp_path / f"{step.name}.json").read_text())
+    assert manifest["platform"] == "tpu" and manifest["devices"] == 4 and manifest["libtpu"]
+    with pytest.raises(ValueError, match=r"compiled for TPU v5 lite \(tpu\) chips \(this process "
+                       r"has cpu \(cpu\)\): recompile it here"):  # fmt: skip
+        aot.load_executable(path)
 
 
 @pytest.mark.parametrize(
@@ -136,7 +143,8 @@ def test_script_contract_and_a_program_that_does_not_fit(tmp_path):
     # A v5e chip (16 GiB) cannot hold 2048 rows of a 2048-slot KV cache of this model (34 GB).
     done = _script("--topology", "v5e:2x2", "--mesh", "4,1,1", "--workload", "decode",
                    "--batch", "8192", "--seq_len", "2048", "--json", str(out),
-                   "--config.model.max_position_embeddings=2048")  # fmt: skip
+                   "--config.model.max_position_embeddings=2048",
+                   "--save", str(tmp_path / "exe"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     r = json.loads(out.read_text())
     assert r["fits"] is False and r["chips"] == 4
@@ -148,6 +156,21 @@ def test_script_contract_and_a_program_that_does_not_fit(tmp_path):
     assert "DOES NOT FIT" in done.stdout
     # The TPU compiler refuses a program that cannot fit: its message gives the temporaries.
     assert "exceeds available HBM" in r["compiler_refused"]["decode_step"]
+    assert r["saved"] == []  # --save: nothing compiled, nothing to save
+
+
+def test_a_saved_executable_loads_and_runs(tmp_path):
+    """save_executable / load_executable round trip (on this CPU: a TPU executable needs the
+    slice), and a version mismatch is refused with the versions named."""
+    f = jax.jit(lambda a, b: (a * 2 + b).sum(-1))
+    x, y = np.ones((4, 8), np.float32), np.arange(32, dtype=np.float32).reshape(4, 8)
+    path = aot.save_executable(str(tmp_path), "f", f.lower(x, y).compile(), {"note": "test"})
+    np.testing.assert_array_equal(aot.load_executable(path)(x, y), f(x, y))
+    manifest = json.loads((tmp_path / "f.json").read_text())
+    assert manifest["about"] == {"note": "test"} and not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "f.json").write_text(json.dumps(dict(manifest, jax="0.0.1")))
+    with pytest.raises(ValueError, match=r"compiled for jax 0\.0\.1 \(this process: "):
+        aot.load_executable(path)
 
 
 @pytest.mark.parametrize(

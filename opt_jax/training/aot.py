@@ -14,6 +14,7 @@ Axis legend: B global batch, T sequence length, L layers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -232,6 +233,89 @@ def compile_program(name: str, fn, *args) -> Compiled:
         return Compiled(name, sizes, empty, time.perf_counter() - began, None, message)
     seconds = time.perf_counter() - began
     return Compiled(name, _bytes(compiled), collectives(compiled.as_text()), seconds, compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved executables
+# ---------------------------------------------------------------------------------------------
+def _runtime() -> dict:
+    """What a serialized executable needs of the process that loads it."""
+    import jaxlib
+
+    try:
+        from importlib.metadata import version
+
+        libtpu = version("libtpu")
+    except Exception:  # no libtpu installed (a CPU or GPU machine)
+        libtpu = None
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "libtpu": libtpu}
+
+
+def save_executable(directory: str, name: str, compiled, about: dict | None = None) -> str:
+    """Writes `compiled` (a jax Compiled) as DIRECTORY/NAME.exe, serialized with
+    jax.experimental.serialize_executable, and DIRECTORY/NAME.json: the platform, device kind
+    and count and the jax / jaxlib / libtpu versions it was compiled with (a loading process
+    must match them), plus `about` (what was compiled: topology, mesh, shapes). Both files are
+    written under temporary names and renamed, so a failed save leaves no half file. Returns
+    the .exe path."""
+    import pickle
+
+    from jax.experimental.serialize_executable import serialize
+
+    payload, in_tree, out_tree = serialize(compiled)
+    devices = set()
+    for leaf in jax.tree.leaves(compiled.input_shardings):
+        devices |= leaf.device_set
+    device = min(devices, key=lambda d: d.id, default=None)
+    manifest = {
+        "program": name,
+        "platform": None if device is None else device.platform,
+        "device_kind": None if device is None else device.device_kind,
+        "devices": len(devices),
+        **_runtime(),
+        "about": about or {},
+    }
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.exe")
+    files = {path: pickle.dumps((payload, in_tree, out_tree)),
+             path[: -len(".exe")] + ".json": json.dumps(manifest, indent=2).encode()}  # fmt: skip
+    for target, data in files.items():
+        with open(target + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(target + ".tmp", target)
+    return path
+
+
+def load_executable(path: str):
+    """The callable executable save_executable wrote to `path` (NAME.exe), loaded onto this
+    process's devices.
+
+    Raises:
+      ValueError: one line, when this process cannot run it: another platform or device kind,
+        too few devices, or other jax / jaxlib / libtpu versions than it was compiled with.
+    """
+    import pickle
+
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    with open(path[: -len(".exe")] + ".json") as f:
+        manifest = json.load(f)
+    here = jax.devices()
+    problems = [
+        f"{key} {manifest[key]} (this process: {value})"
+        for key, value in _runtime().items()
+        if manifest[key] != value
+    ]
+    if manifest["platform"] != here[0].platform or manifest["device_kind"] != here[0].device_kind:
+        problems.insert(0, f"{manifest['device_kind']} ({manifest['platform']}) chips (this "
+                           f"process has {here[0].device_kind} ({here[0].platform}))")  # fmt: skip
+    elif manifest["devices"] > len(here):
+        problems.insert(0, f"{manifest['devices']} devices (this process has {len(here)})")
+    if problems:
+        raise ValueError(f"{path} was compiled for {'; '.join(problems)}: recompile it here")
+    with open(path, "rb") as f:
+        payload, in_tree, out_tree = pickle.load(f)
+    return deserialize_and_load(payload, in_tree, out_tree)
 
 
 # ---------------------------------------------------------------------------------------------
