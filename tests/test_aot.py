@@ -67,6 +67,7 @@ def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments(tmp_pat
     [
         {},  # bfloat16 weights as served
         {"quantization": "int8"},
+        {"scan_layers": True},  # one stacked [L, B, N, S, H] cache, sharded like a layer's
     ],
 )
 def test_decode_programs_compile_for_a_v5p_slice(fields):

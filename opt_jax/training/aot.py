@@ -391,7 +391,9 @@ def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int
     params = _abstract(params_abstract, sharding.logical_to_shardings(specs, mesh, rules))
     rows = sharding.batch_sharding(mesh, rules, 2)
     cache_abstract = jax.eval_shape(lambda: KVCache.init(opt_config, batch, seq_len))
-    kv = sharding.logical_to_shardings(P(*KV_AXES), mesh, rules)
+    # scan_layers stacks every layer's cache into one [L, B, N, S, H] array
+    layers = (sharding.LAYERS,) if opt_config.scan_layers else ()
+    kv = sharding.logical_to_shardings(P(*layers, *KV_AXES), mesh, rules)
     by_rows = sharding.batch_sharding(mesh, rules, 1)
     cache_shardings = KVCache(
         key=jax.tree.map(lambda _: kv, cache_abstract.key),
