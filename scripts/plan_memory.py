@@ -4,18 +4,28 @@
       --dtype bfloat16 --remat full
   python scripts/plan_memory.py --table      # every preset on common meshes (the README table)
   python scripts/plan_memory.py --preset 6.7b --batch 8 --seq_len 512 --lora_rank 8
+  python scripts/plan_memory.py --search --preset 6.7b --batch 1024 --accelerator tpu-v5p \
+      --chips 64 --compile 2 --topology v5p:4x4x4
+
+--search tries every data x fsdp x tensor mesh of --chips devices and every remat policy (with
+the fewest gradient-accumulation micro-batches that fit) and lists the layouts that fit, the
+smallest per-device memory first; --compile K then compiles the first K for --topology with the
+TPU compiler (scripts/aot_compile.py, minutes each at full size) and prints its bytes beside.
 
 --mesh is data,fsdp,tensor. Parameters, optimizer state and gradients are exact (from the real
 shardings); activations follow Korthikanti et al. 2022; tests check the totals against XLA's
 compiled.memory_analysis() on shapes that compile here.
 """
 
+import os
 import sys
 
-from absl import app, flags
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning only: no accelerator is used
 
-import opt_jax
-from opt_jax.planning import memory
+from absl import app, flags  # noqa: E402
+
+import opt_jax  # noqa: E402
+from opt_jax.planning import memory  # noqa: E402
 
 flags.DEFINE_string("preset", "125m", "Model size.")
 flags.DEFINE_string("mesh", "1,1,1", "data,fsdp,tensor sizes.")
@@ -28,6 +38,12 @@ flags.DEFINE_integer("grad_accum", 1, "Gradient-accumulation micro-batches per s
 flags.DEFINE_integer(
     "lora_rank", 0, "LoRA rank on q_proj and v_proj (0: full training); only adapters train."
 )
+flags.DEFINE_bool("search", False, "List the meshes and remat policies that fit --chips devices.")
+flags.DEFINE_integer("chips", 8, "--search: devices to lay the model out on.")
+flags.DEFINE_enum("accelerator", "tpu-v5e", list(memory.ACCELERATORS), "--search: device type.")
+flags.DEFINE_integer("top", 20, "--search: layouts to print.")
+flags.DEFINE_integer("compile", 0, "--search: compile the first K layouts for --topology.")
+flags.DEFINE_string("topology", None, "--search --compile: the TPU slice (e.g. v5p:4x4x4).")
 flags.DEFINE_bool("table", False, "Print the table of every preset on common meshes.")
 flags.DEFINE_bool(
     "inference_table",
@@ -132,9 +148,80 @@ def inference_table() -> str:
     return "\n".join(lines)
 
 
+SEARCH_HEADER = (
+    "| mesh (data x fsdp x tensor) | remat | micro-batches | params + optimizer | "
+    "activations + logits | update | train total (GiB/device) |\n|---|---|---|---|---|---|---|"
+)
+
+
+def _compile(f, layout: dict) -> str:
+    """scripts/aot_compile.py on one layout: the compiler's total per chip (GiB) or its error."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    mesh = layout["mesh"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        done = subprocess.run(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "aot_compile.py"),
+             f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'opt.py')}"
+             f":{f.preset}", "--topology", f.topology,
+             "--mesh", f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
+             "--batch", str(f.batch), "--seq_len", str(f.seq_len), "--json", out,
+             f"--config.model.dtype={f.dtype}", f"--config.model.param_dtype={f.param_dtype}",
+             f"--config.model.remat_policy={layout['remat_policy']}",
+             "--config.model.scan_layers=True",
+             f"--config.optim.grad_accum_steps={layout['grad_accum_steps']}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode:
+            return (done.stderr.strip().splitlines() or ["failed"])[-1]
+        with open(out) as fh:
+            r = json.load(fh)
+    return f"compiler: {_gib(r['bytes_per_chip']['total'])} GiB, fits {r['fits']}"
+
+
+def search(f) -> None:
+    _check(f, 1, 1)
+    if f.compile and not f.topology:
+        raise ValueError("--compile needs --topology (the TPU slice to compile for)")
+    if f.chips < 1:
+        raise ValueError(f"--chips must be >= 1, got {f.chips}")
+    cfg = opt_jax.preset(f.preset, dtype=f.dtype, param_dtype=f.param_dtype,
+                         lora_rank=f.lora_rank, scan_layers=True)  # fmt: skip
+    hbm = memory.ACCELERATORS[f.accelerator] * memory.GiB
+    found = memory.search(cfg, f.chips, f.batch, f.seq_len, hbm)
+    gib = memory.ACCELERATORS[f.accelerator]
+    print(f"{f.preset}, batch {f.batch} x {f.seq_len}, on {f.chips} x {f.accelerator} "
+          f"({gib} GiB, 90% usable): {len(found)} layouts fit")  # fmt: skip
+    if not found:
+        return
+    print(SEARCH_HEADER)
+    for i, r in enumerate(found[: f.top]):
+        m = r["mesh"]
+        line = (
+            f"| {m['data']}x{m['fsdp']}x{m['tensor']} | {r['remat_policy']} | "
+            f"{r['grad_accum_steps']} | {_gib(r['params'] + r['optimizer'])} | "
+            f"{_gib(r['activations'] + r['logits'])} | {_gib(r['update'])} | "
+            f"{_gib(r['train_total'])} |"
+        )
+        if i < f.compile:
+            line += f" {_compile(f, r)}"
+        print(line, flush=True)
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.search:
+        try:
+            search(f)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     if f.inference_table:
         print(inference_table())
         print(

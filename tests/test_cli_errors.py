@@ -228,6 +228,8 @@ def test_convert_to_orbax_copies_the_tokenizer(tiny_hf, tmp_path):
             ["--preset", "125m", "--seq_len", "4096"],
             "--seq_len 4096 exceeds the 125m model's max_position_embeddings 2048",
         ),
+        (["--search", "--compile", "1"], "--compile needs --topology"),
+        (["--search", "--chips", "0"], "--chips must be >= 1, got 0"),
     ],
 )
 def test_plan_memory_input_errors(args, match):

@@ -66,3 +66,35 @@ def test_plan_counts_quantized_parameters_exactly(method):
     qcfg, qparams = opt_jax.quantize(cfg, opt_jax.init_params(cfg, 0), method)
     plan = memory.plan(qcfg, {}, 1, 256)
     assert plan["params"] == sum(x.nbytes for x in jax.tree.leaves(qparams))
+
+
+def test_search_lists_the_layouts_that_fit_smallest_first():
+    cfg = opt_jax.preset("1.3b", dtype="bfloat16", scan_layers=True)
+    hbm = 16 * memory.GiB  # 16 v5e chips, the OPT paper's 1.3b batch of 512 x 2048
+    found = memory.search(cfg, 16, 512, 2048, hbm)
+    totals = [r["train_total"] for r in found]
+    assert found and totals == sorted(totals)
+    for r in found:
+        m = r["mesh"]
+        assert m["data"] * m["fsdp"] * m["tensor"] == 16 and 32 % m["tensor"] == 0
+        assert r["train_total"] <= 0.9 * hbm
+        # the fewest micro-batches that fit: half as many would not
+        if r["grad_accum_steps"] > 1:
+            fewer = cfg.replace(remat_policy=r["remat_policy"])
+            p = memory.plan(fewer, m, 512, 2048, grad_accum_steps=r["grad_accum_steps"] // 2)
+            assert p["train_total"] > 0.9 * hbm
+    best = found[0]
+    assert (best["mesh"], best["remat_policy"]) == ({"data": 1, "fsdp": 16, "tensor": 1}, "full")
+    # 175b's state alone is 2.8 TB: nothing fits 8 chips of 16 GiB
+    assert memory.search(opt_jax.preset("175b", scan_layers=True), 8, 8, 2048, hbm) == []
+
+
+def test_plan_memory_search_cli():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "scripts/plan_memory.py", "--search", "--preset", "1.3b", "--batch",
+         "512", "--chips", "16", "--accelerator", "tpu-v5e", "--top", "3"], cwd=root,
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mesh" not in line]
+    assert len(rows) == 3 and rows[0].startswith("| 1x16x1 | full | 8 |"), out

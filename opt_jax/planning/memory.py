@@ -9,6 +9,7 @@ device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -69,6 +70,24 @@ def _recompute_bytes(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> 
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int]) -> tuple[int, int]:
+    """(parameter bytes, trained-parameter bytes) per device on a (data, fsdp, tensor) mesh."""
+    names = sharding.MESH_AXES
+    mesh = AbstractMesh(sizes, names)
+    abstract = abstract_params(cfg)
+    specs = param_logical_axes(cfg)
+    sharding.check_divisible(abstract, specs, dict(zip(names, sizes, strict=True)))
+    shardings = sharding.logical_to_shardings(specs, mesh)
+    params = sharding.per_device_bytes(abstract, shardings)
+    trained = params
+    if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
+        trained = sharding.per_device_bytes(
+            partition(abstract, lora.is_trained)[0], partition(shardings, lora.is_trained)[0]
+        )
+    return params, trained
+
+
 def plan(
     cfg: OPTConfig,
     mesh_shape: dict[str, int],
@@ -96,18 +115,9 @@ def plan(
       temporaries (the step's peak beyond params and optimizer state: the larger of
       activations + logits and update), train_total, kv_cache, inference_total.
     """
-    names = sharding.MESH_AXES
-    mesh = AbstractMesh(tuple(mesh_shape.get(n, 1) for n in names), names)
-    abstract = abstract_params(cfg)
-    specs = param_logical_axes(cfg)
-    sharding.check_divisible(abstract, specs, dict(zip(names, mesh.axis_sizes, strict=True)))
-    shardings = sharding.logical_to_shardings(specs, mesh)
-    params = sharding.per_device_bytes(abstract, shardings)
-    trained = params
-    if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
-        trained = sharding.per_device_bytes(
-            partition(abstract, lora.is_trained)[0], partition(shardings, lora.is_trained)[0]
-        )
+    sizes = tuple(mesh_shape.get(n, 1) for n in sharding.MESH_AXES)
+    # The state's bytes do not depend on remat (cached: --search plans many remats per mesh)
+    params, trained = _state_bytes(cfg.replace(remat_policy="none"), sizes)
     data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     if batch_size % data_ways:
@@ -158,3 +168,59 @@ def compiled_train_step_bytes(compiled) -> dict:
         "temporaries": int(analysis.temp_size_in_bytes),
         "aliased": int(analysis.alias_size_in_bytes),
     }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(
+    cfg: OPTConfig,
+    chips: int,
+    batch_size: int,
+    seq_len: int,
+    memory_bytes: int,
+    *,
+    headroom: float = 0.9,
+    remat_policies: tuple[str, ...] = ("none", "save_dots", "full"),
+    max_tensor: int = 8,
+    max_grad_accum: int = 64,
+) -> list[dict]:
+    """Training layouts of `cfg` on `chips` devices of `memory_bytes` each that fit.
+
+    Tries every (data, fsdp, tensor) mesh of `chips` devices (tensor <= max_tensor, dividing
+    the heads and the FFN width; data x fsdp dividing the batch), every remat policy, and for
+    each pair the fewest gradient-accumulation micro-batches (1, 2, 4, ... <= max_grad_accum)
+    whose plan fits `headroom` of the memory.
+
+    Returns:
+      One dict per fitting (mesh, remat) pair, smallest `train_total` first: mesh ({"data",
+      "fsdp", "tensor"}), remat_policy, grad_accum_steps, and the plan's byte counts.
+    """
+    found = []
+    for tensor in _divisors(chips):
+        if tensor > max_tensor or cfg.num_attention_heads % tensor or cfg.ffn_dim % tensor:
+            continue
+        for fsdp in _divisors(chips // tensor):
+            data = chips // tensor // fsdp
+            if batch_size % (data * fsdp):
+                continue
+            per_shard = batch_size // (data * fsdp)
+            mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
+            for remat in remat_policies:
+                model = cfg.replace(remat_policy=remat)
+                accum = 1
+                while accum <= min(per_shard, max_grad_accum):
+                    try:
+                        p = plan(model, mesh, batch_size, seq_len, grad_accum_steps=accum)
+                    except ValueError:  # a parameter axis this mesh does not divide
+                        break
+                    if p["train_total"] <= headroom * memory_bytes:
+                        found.append(
+                            {"mesh": mesh, "remat_policy": remat, "grad_accum_steps": accum, **p}
+                        )
+                        break
+                    accum *= 2
+                    while accum <= per_shard and per_shard % accum:
+                        accum *= 2
+    return sorted(found, key=lambda r: (r["train_total"], r["grad_accum_steps"]))
