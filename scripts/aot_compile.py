@@ -75,7 +75,10 @@ def _plan(config, mesh, batch, seq_len, workload, accum):
     p = memory.plan(config, shape, batch, seq_len, grad_accum_steps=accum)
     if workload == "train":
         state = p["params"] + p["optimizer"]
-        fields = {"arguments": state, "outputs": state, "aliased": state,
+        # ids and mask (int32, rows over data x fsdp) and the rng key, as the TPU lays them out
+        rows = batch // (mesh[0] * mesh[1])
+        inputs = 2 * memory.tpu_array_bytes((rows, seq_len), 4) + memory.tpu_array_bytes((2,), 4)
+        fields = {"arguments": state + inputs, "outputs": state, "aliased": state,
                   "temporaries": p["temporaries"]}  # fmt: skip
     else:  # params + cache in, the cache out (donated); the planner has no decode temporaries
         fields = {"arguments": p["params"] + p["kv_cache"], "outputs": p["kv_cache"],

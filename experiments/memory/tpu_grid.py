@@ -14,7 +14,9 @@ interrupted run resumes.
 """
 
 import json
+import math
 import os
+import re
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,6 +34,11 @@ flags.DEFINE_integer("layers", 4, "Decoder layers of each point.")
 flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("per_way", 1, "Sequences per data-parallel way.")
 flags.DEFINE_string("topology", "v5e:2x2", "TPU slice.")
+flags.DEFINE_bool(
+    "fit", False, "Fit the planner's TPU constants to --out's points (held out: --hold_out)."
+)
+flags.DEFINE_list("hold_out", [], "--fit: widths not fitted on, only checked.")
+flags.DEFINE_bool("report", False, "Print --out's points against the current planner, as a table.")
 flags.DEFINE_list("model", [], "Further model fields, FIELD=VALUE (e.g. dropout=0.0).")
 FLAGS = flags.FLAGS
 
@@ -99,12 +106,164 @@ def measure(point: dict) -> dict:
             for k in ("params", "optimizer", "activations", "logits", "update", "temporaries")
         },  # fmt: skip
         "seconds": time.perf_counter() - began,
+        "stacked": None
+        if step.executable is None
+        else stacked_bytes(step.executable.as_text(), point["layers"], point["seq_len"]),
     }
+
+
+_ARRAY = re.compile(r"\b(f32|bf16|f16|pred|s8|u8|s32|u32)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "s32": 4, "u32": 4}
+
+
+def stacked_bytes(hlo: str, layers: int, seq_len: int) -> dict | None:
+    """What a scanned forward pass keeps for the backward pass, read off the compiled HLO: the
+    [layers, ...] arrays with a sequence-length axis in the state of the entry computation's
+    first while loop (the forward scan), by dtype and rank; None without such a loop."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    for line in entry.splitlines():
+        if " while(" not in line:
+            continue
+        state = line.split(" while(")[0]
+        found = {}
+        for dtype, dims in _ARRAY.findall(state):
+            shape = [int(d) for d in dims.split(",") if d]
+            if len(shape) < 2 or shape[0] != layers or seq_len not in shape[1:]:
+                continue
+            name = f"{dtype}[{','.join(map(str, shape[1:]))}]"
+            found[name] = found.get(name, 0) + math.prod(shape) * _BYTES[dtype]
+        if found:
+            return found
+    return None
+
+
+def _replan(point: dict, compiler: str = "tpu") -> dict:
+    from opt_jax.planning import memory
+    from opt_jax.training.experiment import model_config
+
+    experiment = _experiment(
+        point["size"], point["remat"], point["scan"], point["layers"], point.get("model", {})
+    )
+    mesh = dict(zip(("data", "fsdp", "tensor"), point["mesh"], strict=True))
+    batch = point["per_way"] * mesh["data"] * mesh["fsdp"]
+    config = model_config(experiment, None)
+    return memory.plan(config, mesh, batch, point["seq_len"], compiler=compiler)
+
+
+def report(path: str) -> None:
+    """The recorded points against the current planner: a markdown table and the spread."""
+    gib = 2**30
+    print("| width | mesh | layers | tokens / chip | attention | remat | compiler | planner | "
+          "planner / compiler | Korthikanti et al. / compiler |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios = {True: [], False: []}
+    within = 0
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            p, compiled = r["point"], r["compiler"]["temporaries"]
+            if r.get("refused"):
+                continue
+            planned = _replan(p)["temporaries"]
+            analytic = _replan(p, "xla_cpu")["temporaries"]
+            ratios[p["scan"]].append(planned / compiled)
+            within += abs(planned / compiled - 1) <= 0.1
+            layers = f"{p['layers']} {'scanned' if p['scan'] else 'unrolled'}"
+            mesh = "x".join(map(str, p["mesh"]))
+            attention = p.get("model", {}).get("attention_impl", "einsum")
+            print(f"| {p['size']} | {mesh} | {layers} | {p['per_way']} x {p['seq_len']} | "
+                  f"{attention} | {p['remat']} | {compiled / gib:.2f} | {planned / gib:.2f} | "
+                  f"{planned / compiled:.2f} | {analytic / compiled:.2f} |")  # fmt: skip
+    print(f"within 10%: {within} of {sum(map(len, ratios.values()))} points")
+    for scan, values in ratios.items():
+        if values:
+            print(f"{'scanned' if scan else 'unrolled'}: planner / compiler "
+                  f"{min(values):.2f}-{max(values):.2f} over {len(values)} points")  # fmt: skip
+
+
+def _features(point: dict) -> tuple[float, list[float]]:
+    """(bytes the layers keep, [float32 logits bytes, one layer's no-remat linear bytes, its
+    score bytes]) of a point, per chip, as opt_jax/planning/memory.py counts them."""
+    from opt_jax.planning import memory
+    from opt_jax.training.experiment import model_config
+
+    experiment = _experiment(
+        point["size"], point["remat"], point["scan"], point["layers"], point.get("model", {})
+    )
+    config = model_config(experiment, None)
+    mesh = dict(zip(("data", "fsdp", "tensor"), point["mesh"], strict=True))
+    tokens, seq, t = point["per_way"] * point["seq_len"], point["seq_len"], mesh["tensor"]
+    full_set = memory._scanned_layer_bytes(config, "none", tokens, seq, t)
+    linear = memory._scanned_layer_bytes(config.replace(attention_impl="flash"), "none", tokens,
+                                         seq, t)  # fmt: skip
+    kept = memory._scanned_layer_bytes(config, point["remat"], tokens, seq, t)
+    if not point["scan"] and point["remat"] == "none":
+        kept = memory._UNROLLED_KEPT * full_set
+    logits = tokens * config.vocab_size / t * 4
+    h, f = config.hidden_size, config.ffn_dim
+    layer_weights = (4 * h * h + 2 * h * f) * 4 / t  # one layer's float32 kernels, gathered
+    embedding = config.vocab_size * h * 4 / t  # the float32 token table, gathered
+    gradients = _replan(point)["gradients"]  # the sharded float32 gradients
+    return point["layers"] * kept, [
+        logits, linear, full_set - linear, layer_weights, embedding, gradients
+    ]  # fmt: skip
+
+
+def fit(path: str) -> None:
+    """Non-negative least squares per (scanned?, remat) of the compiler's temporaries minus what
+    the layers keep on [logits, linear working set, score working set, a layer's gathered float32
+    weights, the gathered float32 token table, the sharded gradients]; prints the constants for
+    memory.py and each point's planned / compiled ratio (held-out widths marked)."""
+    import numpy as np
+    from scipy.optimize import nnls  # non-negative: each term is bytes that exist
+
+    with open(path) as f:  # a step the compiler refused reports only what it asked for
+        rows = [r for r in map(json.loads, f) if not r.get("refused")]
+    table = {}
+    for scan in (True, False):
+        for remat in FLAGS.remat:
+            group = [r for r in rows if r["point"]["scan"] == scan and r["point"]["remat"] == remat]
+            if not group:
+                continue
+            kept, features = zip(*(_features(r["point"]) for r in group), strict=True)
+            compiled = np.array([r["compiler"]["temporaries"] for r in group], float)
+            fitted = np.array([r["point"]["size"] not in FLAGS.hold_out for r in group])
+            x, rest = np.array(features), compiled - np.array(kept)
+            # relative errors: each point's row divided by its compiled bytes
+            w = x / compiled[:, None], rest / compiled
+            coef = nnls(w[0][fitted], w[1][fitted])[0]
+            ratio = (x @ coef + np.array(kept)) / compiled
+            # Leave-one-out: each fitted point predicted by a fit on the others.
+            out = []
+            for i in np.flatnonzero(fitted):
+                others = fitted.copy()
+                others[i] = False
+                c = nnls(w[0][others], w[1][others])[0]
+                out.append((x[i] @ c + kept[i]) / compiled[i])
+            out = iter(out)
+            table[(scan, remat)] = tuple(round(float(v), 3) for v in coef)
+            name = f"{'scanned' if scan else 'unrolled'} {remat}"
+            print(f"{name}: ({', '.join(f'{v:.3f}' for v in coef)})")
+            for r, q, used in zip(group, ratio, fitted, strict=True):
+                p = r["point"]
+                print(f"    {p['size']:5s} {'x'.join(map(str, p['mesh']))} seq {p['seq_len']} "
+                      f"{p.get('model', {})} {q:.2f} "
+                      f"{f'(left out: {next(out):.2f})' if used else '(held out)'}")  # fmt: skip
+    print("_TPU_REST = {")
+    for key, value in table.items():
+        print(f"    {key}: {value},")
+    print("}")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.fit:
+        fit(FLAGS.out)
+        return
+    if FLAGS.report:
+        report(FLAGS.out)
+        return
     done = set()
     if os.path.exists(FLAGS.out):
         with open(FLAGS.out) as f:

@@ -1,17 +1,23 @@
 """Per-device memory planning for training and inference on a (data, fsdp, tensor) mesh.
 
 Parameters, optimizer state and gradients come from the real shardings (`jax.eval_shape` of the
-model on an abstract mesh, so exact); activations and logits from the standard analytic counts
-of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
-section 4), adapted to our remat policies; the KV cache is exact. All numbers are bytes per
-device.
+model on an abstract mesh, so exact), laid out in tiles as the TPU compiler lays them
+(`tpu_array_bytes`). A step's temporaries are predicted for one of two compilers: "tpu"
+(default): what each layer keeps for the backward pass (a scanned layer's stacked arrays,
+counted exactly as the TPU compiler's HLO shows them) plus terms for the logits and the backward
+pass's working set fitted to libtpu's compiler on the grid of experiments/memory (`tpu_grid.py`);
+"xla_cpu": the analytic counts of Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", section 4), adapted to our remat policies, which XLA:CPU matches within
+15% (tests/test_memory.py). The KV cache is exact. All numbers are bytes per device.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
+import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
@@ -57,6 +63,61 @@ def _activation_bytes_per_layer(cfg: OPTConfig, tokens: int, seq_len: int, tenso
     return tokens * per_token
 
 
+def _scanned_layer_bytes(cfg: OPTConfig, remat: str, tokens: int, seq_len: int, tensor: int):
+    """What a scanned layer keeps for the backward pass under `remat`, for `tokens` local
+    tokens: the [layers, ...] arrays the forward scan stacks, as the TPU compiler's HLO shows
+    them (experiments/memory/tpu_grid.py reads them off; the formula matches them to the byte
+    on every scanned point of the grid, bfloat16 compute). h: hidden, f: FFN width, a: heads,
+    s: keys per query, t: tensor ways, c: the compute dtype's bytes."""
+    h, f, a, t = cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, tensor
+    c = np.dtype(cfg.dtype).itemsize
+    # Each head's [T, S] scores: float32 probabilities (the softmax's backward pass) and the
+    # compute-dtype ones (probabilities x values; the same array in float32). The flash kernel
+    # keeps none.
+    scores = 0.0 if cfg.attention_impl == "flash" else a * seq_len / t
+    if remat == "full":
+        per_token = c * h  # the layer's input
+    elif remat == "save_dots":
+        # input, out_proj's output (replicated), q, k, v, probs x values, scores, fc1's output
+        per_token = 2 * c * h + 4 * c * h / t + c * scores + c * f / t
+    elif remat == "save_dots_no_batch":  # the batched attention products are not saved
+        per_token = 2 * c * h + 3 * c * h / t + c * f / t
+    else:
+        per_token = (
+            24 * h  # six float32 [T, D] arrays of the two LayerNorms
+            + 2 * c * h  # the inputs of q/k/v and of fc1 (replicated)
+            + 4 * c * h / t  # out_proj's input; q, k and v
+            + (4 + (c if c < 4 else 0)) * scores
+            + (1 + c) * f / t  # the ReLU's mask and fc2's input
+        )
+        if cfg.dropout > 0:
+            per_token += 2 * h  # the two residual-dropout masks (1 byte each)
+        if cfg.attention_dropout > 0:
+            per_token += (1 + c) * scores  # its mask and the dropped probabilities
+    return tokens * per_token
+
+
+# The TPU compiler's temporaries of a training step beyond what the layers keep: the loss's
+# logits, the backward pass's working set and the gradients, as multiples of (float32 [T, V / t]
+# logits, one layer's no-remat activations outside the scores, its scores, one layer's float32
+# kernels gathered over fsdp, the float32 token table gathered over fsdp, the sharded float32
+# gradients), for (scan_layers, remat). Non-negative least squares of the relative error on the
+# grid of experiments/memory: `python experiments/memory/tpu_grid.py --fit` prints these and
+# each point's error, in the fit and left out of it.
+_TPU_REST = {
+    (True, "none"): (2.083, 3.668, 0.206, 1.73, 0.0, 0.0),
+    (True, "full"): (0.512, 3.485, 0.489, 1.767, 0.0, 0.0),
+    (True, "save_dots"): (1.732, 0.0, 0.716, 0.261, 0.0, 1.751),
+    (False, "none"): (1.733, 0.0, 0.0, 1.965, 0.0, 0.0),
+    (False, "full"): (1.575, 0.0, 0.0, 2.364, 0.0, 0.335),
+    (False, "save_dots"): (1.911, 0.0, 0.144, 1.171, 0.0, 0.042),
+}
+# Unrolled without remat, XLA fuses across the whole pass and keeps 0.45 of what a scanned
+# layer keeps (the slope from 1 to 4 unrolled 125m layers: 0.15 GiB per layer at 2048 tokens).
+_UNROLLED_KEPT = 0.45
+COMPILERS = ("tpu", "xla_cpu")
+
+
 def _recompute_bytes(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> float:
     """With rematerialisation, the backward pass of each layer first recomputes it: that one
     layer's whole activation set is live on top of what every layer saved. (The TPU compiler
@@ -70,20 +131,52 @@ def _recompute_bytes(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> 
     )
 
 
+def tpu_array_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of an array in TPU memory: its two minor dimensions padded to a (8, 128) tile (a
+    (rows, 128) one for fewer than 8 rows), under the cheapest choice of which two dimensions
+    are minor (the compiler picks the layout of each argument; the cheapest one is what it
+    picked on every argument of experiments/memory's grid), a vector to 128 elements.
+    With these the planner's state bytes match the compiler's arguments within 0.1% (a few KB
+    of scalars) where the unpadded count was up to 4.6% low (125m on four-way fsdp: 192-wide
+    shards padded to 256 lanes)."""
+    if len(shape) < 2:  # a scalar, or a vector padded to whole 128-lane rows
+        return itemsize * (-(-shape[0] // 128) * 128 if shape else 1)
+    best = None
+    for minor, second in itertools.permutations(range(len(shape)), 2):
+        rest = math.prod(d for i, d in enumerate(shape) if i not in (minor, second))
+        rows = shape[second]
+        tile = 8 if rows >= 8 else 1 << (rows - 1).bit_length()
+        size = rest * -(-rows // tile) * tile * -(-shape[minor] // 128) * 128
+        best = size if best is None else min(best, size)
+    return best * itemsize
+
+
+def _shard_bytes(abstract, shardings, padded: bool) -> int:
+    if not padded:
+        return sharding.per_device_bytes(abstract, shardings)
+    return sum(
+        tpu_array_bytes(s.shard_shape(leaf.shape), np.dtype(leaf.dtype).itemsize)
+        for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+    )
+
+
 @functools.lru_cache(maxsize=256)
-def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int]) -> tuple[int, int]:
-    """(parameter bytes, trained-parameter bytes) per device on a (data, fsdp, tensor) mesh."""
+def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> tuple[int, int]:
+    """(parameter bytes, trained-parameter bytes) per device on a (data, fsdp, tensor) mesh;
+    `padded`: as laid out in TPU memory (tpu_array_bytes)."""
     names = sharding.MESH_AXES
     mesh = AbstractMesh(sizes, names)
     abstract = abstract_params(cfg)
     specs = param_logical_axes(cfg)
     sharding.check_divisible(abstract, specs, dict(zip(names, sizes, strict=True)))
     shardings = sharding.logical_to_shardings(specs, mesh)
-    params = sharding.per_device_bytes(abstract, shardings)
+    params = _shard_bytes(abstract, shardings, padded)
     trained = params
     if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
-        trained = sharding.per_device_bytes(
-            partition(abstract, lora.is_trained)[0], partition(shardings, lora.is_trained)[0]
+        trained = _shard_bytes(
+            partition(abstract, lora.is_trained)[0],
+            partition(shardings, lora.is_trained)[0],
+            padded,
         )
     return params, trained
 
@@ -98,6 +191,7 @@ def plan(
     decode_length: int | None = None,
     optimizer_moments: int = 2,
     grad_accum_steps: int = 1,
+    compiler: str = "tpu",
 ) -> dict:
     """Bytes per device of a training step and of decoding.
 
@@ -109,25 +203,55 @@ def plan(
       decode_batch, decode_length: KV-cache size for generation (default: batch_size, seq_len).
       optimizer_moments: arrays per parameter kept by the optimizer (AdamW: 2).
       grad_accum_steps: micro-batches per step (activations and logits live per micro-batch).
+      compiler: whose temporaries to predict: "tpu" (libtpu's compiler: within 10% of it on the
+        grid of experiments/memory, the pattern a GPU's XLA is expected to follow too, not
+        checked) or "xla_cpu" (Korthikanti et al.'s counts; XLA:CPU within 15%, tests).
 
     Returns:
       dict of byte counts: params, optimizer, gradients, update, activations, logits,
       temporaries (the step's peak beyond params and optimizer state: the larger of
       activations + logits and update), train_total, kv_cache, inference_total.
     """
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
     sizes = tuple(mesh_shape.get(n, 1) for n in sharding.MESH_AXES)
     # The state's bytes do not depend on remat (cached: --search plans many remats per mesh)
-    params, trained = _state_bytes(cfg.replace(remat_policy="none"), sizes)
+    params, trained = _state_bytes(cfg.replace(remat_policy="none"), sizes, compiler == "tpu")
     data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     if batch_size % data_ways:
         raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {data_ways}")
     local_tokens = batch_size // data_ways * seq_len // grad_accum_steps
     layers = cfg.num_hidden_layers
-    activations = layers * _activation_bytes_per_layer(cfg, local_tokens, seq_len, tensor)
-    activations += _recompute_bytes(cfg, local_tokens, seq_len, tensor)
-    # Float32 logits and their gradient, vocabulary split by tensor.
-    logits = 2 * local_tokens * cfg.vocab_size / tensor * 4
+    if compiler == "tpu":
+        # What each layer keeps (a scan's stacked arrays, exact; unrolled and without remat
+        # XLA keeps less), plus the working set and the logits, fitted to the TPU compiler.
+        remat = cfg.remat_policy
+        full_set = _scanned_layer_bytes(cfg, "none", local_tokens, seq_len, tensor)
+        linear = _scanned_layer_bytes(
+            cfg.replace(attention_impl="flash"), "none", local_tokens, seq_len, tensor
+        )
+        kept = _scanned_layer_bytes(cfg, remat, local_tokens, seq_len, tensor)
+        if not cfg.scan_layers and remat == "none":
+            kept = _UNROLLED_KEPT * full_set
+        policy = "save_dots" if remat == "save_dots_no_batch" else remat
+        c = _TPU_REST[(cfg.scan_layers, policy)]
+        h, f = cfg.hidden_size, cfg.ffn_dim
+        logits_f32 = local_tokens * cfg.vocab_size / tensor * 4
+        activations = (
+            layers * kept
+            + c[1] * linear
+            + c[2] * (full_set - linear)
+            + c[3] * (4 * h * h + 2 * h * f) * 4 / tensor
+            + c[4] * cfg.vocab_size * h * 4 / tensor
+            + c[5] * trained
+        )
+        logits = c[0] * logits_f32
+    else:
+        activations = layers * _activation_bytes_per_layer(cfg, local_tokens, seq_len, tensor)
+        activations += _recompute_bytes(cfg, local_tokens, seq_len, tensor)
+        # Float32 logits and their gradient, vocabulary split by tensor.
+        logits = 2 * local_tokens * cfg.vocab_size / tensor * 4
     decode_batch = decode_batch or batch_size
     decode_length = decode_length or seq_len
     kv_per_device = (
@@ -140,7 +264,10 @@ def plan(
         # The update (under a cond, so that a skipped step keeps the old state) writes the new
         # params and moments before they replace the donated ones: a state-sized set of
         # temporaries, into which XLA reuses the gradients' buffers as they are consumed.
-        "update": trained * (1 + optimizer_moments),
+        # (XLA:CPU; the TPU compiler updates the donated state in place: a 6.7b-wide step on
+        # 1x2x2 needs 1.63 GiB of temporaries in all where this count alone is 2.87; its
+        # gradients are among the fitted terms above.)
+        "update": trained * (1 + optimizer_moments) if compiler == "xla_cpu" else trained,
         "activations": int(activations),
         "logits": int(logits),
         "kv_cache": int(math.ceil(kv_per_device)),
@@ -185,13 +312,14 @@ def search(
     remat_policies: tuple[str, ...] = ("none", "save_dots", "full"),
     max_tensor: int = 8,
     max_grad_accum: int = 64,
+    compiler: str = "tpu",
 ) -> list[dict]:
     """Training layouts of `cfg` on `chips` devices of `memory_bytes` each that fit.
 
     Tries every (data, fsdp, tensor) mesh of `chips` devices (tensor <= max_tensor, dividing
     the heads and the FFN width; data x fsdp dividing the batch), every remat policy, and for
     each pair the fewest gradient-accumulation micro-batches (1, 2, 4, ... <= max_grad_accum)
-    whose plan fits `headroom` of the memory.
+    whose plan fits `headroom` of the memory (`compiler`: see plan).
 
     Returns:
       One dict per fitting (mesh, remat) pair, smallest `train_total` first: mesh ({"data",
@@ -212,7 +340,8 @@ def search(
                 accum = 1
                 while accum <= min(per_shard, max_grad_accum):
                     try:
-                        p = plan(model, mesh, batch_size, seq_len, grad_accum_steps=accum)
+                        p = plan(model, mesh, batch_size, seq_len, grad_accum_steps=accum,
+                                 compiler=compiler)  # fmt: skip
                     except ValueError:  # a parameter axis this mesh does not divide
                         break
                     if p["train_total"] <= headroom * memory_bytes:
