@@ -167,6 +167,23 @@ def test_script_contract_and_a_program_that_does_not_fit(tmp_path):
     assert r["saved"] == []  # --save: nothing compiled, nothing to save
 
 
+def test_a_refused_program_reports_its_whole_need_once():
+    """The compiler's refusal names the program's whole need, arguments included: a 17 GiB
+    argument and almost no temporaries is 17 GiB in all, not 34."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = aot.make_mesh("v5e:2x2", (1, 4, 1))
+    replicated = NamedSharding(mesh, P())
+    x = jax.ShapeDtypeStruct((17 * 2**18, 1024), jax.numpy.float32, sharding=replicated)
+    fn = jax.jit(lambda x: (x * 2).sum(0), out_shardings=replicated)
+    refused = aot.compile_program("f", fn, x)
+    assert refused.executable is None and "exceeds available HBM" in refused.error
+    b = refused.bytes_per_chip
+    assert b["arguments"] == 17 * 2**30
+    assert b["total"] == 17 * 2**30 and b["temporaries"] == 0, b
+
+
 def test_a_saved_executable_loads_and_runs(tmp_path):
     """save_executable / load_executable round trip (on this CPU: a TPU executable needs the
     slice), and a version mismatch is refused with the versions named."""

@@ -197,7 +197,9 @@ class Compiled:
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # The TPU compiler's refusal: "... the total memory required for HLO temporaries (114.07G)
-# exceeds available HBM (15.75G)" (the program needs more than the chip has).
+# exceeds available HBM (15.75G)" (the program needs more than the chip has). Despite the
+# wording the figure is the program's whole need, its arguments included: a program holding a
+# 17 GiB argument and nothing else is refused with "(17.00G)" (tests/test_aot.py).
 _OUT_OF_HBM = re.compile(r"temporaries \(([\d.]+)([KMGT]?)\)")
 
 
@@ -215,7 +217,8 @@ def _abstract_bytes(args) -> int:
 
 def compile_program(name: str, fn, *args) -> Compiled:
     """Lowers and compiles `fn` for `args` (abstract, sharded). A program the compiler refuses
-    for lack of HBM comes back with the temporaries its message names and no executable."""
+    for lack of HBM comes back with the bytes its message names (arguments included) and no
+    executable."""
     began = time.perf_counter()
     lowered = fn.lower(*args)
     try:
@@ -224,10 +227,11 @@ def compile_program(name: str, fn, *args) -> Compiled:
         found = _OUT_OF_HBM.search(str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not found:
             raise
-        temporaries = int(float(found.group(1)) * _UNITS[found.group(2)])
+        required = int(float(found.group(1)) * _UNITS[found.group(2)])
         arguments = _abstract_bytes(args)
-        sizes = {"arguments": arguments, "outputs": 0, "temporaries": temporaries, "aliased": 0,
-                 "total": arguments + temporaries}  # fmt: skip
+        sizes = {"arguments": arguments, "outputs": 0, "aliased": 0,
+                 "temporaries": max(required - arguments, 0),
+                 "total": max(required, arguments)}  # fmt: skip
         empty = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
         message = str(e).strip().splitlines()[0]
         return Compiled(name, sizes, empty, time.perf_counter() - began, None, message)
