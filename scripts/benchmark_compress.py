@@ -76,6 +76,8 @@ def run_row(name, args, f, scratch, first: bool) -> dict:
         raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
     row = json.loads(proc.stdout.splitlines()[-1])
     row["name"] = name
+    if "out" in row:  # the scratch directory is deleted afterwards: record no path of this machine
+        row["out"] = os.path.basename(row["out"])
     print(f"[benchmark_compress] {name}: perplexity {row['perplexity']:.3f} "
           f"in {row['seconds']:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
     return row
