@@ -164,7 +164,6 @@ SEARCH_HEADER = (
 def _compile(f, layout: dict) -> str:
     """scripts/aot_compile.py on one layout: the compiler's total per chip (GiB) or its error."""
     import json
-    import os
     import subprocess
     import tempfile
 
@@ -198,9 +197,8 @@ def search(f) -> None:
         raise ValueError(f"--chips must be >= 1, got {f.chips}")
     cfg = opt_jax.preset(f.preset, dtype=f.dtype, param_dtype=f.param_dtype,
                          lora_rank=f.lora_rank, scan_layers=f.scan_layers)  # fmt: skip
-    hbm = memory.ACCELERATORS[f.accelerator] * memory.GiB
-    found = memory.search(cfg, f.chips, f.batch, f.seq_len, hbm, compiler=f.compiler)
     gib = memory.ACCELERATORS[f.accelerator]
+    found = memory.search(cfg, f.chips, f.batch, f.seq_len, gib * memory.GiB, compiler=f.compiler)
     print(f"{f.preset}, batch {f.batch} x {f.seq_len}, on {f.chips} x {f.accelerator} "
           f"({gib} GiB, 90% usable): {len(found)} layouts fit")  # fmt: skip
     if not found:

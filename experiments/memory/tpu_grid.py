@@ -13,6 +13,8 @@ sequences, one sequence per data-parallel way. Points already in --out are skipp
 interrupted run resumes.
 """
 
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -47,23 +49,37 @@ def _key(point: dict) -> str:
     return json.dumps({k: point[k] for k in sorted(point)}, sort_keys=True)
 
 
-def _experiment(size: str, remat: str, scan: bool, layers: int, fields: dict):
-    """configs/opt.py's recipe for `size` (the file loaded by path: configs is not a package)."""
-    import importlib.util
-
+@functools.cache
+def _recipe():
+    """configs/opt.py (loaded by path: configs is not a package)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location("opt_recipe", f"{root}/configs/opt.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    experiment = recipe.get_config(size)
-    experiment.model.num_hidden_layers = layers
+    return recipe
+
+
+def _experiment(point: dict):
+    """The OPT paper's recipe for the point's width, with its layers, remat and fields."""
+    experiment = _recipe().get_config(point["size"])
+    experiment.model.num_hidden_layers = point["layers"]
     experiment.model.dtype = "bfloat16"
-    experiment.model.remat_policy = remat
-    experiment.model.scan_layers = scan
+    experiment.model.remat_policy = point["remat"]
+    experiment.model.scan_layers = point["scan"]
     experiment.model.attention_impl = "einsum"
-    for name, value in fields.items():
+    for name, value in point.get("model", {}).items():
         experiment.model[name] = _number(value)
     return experiment
+
+
+def _setup(point: dict):
+    """(experiment, its OPTConfig, mesh {"data", "fsdp", "tensor"}, global batch)."""
+    from opt_jax.training.experiment import model_config
+
+    experiment = _experiment(point)
+    mesh = dict(zip(("data", "fsdp", "tensor"), point["mesh"], strict=True))
+    batch = point["per_way"] * mesh["data"] * mesh["fsdp"]
+    return experiment, model_config(experiment, None), mesh, batch
 
 
 def _number(text: str):
@@ -82,19 +98,12 @@ def measure(point: dict) -> dict:
     from opt_jax.parallel import sharding
     from opt_jax.planning import memory
     from opt_jax.training import aot
-    from opt_jax.training.experiment import model_config
 
-    experiment = _experiment(
-        point["size"], point["remat"], point["scan"], point["layers"], point.get("model", {})
-    )
-    config = model_config(experiment, None)
-    mesh_sizes = tuple(point["mesh"])
-    mesh = aot.make_mesh(point["topology"], mesh_sizes)
+    experiment, config, shape, batch = _setup(point)
+    mesh = aot.make_mesh(point["topology"], tuple(point["mesh"]))
     rules = sharding.rules_from_config(experiment.sharding_rules)
-    batch = point["per_way"] * mesh_sizes[0] * mesh_sizes[1]
     began = time.perf_counter()
     (step,), state = aot.train_programs(experiment, config, mesh, rules, batch, point["seq_len"])
-    shape = dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True))
     plan = memory.plan(config, shape, batch, point["seq_len"])
     return {
         "point": point,
@@ -139,14 +148,8 @@ def stacked_bytes(hlo: str, layers: int, seq_len: int) -> dict | None:
 
 def _replan(point: dict, compiler: str = "tpu") -> dict:
     from opt_jax.planning import memory
-    from opt_jax.training.experiment import model_config
 
-    experiment = _experiment(
-        point["size"], point["remat"], point["scan"], point["layers"], point.get("model", {})
-    )
-    mesh = dict(zip(("data", "fsdp", "tensor"), point["mesh"], strict=True))
-    batch = point["per_way"] * mesh["data"] * mesh["fsdp"]
-    config = model_config(experiment, None)
+    _, config, mesh, batch = _setup(point)
     return memory.plan(config, mesh, batch, point["seq_len"], compiler=compiler)
 
 
@@ -181,32 +184,14 @@ def report(path: str) -> None:
                   f"{min(values):.2f}-{max(values):.2f} over {len(values)} points")  # fmt: skip
 
 
-def _features(point: dict) -> tuple[float, list[float]]:
-    """(bytes the layers keep, [float32 logits bytes, one layer's no-remat linear bytes, its
-    score bytes]) of a point, per chip, as opt_jax/planning/memory.py counts them."""
+def _features(point: dict) -> tuple[float, tuple[float, ...]]:
+    """memory.tpu_terms of a point: (bytes the layers keep, the six terms the fit weighs)."""
     from opt_jax.planning import memory
-    from opt_jax.training.experiment import model_config
 
-    experiment = _experiment(
-        point["size"], point["remat"], point["scan"], point["layers"], point.get("model", {})
-    )
-    config = model_config(experiment, None)
-    mesh = dict(zip(("data", "fsdp", "tensor"), point["mesh"], strict=True))
-    tokens, seq, t = point["per_way"] * point["seq_len"], point["seq_len"], mesh["tensor"]
-    full_set = memory._scanned_layer_bytes(config, "none", tokens, seq, t)
-    linear = memory._scanned_layer_bytes(config.replace(attention_impl="flash"), "none", tokens,
-                                         seq, t)  # fmt: skip
-    kept = memory._scanned_layer_bytes(config, point["remat"], tokens, seq, t)
-    if not point["scan"] and point["remat"] == "none":
-        kept = memory._UNROLLED_KEPT * full_set
-    logits = tokens * config.vocab_size / t * 4
-    h, f = config.hidden_size, config.ffn_dim
-    layer_weights = (4 * h * h + 2 * h * f) * 4 / t  # one layer's float32 kernels, gathered
-    embedding = config.vocab_size * h * 4 / t  # the float32 token table, gathered
+    _, config, mesh, _ = _setup(point)
+    tokens = point["per_way"] * point["seq_len"]
     gradients = _replan(point)["gradients"]  # the sharded float32 gradients
-    return point["layers"] * kept, [
-        logits, linear, full_set - linear, layer_weights, embedding, gradients
-    ]  # fmt: skip
+    return memory.tpu_terms(config, tokens, point["seq_len"], mesh["tensor"], gradients)
 
 
 def fit(path: str) -> None:

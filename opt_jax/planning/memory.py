@@ -118,6 +118,30 @@ _UNROLLED_KEPT = 0.45
 COMPILERS = ("tpu", "xla_cpu")
 
 
+def tpu_terms(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int, trained: float):
+    """The TPU model's byte counts per chip for `tokens` local tokens: (what the layers keep, the
+    six terms _TPU_REST weighs: float32 [T, V / t] logits, one layer's no-remat activations
+    outside the scores, its scores, one layer's float32 kernels gathered over fsdp, the float32
+    token table gathered over fsdp, `trained` (the sharded float32 gradients)). What each layer
+    keeps is a scan's stacked arrays (exact); unrolled and without remat XLA keeps less."""
+    full_set = _scanned_layer_bytes(cfg, "none", tokens, seq_len, tensor)
+    flash = cfg.replace(attention_impl="flash")  # the same layer without its scores
+    linear = _scanned_layer_bytes(flash, "none", tokens, seq_len, tensor)
+    kept = _scanned_layer_bytes(cfg, cfg.remat_policy, tokens, seq_len, tensor)
+    if not cfg.scan_layers and cfg.remat_policy == "none":
+        kept = _UNROLLED_KEPT * full_set
+    h, f, v = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
+    terms = (
+        tokens * v / tensor * 4,
+        linear,
+        full_set - linear,
+        (4 * h * h + 2 * h * f) * 4 / tensor,
+        v * h * 4 / tensor,
+        trained,
+    )
+    return cfg.num_hidden_layers * kept, terms
+
+
 def _recompute_bytes(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> float:
     """With rematerialisation, the backward pass of each layer first recomputes it: that one
     layer's whole activation set is live on top of what every layer saved. (The TPU compiler
@@ -224,29 +248,11 @@ def plan(
     local_tokens = batch_size // data_ways * seq_len // grad_accum_steps
     layers = cfg.num_hidden_layers
     if compiler == "tpu":
-        # What each layer keeps (a scan's stacked arrays, exact; unrolled and without remat
-        # XLA keeps less), plus the working set and the logits, fitted to the TPU compiler.
-        remat = cfg.remat_policy
-        full_set = _scanned_layer_bytes(cfg, "none", local_tokens, seq_len, tensor)
-        linear = _scanned_layer_bytes(
-            cfg.replace(attention_impl="flash"), "none", local_tokens, seq_len, tensor
-        )
-        kept = _scanned_layer_bytes(cfg, remat, local_tokens, seq_len, tensor)
-        if not cfg.scan_layers and remat == "none":
-            kept = _UNROLLED_KEPT * full_set
-        policy = "save_dots" if remat == "save_dots_no_batch" else remat
+        kept, terms = tpu_terms(cfg, local_tokens, seq_len, tensor, trained)
+        policy = "save_dots" if cfg.remat_policy == "save_dots_no_batch" else cfg.remat_policy
         c = _TPU_REST[(cfg.scan_layers, policy)]
-        h, f = cfg.hidden_size, cfg.ffn_dim
-        logits_f32 = local_tokens * cfg.vocab_size / tensor * 4
-        activations = (
-            layers * kept
-            + c[1] * linear
-            + c[2] * (full_set - linear)
-            + c[3] * (4 * h * h + 2 * h * f) * 4 / tensor
-            + c[4] * cfg.vocab_size * h * 4 / tensor
-            + c[5] * trained
-        )
-        logits = c[0] * logits_f32
+        logits = c[0] * terms[0]
+        activations = kept + sum(ci * term for ci, term in zip(c[1:], terms[1:], strict=True))
     else:
         activations = layers * _activation_bytes_per_layer(cfg, local_tokens, seq_len, tensor)
         activations += _recompute_bytes(cfg, local_tokens, seq_len, tensor)
@@ -335,10 +341,12 @@ def search(
                 continue
             per_shard = batch_size // (data * fsdp)
             mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
+            # powers of two dividing the per-shard batch
+            accums = [a for a in (2**i for i in range(max_grad_accum.bit_length()))
+                      if a <= max_grad_accum and per_shard % a == 0]  # fmt: skip
             for remat in remat_policies:
                 model = cfg.replace(remat_policy=remat)
-                accum = 1
-                while accum <= min(per_shard, max_grad_accum):
+                for accum in accums:
                     try:
                         p = plan(model, mesh, batch_size, seq_len, grad_accum_steps=accum,
                                  compiler=compiler)  # fmt: skip
@@ -349,7 +357,4 @@ def search(
                             {"mesh": mesh, "remat_policy": remat, "grad_accum_steps": accum, **p}
                         )
                         break
-                    accum *= 2
-                    while accum <= per_shard and per_shard % accum:
-                        accum *= 2
     return sorted(found, key=lambda r: (r["train_total"], r["grad_accum_steps"]))
