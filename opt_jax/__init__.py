@@ -45,6 +45,7 @@ from opt_jax.model import (
     model_for,
     param_logical_axes,
 )
+from opt_jax.param_tree import place_layers
 from opt_jax.quantization import dequantize, quantize
 from opt_jax.tokenizer import IncrementalDecoder, OPTTokenizer, train_tokenizer
 from opt_jax.validation import validate_token_ids
@@ -129,6 +130,7 @@ __all__ = [
     "load_pretrained",
     "model_for",
     "param_logical_axes",
+    "place_layers",
     "preset",
     "quantize",
     "save_adapter",

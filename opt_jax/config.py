@@ -44,6 +44,7 @@ REMAT_POLICIES = {
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("einsum", "dot_product", "flash")
+LAYER_MEMORIES = ("device", "pinned_host")  # OPTConfig.layer_memory
 QUANTIZATIONS = ("none", "int8", "int4", "llm_int8", "gptq", "w8a8")
 # W8A8's activation scales: per token at run time, or one per Linear calibrated in advance.
 ACTIVATION_QUANTIZATIONS = ("per_token", "static")
@@ -114,6 +115,12 @@ class OPTConfig:
     # flash (Pallas flash attention for TPUs: full-sequence passes such as training; cached
     # decoding keeps einsum).
     attention_impl: str = "einsum"
+    # device | pinned_host: where the (scanned, stacked) decoder layers' weights live. With
+    # pinned_host they stay in host memory (opt_jax.place_layers puts them there) and each
+    # layer's weights move to the accelerator inside the program, one layer at a time, which the
+    # compiler overlaps with the previous layer's compute: models larger than HBM decode (the
+    # host-memory form of FlexGen's schedule). Needs scan_layers.
+    layer_memory: str = "device"
     # LoRA (Hu et al. 2021, PEFT's layout): rank 0 = off. Adapters live beside the kernel of
     # every Linear whose path from the decoder ("decoder/layers_0/self_attn/q_proj") matches
     # one of lora_targets (regular expressions, re.search); y += (alpha / rank) * x A B.
@@ -221,6 +228,15 @@ class OPTConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"OPTConfig.attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
+            )
+        if self.layer_memory not in LAYER_MEMORIES:
+            raise ValueError(
+                f"OPTConfig.layer_memory {self.layer_memory!r} is not one of {LAYER_MEMORIES}"
+            )
+        if self.layer_memory != "device" and not self.scan_layers:
+            raise ValueError(
+                f"OPTConfig.layer_memory {self.layer_memory!r} needs scan_layers=True (the "
+                "layers' weights are moved to the device one scanned layer at a time)"
             )
         if (
             isinstance(self.lora_rank, bool)

@@ -206,9 +206,14 @@ def _write_cache(cache_kv, new_k, new_v, index):
 
 
 class OPTAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention)."""
+    """Multi-head self-attention with separate q/k/v/out projections (HF's OPTAttention).
+
+    stacked_cache: the layer's cache is a slice of a stacked [L, ...] cache that the caller
+    writes (scan_layers): return only this call's keys and values, [B, N, T, H] each.
+    """
 
     config: OPTConfig
+    stacked_cache: bool = False
 
     @nn.compact
     def __call__(
@@ -226,7 +231,8 @@ class OPTAttention(nn.Module):
             path runs whatever `attention_impl` says: fused kernels do not expose probabilities.
 
         Returns:
-          ([B, T, D], updated (key, value) or None, probabilities [B, N, T, S] or None).
+          ([B, T, D], updated (key, value) or None (with stacked_cache: this call's), attention
+          probabilities [B, N, T, S] or None).
         """
         cfg = self.config
         qkv_axes = (ax.HEADS, ax.HEAD_DIM)
@@ -265,7 +271,13 @@ class OPTAttention(nn.Module):
             q, k, v, allowed, impl, dtype=cfg.compute_dtype, head_mask=head_mask,
             dropout=lambda p: dropout(p, deterministic=deterministic), own=own,
         )  # fmt: skip
-        if one_step:
+        if cache_kv is not None and self.stacked_cache:
+            # A scanned layer's updated cache would be stacked by the scan into a second
+            # [L, B, N, S, H] array beside the donated one (the TPU compiler kept a whole
+            # cache-sized copy per decode step); its new entries are stacked instead, and the
+            # decoder writes them into the stacked cache in place.
+            cache_kv = (new_k, new_v)
+        elif one_step:
             # The write after the reads: XLA orders operations by their data only, so the
             # written values take a (zero) term from this step's attention output.
             after = 0 * out[:, :1, :1, :1]
@@ -281,6 +293,7 @@ class OPTDecoderLayer(nn.Module):
     """One decoder block, pre-LN (most sizes) or post-LN (opt-350m)."""
 
     config: OPTConfig
+    stacked_cache: bool = False  # see OPTAttention
 
     @nn.compact
     def __call__(
@@ -305,7 +318,7 @@ class OPTDecoderLayer(nn.Module):
 
         residual = x
         h = attn_norm(x) if cfg.do_layer_norm_before else x
-        h, cache_kv, probs = OPTAttention(cfg, name="self_attn")(
+        h, cache_kv, probs = OPTAttention(cfg, self.stacked_cache, name="self_attn")(
             h, allowed, cache_kv, index, deterministic, head_mask, probs_out
         )
         x = residual + Dropout(cfg.dropout)(h, deterministic=deterministic)

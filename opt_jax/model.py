@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from opt_jax.config import REMAT_POLICIES, OPTConfig
-from opt_jax.kv_cache import KVCache, write_rows
+from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
 from opt_jax.layers import (
     OPTDecoderLayer,
     dense,
@@ -243,6 +244,10 @@ class OPTDecoder(nn.Module):
                 policy=REMAT_POLICIES[cfg.remat_policy],
                 prevent_cse=not cfg.scan_layers,
             )
+        if cfg.layer_memory != "device":
+            # Each layer's weights reach the accelerator inside the scan, as that layer runs:
+            # only one or two layers' weights occupy device memory at a time.
+            layer = nn.map_variables(layer, "params", trans_in_fn=_to_device, init=True)
         if cfg.scan_layers:
             # One traced layer, its parameters stacked along a leading `layers` axis.
             self.layers = nn.scan(
@@ -261,7 +266,7 @@ class OPTDecoder(nn.Module):
                 ),
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: ax.LAYERS},
-            )(cfg)
+            )(cfg, stacked_cache=True)
         else:
             self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
 
@@ -369,11 +374,19 @@ class OPTDecoder(nn.Module):
             head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, *head_mask.shape))
         if cfg.scan_layers:
             # The cache is stacked [L, ...]: scanned alongside the stacked parameters, as are the
-            # head mask rows and (stacked on the way out) probabilities and layer outputs.
+            # head mask rows and (stacked on the way out) probabilities and layer outputs. The
+            # layers return their new keys and values [L, B, N, T, H], written here into the
+            # (donated) stacked cache in place. Had the scan stacked each layer's updated cache,
+            # the TPU compiler would have kept a second cache-sized array per step.
             layer_caches = None if cache is None else (cache.key, cache.value)
-            x, (layer_caches, probs, hidden) = self.layers(
+            x, (new_kv, probs, hidden) = self.layers(
                 x, allowed, layer_caches, index, deterministic, head_mask, *flags
             )
+            if cache is not None:
+                layer_caches = tuple(
+                    _write_stacked(stack, new, index)
+                    for stack, new in zip(layer_caches, new_kv, strict=True)
+                )
             probs = None if probs is None else tuple(probs)  # [L, B, N, T, S] -> L-tuple
             hidden = None if hidden is None else tuple(hidden)
             return x, layer_caches, probs, hidden
@@ -408,6 +421,26 @@ class OPTDecoder(nn.Module):
 # The inputs every module takes besides input_ids / attention_mask, with transformers' names
 # (see OPTDecoder.__call__): inputs_embeds, position_ids, segment_ids, head_mask, output_attentions,
 # output_hidden_states. The heads pass them through as **inputs.
+
+
+def _to_device(variables):
+    """A layer's variables moved to device memory, their sharding kept (a no-op for those
+    already there)."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), variables)
+
+
+# A jit of its own: a layout constraint whose result is a program's output would make jax set
+# that output's layout to AUTO, which a donated cache argument (default layout) cannot alias.
+@jax.jit
+def _write_stacked(stack: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes new [L, B, N, T, H] into the stacked cache [L, B, N, S, H] at each row's slot
+    index [B], in the cache's row-major layout. Left to choose, the TPU compiler laid this write
+    out differently from the scan's per-layer reads and relaid out the whole cache every step
+    to reconcile them: a decode step of OPT-13b on a v5e-8 kept 1.0x the cache in temporaries
+    at batch 1 and at batch 8 (6.7b and 30b too); pinned, 0.0x and 0.5x (tests/test_aot.py)."""
+    written = jax.vmap(lambda layer, update: write_rows(layer, update, index, axis=2))(stack, new)
+    written = nn.with_logical_constraint(written, (ax.LAYERS, *KV_AXES))
+    return with_layout_constraint(written, Layout(tuple(range(written.ndim))))
 
 
 class OPTModel(nn.Module):

@@ -8,15 +8,17 @@ machine (libtpu's compiler, `pip install "jax[tpu]"`), and says what each chip n
 
 --workload train compiles the training step exactly as scripts/train.py jits it (sharded
 state donated, LoRA / quantised bases as the config asks); decode compiles generate's prefill
-(a --seq_len/2 prompt) and one decode step against a --seq_len cache. Printed and written as
-JSON: per-chip bytes from the compiler (arguments, outputs, temporaries, aliased, total) against
-the chip's HBM, `fits` (95% of HBM), the memory planner's estimate of the same fields, model
-FLOPs per step with the MFU formula a measured step time gives, compile seconds, and the
-collectives of the compiled HLO (count and bytes per step; scanned layers counted per layer).
---save DIR writes each compiled program (NAME.exe, serialized, and NAME.json: the chips and the
-jax / jaxlib / libtpu versions a loading process must have); on the slice,
-`opt_jax.training.aot.load_executable("DIR/train_step.exe")` returns it ready to call.
-Compiled, not run. Exit 0 when the program compiled, fits or not; 2 with one line otherwise.
+(a --seq_len/2 prompt) and one decode step against a --seq_len cache; serve compiles the
+serving engine's programs (opt_jax/serving/engine.py) with --batch slots of --seq_len tokens:
+one request's prefill, its copy into a slot, and the engine's decode step for every slot.
+Printed and written as JSON: per-chip bytes from the compiler (arguments, outputs, temporaries,
+aliased, total) against the chip's HBM, `fits` (95% of HBM), the memory planner's estimate of
+the same fields, model FLOPs per step with the MFU formula a measured step time gives, compile
+seconds, and the collectives of the compiled HLO (count and bytes per step; scanned layers
+counted per layer). --save DIR writes each compiled program (NAME.exe, serialized, and
+NAME.json: the chips and the jax / jaxlib / libtpu versions a loading process must have); on
+the slice, `opt_jax.training.aot.load_executable("DIR/train_step.exe")` returns it ready to
+call. Compiled, not run. Exit 0 when the program compiled, fits or not; 2 with one line otherwise.
 """
 
 import json
@@ -36,7 +38,7 @@ flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:2x4 or v5p:2x2x2.", r
 flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (product = chips).", required=True)
 flags.DEFINE_integer("batch", None, "Global batch (default: the config's batch_size).")
 flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's seq_len).")
-flags.DEFINE_enum("workload", "train", ["train", "decode"], "What to compile.")
+flags.DEFINE_enum("workload", "train", ["train", "decode", "serve"], "What to compile.")
 flags.DEFINE_string("json", None, "Write the report here.")
 flags.DEFINE_string("hlo", None, "Write the compiled HLO of the largest program here.")
 flags.DEFINE_string(
@@ -81,8 +83,14 @@ def _plan(config, mesh, batch, seq_len, workload, accum):
         fields = {"arguments": state + inputs, "outputs": state, "aliased": state,
                   "temporaries": p["temporaries"]}  # fmt: skip
     else:  # params + cache in, the cache out (donated); the planner has no decode temporaries
-        fields = {"arguments": p["params"] + p["kv_cache"], "outputs": p["kv_cache"],
-                  "aliased": p["kv_cache"], "temporaries": None}  # fmt: skip
+        # The engine's slots also carry each slot's next-token logits and token counts [B, V].
+        rows = batch // (mesh[0] * mesh[1])
+        slots = (
+            0 if workload == "decode" else 2 * memory.tpu_array_bytes((rows, config.vocab_size), 4)
+        )
+        carried = p["kv_cache"] + slots
+        fields = {"arguments": p["params"] + carried, "outputs": carried,
+                  "aliased": carried, "temporaries": None}  # fmt: skip
     known = [v for k, v in fields.items() if k != "aliased" and v is not None]
     fields["total"] = sum(known) - fields["aliased"]
     return fields
@@ -109,7 +117,8 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=
         programs, _ = aot.train_programs(experiment, config, device_mesh, rules, batch, seq_len)
         flops = 3 * model_flops_per_token(config, seq_len) * batch * seq_len
     else:
-        programs, _ = aot.decode_programs(config, device_mesh, rules, batch, seq_len)
+        build = aot.decode_programs if workload == "decode" else aot.serving_programs
+        programs, _ = build(config, device_mesh, rules, batch, seq_len)
         flops = model_flops_per_token(config, seq_len) * batch  # one decode step
     main = max(programs, key=lambda c: c.bytes_per_chip["total"])
     if hlo and main.executable is not None:

@@ -91,6 +91,66 @@ def test_decode_programs_compile_for_a_v5p_slice(fields):
     assert programs[1].collectives["all-reduce"]["count"] > 0
 
 
+def test_a_scanned_decode_step_updates_its_cache_in_place():
+    """scan_layers decoding: the layers' new keys and values are written into the donated
+    [L, B, N, S, H] cache after the scan, and the cache keeps the compiler's layout (as inside
+    generate's one program). Before, the TPU compiler kept a second copy of the cache (0.53x
+    of it in temporaries here: the scan's stacked output, relaid out at the program's edge)."""
+    config = _config(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
+                     hidden_size=1024, num_attention_heads=8, word_embed_proj_dim=1024,
+                     max_position_embeddings=2048)  # fmt: skip
+    mesh = aot.make_mesh("v5e:2x2", (1, 1, 4))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    programs, _ = aot.decode_programs(config, mesh, rules, 16, 2048)
+    cache = 2 * 2 * 16 * 2048 * (1024 // 4) * 2  # k and v, 2 layers, heads over 4 chips
+    step = programs[1].bytes_per_chip
+    assert step["aliased"] >= cache
+    assert step["temporaries"] < 0.1 * cache, step["temporaries"] / cache
+
+
+def test_decode_programs_with_the_layers_in_host_memory():
+    """OPTConfig(layer_memory="pinned_host") compiles for a TPU slice: the layers' kernels are
+    arguments in host memory, not in HBM, and the scan moves each layer's kernels to the chip
+    asynchronously (dynamic-slice-start from host memory space S(5))."""
+    mesh = aot.make_mesh("v5e:2x2", (2, 1, 2))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    fields = dict(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
+    (_, on_chip), _ = aot.decode_programs(_config(**fields), mesh, rules, 4, 256)
+    host = _config(**fields, layer_memory="pinned_host")
+    (_, step), _ = aot.decode_programs(host, mesh, rules, 4, 256)
+    kernels = 2 * (4 * 256 * 256 + 2 * 256 * 512) * 2 // 2  # 2 layers, bfloat16, tensor 2
+    assert step.bytes_per_chip["host_arguments"] == kernels
+    assert on_chip.bytes_per_chip["host_arguments"] == 0
+    moved = on_chip.bytes_per_chip["arguments"] - step.bytes_per_chip["arguments"]
+    assert moved == kernels
+    hlo = step.executable.as_text()
+    # Each layer slice of each of the 6 kernels is read from host memory on its own.
+    starts = [
+        line
+        for line in hlo.splitlines()
+        if " dynamic-slice-start(" in line and "S(5)" in line.split(" dynamic-slice-start(")[0]
+    ]
+    assert len(starts) >= 6, len(starts)
+
+
+def test_serving_engine_programs_compile_for_a_v5p_slice():
+    """The serving engine's prefill, slot insert and decode step (opt_jax/serving/engine.py)
+    at full load: the step carries the cache and each slot's logits and counts, donated."""
+    config = _config(dtype="bfloat16", param_dtype="bfloat16")
+    mesh = aot.make_mesh("v5p:2x2x2", (2, 2, 2))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    programs, params = aot.serving_programs(config, mesh, rules, 4, 256)
+    assert [p.name for p in programs] == ["engine_prefill", "engine_insert", "engine_step"]
+    step = programs[2].bytes_per_chip
+    cache = 2 * 2 * (4 // 4) * 256 * (256 // 2) * 2  # as in the decode test above
+    slots = 2 * (4 // 4) * 512 * 4  # logits float32 and counts int32, [B, V] rows over 4 chips
+    assert step["arguments"] >= _shard_bytes(params) + cache + slots
+    # The slot state is donated: the cache and the [B, V] arrays are updated in place.
+    assert step["aliased"] >= cache + slots
+    assert programs[1].bytes_per_chip["aliased"] >= cache  # insert: in place too
+    assert programs[2].collectives["all-reduce"]["count"] > 0  # tensor-parallel sums
+
+
 def test_lora_and_flash_train_steps_compile():
     mesh = aot.make_mesh("v5e:2x2", (1, 4, 1))
     experiment = _experiment()

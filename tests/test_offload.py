@@ -243,3 +243,38 @@ def test_bad_checkpoints(checkpoint, tmp_path):
     (torch_files / "model.safetensors").rename(torch_files / "pytorch_model.bin")
     with pytest.raises(ValueError, match="reads safetensors files"):
         _offloaded(str(torch_files))
+
+
+def test_layers_in_host_memory_decode_as_in_device_memory(checkpoint, prompts):
+    """OPTConfig(layer_memory="pinned_host"): the stacked layers' kernels live in host memory
+    (param_tree.place_layers) and move to the device one layer at a time inside the program.
+    The tokens equal those of the same weights in device memory (greedy and seeded sampling).
+    (On a TPU slice the same program compiles with the kernels in host memory:
+    tests/test_aot.py.)"""
+    from opt_jax.param_tree import place_layers, stack_layers
+
+    _, config, params = checkpoint
+    ids, mask = prompts
+    scanned = config.replace(scan_layers=True)
+    stacked = stack_layers(params, config.num_hidden_layers)
+    hosted = place_layers(stacked)
+    kinds = {
+        jax.tree_util.keystr(p): x.sharding.memory_kind
+        for p, x in jax.tree_util.tree_leaves_with_path(hosted)
+    }
+    layer_kernels = [k for k in kinds if "'layers'" in k and k.endswith("['kernel']")]
+    assert len(layer_kernels) == 6  # q, k, v, out, fc1, fc2
+    assert all(kinds[k] == "pinned_host" for k in layer_kernels)
+    assert {v for k, v in kinds.items() if k not in layer_kernels} == {"device"}
+    model = opt_jax.OPTForCausalLM(scanned)
+    host_model = opt_jax.OPTForCausalLM(scanned.replace(layer_memory="pinned_host"))
+    for options in ({}, {"do_sample": True, "temperature": 0.8, "top_k": 50}):
+        want = opt_jax.generate(model, stacked, ids, mask, max_new_tokens=12, seed=1, **options)
+        got = opt_jax.generate(host_model, hosted, ids, mask, max_new_tokens=12, seed=1, **options)
+        np.testing.assert_array_equal(got.sequences, want.sequences, err_msg=str(options))
+    with pytest.raises(ValueError, match="layer_memory 'pinned_host' needs scan_layers=True"):
+        config.replace(layer_memory="pinned_host")
+    with pytest.raises(ValueError, match="layer_memory 'hbm' is not one of"):
+        scanned.replace(layer_memory="hbm")
+    with pytest.raises(ValueError, match="place_layers needs the scan layout"):
+        place_layers(params)

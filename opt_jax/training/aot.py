@@ -14,6 +14,7 @@ Axis legend: B global batch, T sequence length, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from opt_jax.config import OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache
 from opt_jax.parallel import sharding
+from opt_jax.param_tree import decoder_of, is_kernel
 from opt_jax.planning.memory import compiled_train_step_bytes
 
 GiB = 1024**3
@@ -179,6 +181,8 @@ def _bytes(compiled) -> dict[str, int]:
     out = compiled_train_step_bytes(compiled)
     # Donated (aliased) outputs reuse their arguments' memory.
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    # Arguments in host memory (OPTConfig.layer_memory="pinned_host"), not in the HBM total.
+    out["host_arguments"] = int(compiled.memory_analysis().host_argument_size_in_bytes)
     return out
 
 
@@ -379,6 +383,44 @@ def train_programs(experiment, opt_config: OPTConfig, mesh, rules, batch: int, s
         return [compile_program("train_step", step, state, example, key)], state
 
 
+def _abstract_params(opt_config: OPTConfig, mesh, rules):
+    from opt_jax.model import abstract_params, param_logical_axes
+
+    params_abstract = abstract_params(opt_config)
+    specs = param_logical_axes(opt_config)
+    sharding.check_divisible(params_abstract, specs, dict(mesh.shape), rules)
+    shardings = sharding.logical_to_shardings(specs, mesh, rules)
+    if opt_config.layer_memory != "device":  # the stacked layers live in host memory
+        layers = decoder_of(shardings)
+        layers["layers"] = jax.tree_util.tree_map_with_path(
+            lambda p, s: s.with_memory_kind(opt_config.layer_memory) if is_kernel(p) else s,
+            layers["layers"],
+        )  # as param_tree.place_layers puts them
+    return _abstract(params_abstract, shardings)
+
+
+def _abstract_cache(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int) -> KVCache:
+    """A [B]-row, [S]-slot KV cache, abstract, with its rows over data x fsdp (one row:
+    replicated) and its heads over tensor (scan_layers stacks every layer's cache into one
+    [L, B, N, S, H] array)."""
+    cache_abstract = jax.eval_shape(lambda: KVCache.init(opt_config, batch, seq_len))
+    layers = (sharding.LAYERS,) if opt_config.scan_layers else ()
+    rows = KV_AXES[:1] if batch > 1 else (None,)
+    kv = sharding.logical_to_shardings(P(*layers, *rows, *KV_AXES[1:]), mesh, rules)
+    if batch > 1:
+        by_rows, by_rows2 = (sharding.batch_sharding(mesh, rules, n) for n in (1, 2))
+    else:
+        by_rows = by_rows2 = NamedSharding(mesh, P())
+    cache_shardings = KVCache(
+        key=jax.tree.map(lambda _: kv, cache_abstract.key),
+        value=jax.tree.map(lambda _: kv, cache_abstract.value),
+        slot_mask=by_rows2,
+        index=by_rows,
+        position=by_rows,
+    )
+    return _abstract(cache_abstract, cache_shardings)
+
+
 def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int):
     """generate's two programs as they run on a mesh: the prefill of a [B, T/2] prompt into a
     T-slot cache, and one decode step (a token per row against the cache).
@@ -387,26 +429,10 @@ def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int
       ([Compiled prefill, Compiled decode step], the abstract params with shardings)
     """
     from opt_jax.generation.api import opt_tokens_to_logits
-    from opt_jax.model import abstract_params, param_logical_axes
 
-    params_abstract = abstract_params(opt_config)
-    specs = param_logical_axes(opt_config)
-    sharding.check_divisible(params_abstract, specs, dict(mesh.shape), rules)
-    params = _abstract(params_abstract, sharding.logical_to_shardings(specs, mesh, rules))
+    params = _abstract_params(opt_config, mesh, rules)
+    cache = _abstract_cache(opt_config, mesh, rules, batch, seq_len)
     rows = sharding.batch_sharding(mesh, rules, 2)
-    cache_abstract = jax.eval_shape(lambda: KVCache.init(opt_config, batch, seq_len))
-    # scan_layers stacks every layer's cache into one [L, B, N, S, H] array
-    layers = (sharding.LAYERS,) if opt_config.scan_layers else ()
-    kv = sharding.logical_to_shardings(P(*layers, *KV_AXES), mesh, rules)
-    by_rows = sharding.batch_sharding(mesh, rules, 1)
-    cache_shardings = KVCache(
-        key=jax.tree.map(lambda _: kv, cache_abstract.key),
-        value=jax.tree.map(lambda _: kv, cache_abstract.value),
-        slot_mask=rows,
-        index=by_rows,
-        position=by_rows,
-    )
-    cache = _abstract(cache_abstract, cache_shardings)
 
     def forward(params, tokens, mask, cache):
         logits, _, cache = opt_tokens_to_logits(opt_config, params)(tokens, mask, cache)
@@ -421,4 +447,49 @@ def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int
         return [
             compile_program("prefill", step, params, prompt, prompt_mask, cache),
             compile_program("decode_step", step, params, token, token_mask, cache),
+        ], params
+
+
+def serving_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int):
+    """The serving engine's programs (opt_jax/serving/engine.py) at full load on a mesh: the
+    prefill of one [1, T/2] prompt into a one-row T-slot cache (with every position's logits,
+    which the engine keeps for echoed log-probabilities), the copy of that row into a slot,
+    and the engine's decode step for all B slots (sampling from the carried logits, penalties
+    and top log-probabilities included).
+
+    Returns:
+      ([Compiled prefill, Compiled insert, Compiled engine step], the abstract params)
+    """
+    from opt_jax.serving import engine
+
+    params = _abstract_params(opt_config, mesh, rules)
+    by_rows = sharding.batch_sharding(mesh, rules, 1)
+    rows2 = sharding.batch_sharding(mesh, rules, 2)
+    replicated = NamedSharding(mesh, P())
+    vocab = opt_config.vocab_size
+    state = engine.SlotState(
+        cache=_abstract_cache(opt_config, mesh, rules, batch, seq_len),
+        logits=jax.ShapeDtypeStruct((batch, vocab), jnp.float32, sharding=rows2),
+        counts=jax.ShapeDtypeStruct((batch, vocab), jnp.int32, sharding=rows2),
+        generated=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows),
+    )
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=by_rows)
+    options = {name: jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=by_rows)
+               for name in ("temperature", "top_p", "presence", "frequency")}  # fmt: skip
+    active = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=by_rows)
+    # One request's prompt: a single row, so it is replicated over data x fsdp.
+    prompt = jax.ShapeDtypeStruct((1, max(seq_len // 2, 1)), jnp.int32, sharding=replicated)
+    prompt_mask = jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=replicated)
+    row = _abstract_cache(opt_config, mesh, rules, 1, seq_len)
+    slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    # jitted as Engine._build jits them, with no head copy (a mesh decodes with the table)
+    prefill = jax.jit(functools.partial(engine._prefill, opt_config, seq_len))
+    insert = jax.jit(engine._insert, donate_argnums=(0,))
+    step = jax.jit(functools.partial(engine._decode, opt_config), donate_argnums=(2,))
+    with sharding.activate(mesh, rules):
+        return [
+            compile_program("engine_prefill", prefill, params, None, prompt, prompt_mask),
+            compile_program("engine_insert", insert, state, row, slot),
+            compile_program("engine_step", step, params, None, state, active, options, keys),
         ], params

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
             scan_layers=False,  # nn.scan over layers: compile time independent of depth
             remat_policy="none",  # none | full | save_dots | save_dots_no_batch
             attention_impl="einsum",  # einsum | dot_product (cuDNN on GPUs) | flash (TPU Pallas)
+            layer_memory="device",  # pinned_host: decode with the layers' kernels in host memory
         )
     )
     c.batch_size = 8  # global batch, in sequences
