@@ -117,7 +117,9 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=
         programs, _ = aot.train_programs(experiment, config, device_mesh, rules, batch, seq_len)
         flops = 3 * model_flops_per_token(config, seq_len) * batch * seq_len
     else:
-        build = aot.decode_programs if workload == "decode" else aot.serving_programs
+        from opt_jax.serving.aot import serving_programs
+
+        build = aot.decode_programs if workload == "decode" else serving_programs
         programs, _ = build(config, device_mesh, rules, batch, seq_len)
         flops = model_flops_per_token(config, seq_len) * batch  # one decode step
     main = max(programs, key=lambda c: c.bytes_per_chip["total"])

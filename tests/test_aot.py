@@ -14,6 +14,7 @@ import pytest
 import opt_jax
 from opt_jax.parallel import sharding
 from opt_jax.planning import memory
+from opt_jax.serving.aot import serving_programs
 from opt_jax.training import aot
 from opt_jax.training.experiment import base_config
 
@@ -139,7 +140,7 @@ def test_serving_engine_programs_compile_for_a_v5p_slice():
     config = _config(dtype="bfloat16", param_dtype="bfloat16")
     mesh = aot.make_mesh("v5p:2x2x2", (2, 2, 2))
     rules = sharding.rules_from_config(_experiment().sharding_rules)
-    programs, params = aot.serving_programs(config, mesh, rules, 4, 256)
+    programs, params = serving_programs(config, mesh, rules, 4, 256)
     assert [p.name for p in programs] == ["engine_prefill", "engine_insert", "engine_step"]
     step = programs[2].bytes_per_chip
     cache = 2 * 2 * (4 // 4) * 256 * (256 // 2) * 2  # as in the decode test above

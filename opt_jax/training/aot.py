@@ -14,7 +14,6 @@ Axis legend: B global batch, T sequence length, L layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -383,7 +382,9 @@ def train_programs(experiment, opt_config: OPTConfig, mesh, rules, batch: int, s
         return [compile_program("train_step", step, state, example, key)], state
 
 
-def _abstract_params(opt_config: OPTConfig, mesh, rules):
+def abstract_params_on(opt_config: OPTConfig, mesh, rules):
+    """The model's parameters, abstract, sharded on `mesh` by `rules` (the layers' kernels in
+    host memory when opt_config.layer_memory says so, as param_tree.place_layers puts them)."""
     from opt_jax.model import abstract_params, param_logical_axes
 
     params_abstract = abstract_params(opt_config)
@@ -399,7 +400,7 @@ def _abstract_params(opt_config: OPTConfig, mesh, rules):
     return _abstract(params_abstract, shardings)
 
 
-def _abstract_cache(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int) -> KVCache:
+def abstract_cache_on(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int) -> KVCache:
     """A [B]-row, [S]-slot KV cache, abstract, with its rows over data x fsdp (one row:
     replicated) and its heads over tensor (scan_layers stacks every layer's cache into one
     [L, B, N, S, H] array)."""
@@ -430,8 +431,8 @@ def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int
     """
     from opt_jax.generation.api import opt_tokens_to_logits
 
-    params = _abstract_params(opt_config, mesh, rules)
-    cache = _abstract_cache(opt_config, mesh, rules, batch, seq_len)
+    params = abstract_params_on(opt_config, mesh, rules)
+    cache = abstract_cache_on(opt_config, mesh, rules, batch, seq_len)
     rows = sharding.batch_sharding(mesh, rules, 2)
 
     def forward(params, tokens, mask, cache):
@@ -447,49 +448,4 @@ def decode_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int
         return [
             compile_program("prefill", step, params, prompt, prompt_mask, cache),
             compile_program("decode_step", step, params, token, token_mask, cache),
-        ], params
-
-
-def serving_programs(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int):
-    """The serving engine's programs (opt_jax/serving/engine.py) at full load on a mesh: the
-    prefill of one [1, T/2] prompt into a one-row T-slot cache (with every position's logits,
-    which the engine keeps for echoed log-probabilities), the copy of that row into a slot,
-    and the engine's decode step for all B slots (sampling from the carried logits, penalties
-    and top log-probabilities included).
-
-    Returns:
-      ([Compiled prefill, Compiled insert, Compiled engine step], the abstract params)
-    """
-    from opt_jax.serving import engine
-
-    params = _abstract_params(opt_config, mesh, rules)
-    by_rows = sharding.batch_sharding(mesh, rules, 1)
-    rows2 = sharding.batch_sharding(mesh, rules, 2)
-    replicated = NamedSharding(mesh, P())
-    vocab = opt_config.vocab_size
-    state = engine.SlotState(
-        cache=_abstract_cache(opt_config, mesh, rules, batch, seq_len),
-        logits=jax.ShapeDtypeStruct((batch, vocab), jnp.float32, sharding=rows2),
-        counts=jax.ShapeDtypeStruct((batch, vocab), jnp.int32, sharding=rows2),
-        generated=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows),
-    )
-    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=by_rows)
-    options = {name: jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=by_rows)
-               for name in ("temperature", "top_p", "presence", "frequency")}  # fmt: skip
-    active = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=by_rows)
-    # One request's prompt: a single row, so it is replicated over data x fsdp.
-    prompt = jax.ShapeDtypeStruct((1, max(seq_len // 2, 1)), jnp.int32, sharding=replicated)
-    prompt_mask = jax.ShapeDtypeStruct(prompt.shape, jnp.bool_, sharding=replicated)
-    row = _abstract_cache(opt_config, mesh, rules, 1, seq_len)
-    slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    # jitted as Engine._build jits them, with no head copy (a mesh decodes with the table)
-    prefill = jax.jit(functools.partial(engine._prefill, opt_config, seq_len))
-    insert = jax.jit(engine._insert, donate_argnums=(0,))
-    step = jax.jit(functools.partial(engine._decode, opt_config), donate_argnums=(2,))
-    with sharding.activate(mesh, rules):
-        return [
-            compile_program("engine_prefill", prefill, params, None, prompt, prompt_mask),
-            compile_program("engine_insert", insert, state, row, slot),
-            compile_program("engine_step", step, params, None, state, active, options, keys),
         ], params
