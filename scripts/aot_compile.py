@@ -82,16 +82,17 @@ def _plan(config, mesh, batch, seq_len, workload, accum):
         inputs = 2 * memory.tpu_array_bytes((rows, seq_len), 4) + memory.tpu_array_bytes((2,), 4)
         fields = {"arguments": state + inputs, "outputs": state, "aliased": state,
                   "temporaries": p["temporaries"]}  # fmt: skip
-    else:  # params + cache in, the cache out (donated); the planner has no decode temporaries
+    else:  # params + cache in, the cache out (donated); the engine's step: no temporaries planned
         # The engine's slots also carry each slot's next-token logits and token counts [B, V].
         rows = batch // (mesh[0] * mesh[1])
         slots = (
             0 if workload == "decode" else 2 * memory.tpu_array_bytes((rows, config.vocab_size), 4)
         )
         carried = p["kv_cache"] + slots
-        fields = {"arguments": p["params"] + carried, "outputs": carried,
-                  "aliased": carried, "temporaries": None}  # fmt: skip
-    known = [v for k, v in fields.items() if k != "aliased" and v is not None]
+        fields = {"arguments": p["params"] + carried, "outputs": carried, "aliased": carried,
+                  "temporaries": p["decode_temporaries"] if workload == "decode" else None,
+                  "host_arguments": p["host_params"]}  # fmt: skip
+    known = [v for k, v in fields.items() if k not in ("aliased", "host_arguments") and v]
     fields["total"] = sum(known) - fields["aliased"]
     return fields
 
@@ -191,7 +192,8 @@ def _print(r: dict) -> None:
         f"{'x'.join(str(v) for v in r['mesh'].values())}): {r['program']} compiled in "
         f"{r['compile_seconds']:.0f} s"
     )
-    for name in ("arguments", "outputs", "aliased", "temporaries", "total"):
+    names = ("arguments", "outputs", "aliased", "temporaries", "total")
+    for name in names + (("host_arguments",) if b.get("host_arguments") else ()):
         planned = r["plan"].get(name)
         planned = "-" if planned is None else f"{planned / gib:.2f}"
         print(f"  {name:12s} {b[name] / gib:8.2f} GiB   (planner {planned})")

@@ -130,9 +130,9 @@ INFERENCE_FORMATS = ("none", "int8", "int4")
 
 
 def inference_table() -> str:
-    """Decoding memory (parameters + KV cache, batch 1 x 2048 tokens, bfloat16 compute) of
-    every preset in each weight format, on one 80 GB GPU and on a TPU v5e host (8 chips of
-    16 GB, tensor-parallel over all 8 where the heads divide, else 4)."""
+    """Decoding memory (parameters + KV cache + temporaries, batch 1 x 2048 tokens, bfloat16
+    compute) of every preset in each weight format, on one 80 GB GPU and on a TPU v5e host (8
+    chips of 16 GB, tensor-parallel over all 8 where the heads divide, else 4)."""
     lines = [
         "| preset | weights | GiB on one device | fits one 80 GB GPU | GiB per chip, v5e host "
         "(tensor 8) | fits a v5e host |",
@@ -231,7 +231,8 @@ def main(argv):
         print(inference_table())
         print(
             "\nParameters (embeddings bfloat16, Linear kernels in the format) + KV cache "
-            "(bfloat16, batch 1 x 2048), 90% of device memory usable; "
+            "(bfloat16, batch 1 x 2048) + decoding's temporaries (a layer's kernels in flight, "
+            "the prompt's attention scores), 90% of device memory usable; "
             "`python scripts/plan_memory.py --inference_table`"
         )
         return

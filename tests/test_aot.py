@@ -92,6 +92,21 @@ def test_decode_programs_compile_for_a_v5p_slice(fields):
     assert programs[1].collectives["all-reduce"]["count"] > 0
 
 
+def test_an_int8_decode_step_sums_across_chips_what_bfloat16_does():
+    """Traced for a TPU, weight-only int8 converts its kernels in the product: the
+    tensor-parallel all-reduce carries one bfloat16 partial sum per row, as with bfloat16
+    weights (XLA:CPU's int8 limbs of the activations made it three int32 ones: 6x the bytes)."""
+    mesh = aot.make_mesh("v5e:2x2", (1, 1, 4))
+    rules = sharding.rules_from_config(_experiment().sharding_rules)
+    reduced = []
+    for method in ("none", "int8"):
+        config = _config(dtype="bfloat16", param_dtype="bfloat16", quantization=method,
+                         num_attention_heads=4)  # fmt: skip
+        (_, step), _ = aot.decode_programs(config, mesh, rules, 1, 256)
+        reduced.append(step.collectives["all-reduce"]["bytes"])
+    assert reduced[1] == reduced[0] > 0, reduced
+
+
 def test_a_scanned_decode_step_updates_its_cache_in_place():
     """scan_layers decoding: the layers' new keys and values are written into the donated
     [L, B, N, S, H] cache after the scan, and the cache keeps the compiler's layout (as inside

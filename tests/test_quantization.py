@@ -77,10 +77,14 @@ def test_weight_only_formats_equal_the_dequantized_float_model(method, group):
         assert q["scale"].shape == (2, 64)  # 32 input rows in groups of 16
 
 
-@pytest.mark.parametrize("rows", [1, 5, quantization.LIMB_MAX_ROWS + 1])
-def test_weight_only_int8_keeps_float_activations(rows):
-    """Decode shapes take the int8 limbs of x, longer inputs a float copy of W: both equal
-    x . dequant(W) to float32 accuracy, also for rows whose values span 12 orders of magnitude."""
+@pytest.mark.parametrize("rows, platform", [(1, None), (5, None), (33, None), (5, "tpu")])
+def test_weight_only_int8_keeps_float_activations(rows, platform):
+    """Decode shapes take the int8 limbs of x, longer inputs a float copy of W, and a program
+    traced for an accelerator converts W in its product: all equal x . dequant(W) to float32
+    accuracy, also for rows whose values span 12 orders of magnitude."""
+    from opt_jax.ops import quantized
+
+    assert quantization.LIMB_MAX_ROWS + 1 == 33
     rng = np.random.RandomState(1)
     x = rng.randn(rows, 96).astype(np.float32)
     x[0, :48] *= 1e-6  # small values beside large ones in one row
@@ -88,7 +92,8 @@ def test_weight_only_int8_keeps_float_activations(rows):
     w = (rng.randn(96, 40) * 0.1).astype(np.float32)
     q, scale = quantization._quantize_int8(w, 1)
     exact = x.astype(np.float64) @ (q.astype(np.float64) * scale)
-    got = quantization.int8_matmul(jnp.asarray(x), jnp.asarray(q.T), jnp.asarray(scale), 1)
+    with quantized.target_platform(platform or jax.default_backend()):
+        got = quantization.int8_matmul(jnp.asarray(x), jnp.asarray(q.T), jnp.asarray(scale), 1)
     bound = np.abs(x).astype(np.float64) @ np.abs(q * scale) * 2e-6  # float32's own rounding
     assert np.all(np.abs(np.asarray(got) - exact) <= bound + 1e-30)
     limbs, limb_scale = quantization.int8_limbs(jnp.asarray(x))

@@ -7,6 +7,9 @@ inverse) lives in opt_jax/quantization.py, above the model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,6 +95,25 @@ def _as_rows(x, q, n_in: int):
     return x.reshape((-1, k)).astype(jnp.float32), q.reshape((-1, k)), out_shape
 
 
+# The platform the traced program is compiled for (None: jax's default backend). Compiling
+# ahead of time for a TPU slice traces on a CPU: opt_jax/training/aot.py says which it is.
+_TARGET = contextvars.ContextVar("opt_jax_quantized_target", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Traces inside this context are for `platform` ("cpu", "tpu", "gpu")."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _for_cpu() -> bool:
+    return (_TARGET.get() or jax.default_backend()) == "cpu"
+
+
 ACTIVATION_LIMBS = 3
 # Up to this many rows of activations int8_matmul multiplies their limbs in int8 (measured on an
 # AMD EPYC, fc1's shape: 32 rows 2.2 ms against 4.0 for the float copy, 64 rows 5.3 against 4.7).
@@ -129,7 +151,19 @@ def int8_matmul(x, q, scale, n_in: int):
     their scales: XLA:CPU's int8 library product reads the weights about twice as fast as the
     float32 one at these shapes (and three rows avoid its missing one-row kernel). The int32
     sums hold K * 127^2 < 2^31 for K < 133,000 (OPT-175B's widest input is 49,152).
+
+    On accelerators the product is x (its own dtype) . W converted to that dtype, which their
+    compilers fuse into the matmul's reads. The limbs are an XLA:CPU measure and would cost a
+    tensor-parallel model three int32 partial sums per row in each all-reduce, 6x a bfloat16
+    model's bytes (what the TPU compiler showed for OPT-13b on a v5e-8, experiments/tpu).
     """
+    if not _for_cpu():
+        k = int(np.prod(x.shape[-n_in:]))
+        out_shape = x.shape[:-n_in] + q.shape[: q.ndim - n_in]
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+        w2 = q.reshape((-1, k)).astype(dtype)
+        y = jax.lax.dot_general(x.reshape((-1, k)).astype(dtype), w2, _ROWS_BY_ROWS)
+        return (y.astype(jnp.float32) * scale.reshape(-1).astype(jnp.float32)).reshape(out_shape)
     x2, w2, out_shape = _as_rows(x, q, n_in)
     rows = x2.shape[0]
     if rows > LIMB_MAX_ROWS:

@@ -25,7 +25,7 @@ from opt_jax import lora
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params, param_logical_axes
 from opt_jax.parallel import sharding
-from opt_jax.param_tree import partition
+from opt_jax.param_tree import is_kernel, partition
 
 GiB = 2**30
 # Usable memory per device (GiB): vendor capacities.
@@ -185,9 +185,10 @@ def _shard_bytes(abstract, shardings, padded: bool) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> tuple[int, int]:
-    """(parameter bytes, trained-parameter bytes) per device on a (data, fsdp, tensor) mesh;
-    `padded`: as laid out in TPU memory (tpu_array_bytes)."""
+def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> tuple[int, int, int]:
+    """(parameter bytes in device memory, trained-parameter bytes, parameter bytes in host
+    memory: the layers' kernels with cfg.layer_memory="pinned_host") per device on a (data,
+    fsdp, tensor) mesh; `padded`: as laid out in TPU memory (tpu_array_bytes)."""
     names = sharding.MESH_AXES
     mesh = AbstractMesh(sizes, names)
     abstract = abstract_params(cfg)
@@ -195,6 +196,13 @@ def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> t
     sharding.check_divisible(abstract, specs, dict(zip(names, sizes, strict=True)))
     shardings = sharding.logical_to_shardings(specs, mesh)
     params = _shard_bytes(abstract, shardings, padded)
+    host = 0
+    if cfg.layer_memory != "device":  # as param_tree.place_layers places them
+
+        def hosted(path):
+            return "layers" in path and is_kernel(path)
+
+        host = _shard_bytes(partition(abstract, hosted)[0], partition(shardings, hosted)[0], padded)
     trained = params
     if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
         trained = _shard_bytes(
@@ -202,7 +210,7 @@ def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> t
             partition(shardings, lora.is_trained)[0],
             padded,
         )
-    return params, trained
+    return params - host, trained, host
 
 
 def plan(
@@ -232,15 +240,17 @@ def plan(
         checked) or "xla_cpu" (Korthikanti et al.'s counts; XLA:CPU within 15%, tests).
 
     Returns:
-      dict of byte counts: params, optimizer, gradients, update, activations, logits,
-      temporaries (the step's peak beyond params and optimizer state: the larger of
-      activations + logits and update), train_total, kv_cache, inference_total.
+      dict of byte counts: params (in device memory), host_params (the layers' kernels in
+      host memory with cfg.layer_memory="pinned_host", else 0), optimizer, gradients, update,
+      activations, logits, temporaries (the step's peak beyond params and optimizer state:
+      the larger of activations + logits and update), train_total, kv_cache,
+      decode_temporaries, inference_total (params + kv_cache + decode_temporaries).
     """
     if compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
     sizes = tuple(mesh_shape.get(n, 1) for n in sharding.MESH_AXES)
     # The state's bytes do not depend on remat (cached: --search plans many remats per mesh)
-    params, trained = _state_bytes(cfg.replace(remat_policy="none"), sizes, compiler == "tpu")
+    params, trained, host = _state_bytes(cfg.replace(remat_policy="none"), sizes, compiler == "tpu")
     data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
     if batch_size % data_ways:
@@ -265,6 +275,7 @@ def plan(
     ) * np.dtype(cfg.dtype).itemsize
     out = {
         "params": params,
+        "host_params": host,
         "optimizer": optimizer_moments * trained,
         "gradients": trained,
         # The update (under a cond, so that a skipped step keeps the old state) writes the new
@@ -283,8 +294,28 @@ def plan(
     # compiled step matches the larger of the two (tests/test_memory.py).
     out["temporaries"] = max(out["activations"] + out["logits"], out["update"])
     out["train_total"] = out["params"] + out["optimizer"] + out["temporaries"]
-    out["inference_total"] = out["params"] + out["kv_cache"]
+    out["decode_temporaries"] = int(
+        _decode_temporaries(cfg, decode_batch // data_ways, decode_length, tensor)
+    )
+    out["inference_total"] = out["params"] + out["kv_cache"] + out["decode_temporaries"]
     return out
+
+
+def _decode_temporaries(cfg: OPTConfig, rows: int, length: int, tensor: int) -> float:
+    """Per-device temporaries of generate's programs (a [rows, length/2] prompt's prefill into
+    a `length`-slot cache, then decode steps): the prompt's float32 attention scores plus
+    copies of one layer's kernels in the compute dtype: 2 (read as the scan slicing the next
+    layer out of the stack while this one computes; not traced), 2.5 with int8 and 3 with int4
+    (the slices, then the dequantised kernels). Against the TPU
+    compiler on 13b-175b at batch 1 on a v5e-8 (experiments/tpu/inference, tests/test_memory.py)
+    this is 1.1-2.5x its larger program's temporaries: an upper bound, loosest on the small
+    models, where the bytes are a few hundred MB."""
+    kernels = (4 * cfg.hidden_size + 2 * cfg.ffn_dim) * cfg.hidden_size / tensor
+    copies = {"int4": 3.0, "gptq": 3.0, "int8": 2.5, "llm_int8": 2.5, "w8a8": 2.5}
+    itemsize = np.dtype(cfg.dtype).itemsize
+    heads = max(cfg.num_attention_heads // tensor, 1)
+    scores = rows * heads * (length // 2) * length * 4
+    return copies.get(cfg.quantization, 2.0) * kernels * itemsize + scores
 
 
 def fits(total_bytes: int, accelerator: str, headroom: float = 0.9) -> bool:

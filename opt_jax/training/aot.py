@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from opt_jax.config import OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache
+from opt_jax.ops import quantized
 from opt_jax.parallel import sharding
 from opt_jax.param_tree import decoder_of, is_kernel
 from opt_jax.planning.memory import compiled_train_step_bytes
@@ -218,12 +219,22 @@ def _abstract_bytes(args) -> int:
     return total
 
 
+def _platform(args) -> str | None:
+    """The platform of the devices the abstract arguments are sharded over (None: none are)."""
+    for x in jax.tree.leaves(args):
+        sharding_ = getattr(x, "sharding", None)
+        if sharding_ is not None:
+            return next(iter(sharding_.device_set)).platform
+    return None
+
+
 def compile_program(name: str, fn, *args) -> Compiled:
     """Lowers and compiles `fn` for `args` (abstract, sharded). A program the compiler refuses
     for lack of HBM comes back with the bytes its message names (arguments included) and no
     executable."""
     began = time.perf_counter()
-    lowered = fn.lower(*args)
+    with quantized.target_platform(_platform(args)):  # traced here, for the slice's chips
+        lowered = fn.lower(*args)
     try:
         compiled = lowered.compile()
     except Exception as e:  # jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED
