@@ -10,10 +10,12 @@ step / K) and tokens/s against our plain decoding of the target, and transformer
 draft length (starting at 5); prompt lookup (no draft) at each of --lookup_ks, on the same
 prompts and on --grounded input-grounded prompts (--grounded_len tokens of held-out code,
 chosen among 500 windows as those whose true continuation repeats the most of the prompt's
-3-grams: code that reuses its prompt's identifiers); and transformers' assisted generation
-(PyTorch, the same weights, greedy, num_assistant_tokens=K at the best K) against ours. Each
-timing is the median of --reps rounds that run every variant once (interleaved), after a
-warm-up call of each.
+3-grams: code that reuses its prompt's identifiers) and on --copy copy-task prompts (a held-out
+block of --grounded_len tokens followed by its first --copy_cue tokens again: the text calls for
+the block once more, as in code editing); and transformers' assisted generation (PyTorch, the
+same weights, greedy, num_assistant_tokens=K at the best K) against ours. Without --draft only
+plain decoding and prompt lookup run. Each timing is the median of --reps rounds that run every
+variant once (interleaved), after a warm-up call of each.
 """
 
 import json
@@ -27,11 +29,13 @@ from absl import app, flags
 flags.DEFINE_string(
     "target", None, "Target model (a training workdir or checkpoint).", required=True
 )
-flags.DEFINE_string("draft", None, "Draft model, same tokenizer.", required=True)
+flags.DEFINE_string("draft", None, "Draft model, same tokenizer (none: prompt lookup only).")
 flags.DEFINE_list("ks", ["1", "2", "3", "4", "6", "8", "12", "16"], "Draft lengths to try.")
 flags.DEFINE_list("lookup_ks", ["2", "4", "8"], "Prompt lookup draft lengths.")
 flags.DEFINE_integer("grounded", 4, "Input-grounded prompts for prompt lookup (0: none).")
 flags.DEFINE_integer("grounded_len", 192, "Tokens of each input-grounded prompt.")
+flags.DEFINE_integer("copy", 4, "Copy-task prompts for prompt lookup (0: none).")
+flags.DEFINE_integer("copy_cue", 8, "Copy task: tokens of the block repeated after it.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per call.")
 flags.DEFINE_integer("prompts", 4, "Prompts (held-out windows).")
@@ -74,6 +78,20 @@ def grounded_prompts(held_out, count: int, length: int, new_tokens: int, candida
     return prompts, float(scores[best].mean())
 
 
+def copy_prompts(held_out, count: int, length: int, cue: int):
+    """The copy task of code editing: `count` evenly spaced held-out blocks of `length` tokens,
+    each followed by its own first `cue` tokens again, so that the text calls for the block
+    once more (the case prompt lookup is for: output that repeats its input). [1, length + cue]
+    int32 prompts."""
+    import numpy as np
+
+    if count == 0:
+        return []
+    starts = np.linspace(0, len(held_out) - length - 1, count).astype(int)
+    blocks = [held_out[s : s + length] for s in starts]
+    return [np.concatenate([b, b[:cue]])[None].astype(np.int32) for b in blocks]
+
+
 def forward_ms(config, params, positions: int, context: int = 96, reps: int = 30) -> float:
     """Median ms of one model call that feeds `positions` new tokens (batch 1) to a KV cache
     already holding `context` tokens and returns the logits of every new position: the cost of
@@ -107,30 +125,41 @@ def main(argv):
 
     f = flags.FLAGS
     target_dir, t_config, t_params = _load(f.target)
-    draft_dir, d_config, d_params = _load(f.draft)
-    target, draft = opt_jax.OPTForCausalLM(t_config), opt_jax.OPTForCausalLM(d_config)
+    target = opt_jax.OPTForCausalLM(t_config)
+    draft_dir = None
+    if f.draft:
+        draft_dir, d_config, d_params = _load(f.draft)
+        draft = opt_jax.OPTForCausalLM(d_config)
     held_out = np.load(os.path.join(f.target, "data", "eval.npy"))
     starts = np.linspace(0, len(held_out) - f.prompt_len - 1, f.prompts).astype(int)
     prompts = [held_out[s : s + f.prompt_len][None].astype(np.int32) for s in starts]
     grounded, overlap = grounded_prompts(held_out, f.grounded, f.grounded_len, f.new_tokens)
+    # Prompt sets by variant-name prefix: the held-out windows, then the lookup tasks.
+    sets = {"": prompts, "grounded ": grounded,
+            "copy ": copy_prompts(held_out, f.copy, f.grounded_len, f.copy_cue)}  # fmt: skip
     base = dict(max_new_tokens=f.new_tokens, eos_token_id=[])
     sampled = dict(base, do_sample=True, temperature=0.8, top_k=None)
     variants = {"plain greedy": dict(base), "plain sampled": dict(sampled)}
-    spec = dict(assistant_model=draft, assistant_params=d_params, output_acceptance=True)
-    for k in map(int, f.ks):
-        variants[f"greedy K={k}"] = dict(base, num_assistant_tokens=k, **spec)
-        variants[f"sampled K={k}"] = dict(sampled, num_assistant_tokens=k, **spec)
-    variants["greedy heuristic"] = dict(base, num_assistant_tokens=5, **spec,
-                                        num_assistant_tokens_schedule="heuristic")  # fmt: skip
+    if f.draft:
+        spec = dict(assistant_model=draft, assistant_params=d_params, output_acceptance=True)
+        for k in map(int, f.ks):
+            variants[f"greedy K={k}"] = dict(base, num_assistant_tokens=k, **spec)
+            variants[f"sampled K={k}"] = dict(sampled, num_assistant_tokens=k, **spec)
+        variants["greedy heuristic"] = dict(base, num_assistant_tokens=5, **spec,
+                                            num_assistant_tokens_schedule="heuristic")  # fmt: skip
     for k in map(int, f.lookup_ks):
         variants[f"lookup K={k}"] = dict(base, prompt_lookup_num_tokens=k, output_acceptance=True)
-    if grounded:
-        variants["grounded plain greedy"] = dict(base)
-        for k in map(int, f.lookup_ks):
-            variants[f"grounded lookup K={k}"] = variants[f"lookup K={k}"]
+    for prefix in ("grounded ", "copy "):
+        if sets[prefix]:
+            variants[f"{prefix}plain greedy"] = dict(base)
+            for k in map(int, f.lookup_ks):
+                variants[f"{prefix}lookup K={k}"] = variants[f"lookup K={k}"]
+
+    def prefix_of(name):
+        return next((p for p in ("grounded ", "copy ") if name.startswith(p)), "")
 
     def run(options, seed=0, name=""):
-        chosen = grounded if name.startswith("grounded") else prompts
+        chosen = sets[prefix_of(name)]
         return [opt_jax.generate(target, t_params, p, seed=seed, **options) for p in chosen]
 
     accepted = {}
@@ -150,9 +179,9 @@ def main(argv):
     for name in variants:
         seconds = statistics.median(times[name])
         peer = "plain sampled" if "sampled" in name else "plain greedy"
-        on_grounded = name.startswith("grounded")
-        plain = statistics.median(times["grounded " + peer if on_grounded else peer])
-        made = f.new_tokens * len(grounded) if on_grounded else tokens
+        prefix = prefix_of(name)
+        plain = statistics.median(times[prefix + peer])
+        made = f.new_tokens * len(sets[prefix])
         row = {"variant": name, "tokens_per_s": made / seconds, "speedup": plain / seconds,
                "accepted_per_step": accepted.get(name)}  # fmt: skip
         if name.split("K=")[-1].isdigit() and accepted.get(name) is not None:
@@ -162,9 +191,9 @@ def main(argv):
     results = {"cpu": roofline.describe_cpu(), "target": target_dir, "draft": draft_dir,
                "prompt_len": f.prompt_len, "new_tokens": f.new_tokens,
                "grounded_len": f.grounded_len, "grounded_overlap": overlap,
-               "rows": rows}  # fmt: skip
+               "copy_cue": f.copy_cue, "rows": rows}  # fmt: skip
 
-    if f.transformers:  # the same weights in PyTorch, transformers' assisted generation
+    if f.transformers and f.draft:  # the same weights in PyTorch, transformers' assisted generation
         import torch
         import transformers
 
@@ -206,9 +235,10 @@ def main(argv):
     # call, K - 1 one-token draft calls and one target pass over Kc + 1 positions, where Kc is
     # K rounded up to a multiple of 4 (generate's static draft capacity).
     results["forward_ms"] = {
-        "target": {n: forward_ms(t_config, t_params, n) for n in (1, 2, 5, 9, 13)},
-        "draft": {n: forward_ms(d_config, d_params, n) for n in (1, 2)},
+        "target": {n: forward_ms(t_config, t_params, n) for n in (1, 2, 3, 5, 9, 13)},
     }
+    if f.draft:
+        results["forward_ms"]["draft"] = {n: forward_ms(d_config, d_params, n) for n in (1, 2)}
     print(f"[benchmark_speculative] forward ms {results['forward_ms']}", flush=True)
     if f.plot:
         import matplotlib
@@ -217,7 +247,7 @@ def main(argv):
         import matplotlib.pyplot as plt
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for mode in ("greedy", "sampled", "grounded lookup"):
+        for mode in ("greedy", "sampled", "grounded lookup", "copy lookup"):
             picked = [r for r in rows if r["variant"].startswith(f"{mode} K=")]
             if not picked:
                 continue

@@ -305,10 +305,22 @@ def test_the_study_scripts_distil_a_draft_and_benchmark_it(tmp_path):
     run("scripts/benchmark_speculative.py", "--target", str(target), "--draft",
         str(tmp_path / "draft"), "--ks", "2", "--lookup_ks", "2", "--prompts", "1", "--reps", "1",
         "--prompt_len", "8", "--new_tokens", "4", "--grounded", "1", "--grounded_len", "8",
+        "--copy", "1", "--copy_cue", "3",
         "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "k.png"))  # fmt: skip
     results = json.loads((tmp_path / "r.json").read_text())
     names = {row["variant"] for row in results["rows"]}
-    assert {"greedy K=2", "sampled K=2", "greedy heuristic", "grounded lookup K=2"} <= names
+    assert {"greedy K=2", "sampled K=2", "greedy heuristic", "grounded lookup K=2",
+            "copy plain greedy", "copy lookup K=2"} <= names  # fmt: skip
     assert results["transformers_assisted"]["ratio"] > 0
-    assert set(results["forward_ms"]["target"]) == {"1", "2", "5", "9", "13"}
+    assert set(results["forward_ms"]["target"]) == {"1", "2", "3", "5", "9", "13"}
     assert (tmp_path / "k.png").stat().st_size > 0
+    # Without a draft: plain decoding and prompt lookup only.
+    run("scripts/benchmark_speculative.py", "--target", str(target), "--lookup_ks", "2",
+        "--prompts", "1", "--reps", "1", "--prompt_len", "8", "--new_tokens", "4",
+        "--grounded", "0", "--copy", "1", "--grounded_len", "8", "--copy_cue", "3",
+        "--output", str(tmp_path / "lookup.json"))  # fmt: skip
+    lookup = json.loads((tmp_path / "lookup.json").read_text())
+    assert {row["variant"] for row in lookup["rows"]} == {
+        "plain greedy", "plain sampled", "lookup K=2", "copy plain greedy", "copy lookup K=2"
+    }  # fmt: skip
+    assert "transformers_assisted" not in lookup and "draft" not in lookup["forward_ms"]
