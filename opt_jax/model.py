@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.experimental.layout import Layout, with_layout_constraint
 
 from opt_jax.config import REMAT_POLICIES, OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache, write_rows
@@ -429,18 +428,28 @@ def _to_device(variables):
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), variables)
 
 
-# A jit of its own: a layout constraint whose result is a program's output would make jax set
-# that output's layout to AUTO, which a donated cache argument (default layout) cannot alias.
-@jax.jit
 def _write_stacked(stack: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Writes new [L, B, N, T, H] into the stacked cache [L, B, N, S, H] at each row's slot
-    index [B], in the cache's row-major layout. Left to choose, the TPU compiler laid this write
-    out differently from the scan's per-layer reads and relaid out the whole cache every step
-    to reconcile them: a decode step of OPT-13b on a v5e-8 kept 1.0x the cache in temporaries
-    at batch 1 and at batch 8 (6.7b and 30b too); pinned, 0.0x and 0.5x (tests/test_aot.py)."""
-    written = jax.vmap(lambda layer, update: write_rows(layer, update, index, axis=2))(stack, new)
-    written = nn.with_logical_constraint(written, (ax.LAYERS, *KV_AXES))
-    return with_layout_constraint(written, Layout(tuple(range(written.ndim))))
+    index [B]; one token per row (decoding) row by row.
+
+    Written as one scatter (a vmap of per-row updates), the TPU compiler laid the write out
+    differently from the scan's per-layer reads and relaid out the whole cache around it every
+    step: a decode step of OPT-13b on a v5e-8 kept 1.0x the cache in temporaries at batch 1
+    and 8 (6.7b and 30b at batch 8 too); row by row, 0.001 GiB (tests/test_aot.py).
+    """
+    if new.shape[3] == 1:
+        zero = jnp.zeros((), index.dtype)
+
+        def row(b, stack):
+            update = jax.lax.dynamic_slice_in_dim(new, b, 1, axis=1).astype(stack.dtype)
+            return jax.lax.dynamic_update_slice(stack, update, (zero, b, zero, index[b], zero))
+
+        written = jax.lax.fori_loop(0, stack.shape[1], row, stack)
+    else:  # a prompt or a verify pass: each row's T tokens at once
+        written = jax.vmap(lambda layer, update: write_rows(layer, update, index, axis=2))(
+            stack, new
+        )
+    return nn.with_logical_constraint(written, (ax.LAYERS, *KV_AXES))
 
 
 class OPTModel(nn.Module):

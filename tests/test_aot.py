@@ -109,9 +109,9 @@ def test_an_int8_decode_step_sums_across_chips_what_bfloat16_does():
 
 def test_a_scanned_decode_step_updates_its_cache_in_place():
     """scan_layers decoding: the layers' new keys and values are written into the donated
-    [L, B, N, S, H] cache after the scan, and the cache keeps the compiler's layout (as inside
-    generate's one program). Before, the TPU compiler kept a second copy of the cache (0.53x
-    of it in temporaries here: the scan's stacked output, relaid out at the program's edge)."""
+    [L, B, N, S, H] cache after the scan, row by row. Before, the TPU compiler kept a second
+    copy of the cache (0.53x of it in temporaries here: the scan's stacked output, relaid out
+    around a scatter); now 0.02x."""
     config = _config(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
                      hidden_size=1024, num_attention_heads=8, word_embed_proj_dim=1024,
                      max_position_embeddings=2048)  # fmt: skip
