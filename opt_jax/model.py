@@ -27,7 +27,7 @@ from opt_jax.layers import (
 )
 from opt_jax.ops.attention import EINSUM
 from opt_jax.parallel import sharding as ax
-from opt_jax.param_tree import unstack_layers
+from opt_jax.param_tree import from_words, unstack_layers
 
 # OPT's learned position table has 2 extra rows: real tokens start at row 2, padding uses row 1.
 POSITION_OFFSET = 2
@@ -424,8 +424,8 @@ class OPTDecoder(nn.Module):
 
 def _to_device(variables):
     """A layer's variables moved to device memory, their sharding kept (a no-op for those
-    already there)."""
-    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), variables)
+    already there); one-byte codes stored as words (param_tree.as_words) are unpacked there."""
+    return jax.tree.map(lambda x: from_words(jax.device_put(x, jax.memory.Space.Device)), variables)
 
 
 def _write_stacked(stack: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:

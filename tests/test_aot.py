@@ -147,6 +147,12 @@ def test_decode_programs_with_the_layers_in_host_memory():
         if " dynamic-slice-start(" in line and "S(5)" in line.split(" dynamic-slice-start(")[0]
     ]
     assert len(starts) >= 6, len(starts)
+    # int8 codes are host arguments as 4-byte words (the layout the compiler streams), of the
+    # same bytes.
+    (_, q_step), _ = aot.decode_programs(host.replace(quantization="int8"), mesh, rules, 4, 256)
+    words = [line for line in q_step.executable.as_text().splitlines()
+             if "parameter(" in line and "s32[2," in line and "S(5)" in line]  # fmt: skip
+    assert len(words) == 6, len(words)
 
 
 def test_serving_engine_programs_compile_for_a_v5p_slice():

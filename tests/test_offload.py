@@ -272,6 +272,21 @@ def test_layers_in_host_memory_decode_as_in_device_memory(checkpoint, prompts):
         want = opt_jax.generate(model, stacked, ids, mask, max_new_tokens=12, seed=1, **options)
         got = opt_jax.generate(host_model, hosted, ids, mask, max_new_tokens=12, seed=1, **options)
         np.testing.assert_array_equal(got.sequences, want.sequences, err_msg=str(options))
+    # Quantised kernels: one-byte codes are kept in host memory as 4-byte words (the layout
+    # libtpu streams a layer at a time) and unpacked on the device, bit for bit.
+    for method in ("int8", "int4"):
+        qconfig, qparams = opt_jax.quantize(scanned, stacked, method, group_size=32)
+        qhosted = place_layers(qparams)
+        words = [x.dtype for x in jax.tree.leaves(qhosted["model"]["decoder"]["layers"])]
+        assert {jax.numpy.dtype("int32" if method == "int8" else "uint32")} <= set(words)
+        ids_ = ids[:2]
+        want = opt_jax.generate(opt_jax.OPTForCausalLM(qconfig), qparams, ids_, mask[:2],
+                                max_new_tokens=8)  # fmt: skip
+        got = opt_jax.generate(
+            opt_jax.OPTForCausalLM(qconfig.replace(layer_memory="pinned_host")), qhosted, ids_,
+            mask[:2], max_new_tokens=8,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got.sequences, want.sequences, err_msg=method)
     with pytest.raises(ValueError, match="layer_memory 'pinned_host' needs scan_layers=True"):
         config.replace(layer_memory="pinned_host")
     with pytest.raises(ValueError, match="layer_memory 'hbm' is not one of"):
