@@ -64,24 +64,21 @@ def place_layers(params: dict, memory_kind: str = "pinned_host") -> dict:
     LayerNorms and quantisation scales stay on the device, as do the embeddings and the head
     (dynamic slices of small host arrays also failed inside libtpu's compiler). Decode them with
     OPTConfig(scan_layers=True, layer_memory=memory_kind)."""
-    params = jax.tree.map(lambda x: x, params)
-    decoder = decoder_of(params)
-    if "layers" not in decoder:
+    if "layers" not in decoder_of(params):
         raise ValueError(
             "place_layers needs the scan layout (one stacked `layers` subtree): convert with "
             "opt_jax.param_tree.stack_layers"
         )
 
     def place(path, x):
-        if not is_kernel(path):
+        if not is_layer_kernel(path):
             return x
         x = x if isinstance(x, jax.Array) else jnp.asarray(x)
         if memory_kind != "device":
             x = as_words(x)
         return jax.device_put(x, x.sharding.with_memory_kind(memory_kind))
 
-    decoder["layers"] = jax.tree_util.tree_map_with_path(place, decoder["layers"])
-    return params
+    return jax.tree_util.tree_map_with_path(place, params)
 
 
 # One-byte codes (int8, packed int4 / GPTQ) in host memory are stored as 4-byte words: libtpu's
@@ -109,10 +106,11 @@ def from_words(x: jax.Array) -> jax.Array:
     return codes.reshape(*x.shape[:-1], x.shape[-1] * 4)
 
 
-def is_kernel(path) -> bool:
-    """Whether a jax.tree_util key path (or a tuple of names) ends at a Linear's kernel."""
-    last = path[-1]
-    return getattr(last, "key", last) == "kernel"
+def is_layer_kernel(path) -> bool:
+    """Whether a jax.tree_util key path (or a tuple of names) ends at a Linear kernel of the
+    stacked decoder layers: what place_layers moves to host memory."""
+    names = [getattr(p, "key", p) for p in path]
+    return "layers" in names and names[-1] == "kernel"
 
 
 def partition(params, trainable: Callable[[tuple[str, ...]], bool] | None):

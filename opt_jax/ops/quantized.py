@@ -87,12 +87,12 @@ def quantized_matmul(linear, x, n_in: int):
 _ROWS_BY_ROWS = (((1,), (1,)), ((), ()))  # dot_general: [M, K] . [O, K] -> [M, O]
 
 
-def _as_rows(x, q, n_in: int):
-    """x [.., *in] and a kernel q [*out, *in] as x2 [M, K] float32 and w2 [O, K], with the shape
-    [.., *out] that a product [M, O] is reshaped to."""
+def _as_rows(x, q, n_in: int, dtype=jnp.float32):
+    """x [.., *in] and a kernel q [*out, *in] as x2 [M, K] in `dtype` and w2 [O, K], with the
+    shape [.., *out] that a product [M, O] is reshaped to."""
     k = int(np.prod(x.shape[-n_in:]))
     out_shape = x.shape[:-n_in] + q.shape[: q.ndim - n_in]
-    return x.reshape((-1, k)).astype(jnp.float32), q.reshape((-1, k)), out_shape
+    return x.reshape((-1, k)).astype(dtype), q.reshape((-1, k)), out_shape
 
 
 # The platform the traced program is compiled for (None: jax's default backend). Compiling
@@ -158,12 +158,10 @@ def int8_matmul(x, q, scale, n_in: int):
     model's bytes (what the TPU compiler showed for OPT-13b on a v5e-8, experiments/tpu).
     """
     if not _for_cpu():
-        k = int(np.prod(x.shape[-n_in:]))
-        out_shape = x.shape[:-n_in] + q.shape[: q.ndim - n_in]
         dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-        w2 = q.reshape((-1, k)).astype(dtype)
-        y = jax.lax.dot_general(x.reshape((-1, k)).astype(dtype), w2, _ROWS_BY_ROWS)
-        return (y.astype(jnp.float32) * scale.reshape(-1).astype(jnp.float32)).reshape(out_shape)
+        x2, w2, out_shape = _as_rows(x, q, n_in, dtype)
+        y = jax.lax.dot_general(x2, w2.astype(dtype), _ROWS_BY_ROWS).astype(jnp.float32)
+        return (y * scale.reshape(-1).astype(jnp.float32)).reshape(out_shape)
     x2, w2, out_shape = _as_rows(x, q, n_in)
     rows = x2.shape[0]
     if rows > LIMB_MAX_ROWS:

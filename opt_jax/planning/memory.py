@@ -25,7 +25,7 @@ from opt_jax import lora
 from opt_jax.config import OPTConfig
 from opt_jax.model import abstract_params, param_logical_axes
 from opt_jax.parallel import sharding
-from opt_jax.param_tree import is_kernel, partition
+from opt_jax.param_tree import is_layer_kernel, partition
 
 GiB = 2**30
 # Usable memory per device (GiB): vendor capacities.
@@ -198,10 +198,7 @@ def _state_bytes(cfg: OPTConfig, sizes: tuple[int, int, int], padded: bool) -> t
     params = _shard_bytes(abstract, shardings, padded)
     host = 0
     if cfg.layer_memory != "device":  # as param_tree.place_layers places them
-
-        def hosted(path):
-            return "layers" in path and is_kernel(path)
-
+        hosted = is_layer_kernel
         host = _shard_bytes(partition(abstract, hosted)[0], partition(shardings, hosted)[0], padded)
     trained = params
     if cfg.lora_rank:  # LoRA: gradients and optimizer state for the adapters (and a head) only
@@ -306,10 +303,10 @@ def _decode_temporaries(cfg: OPTConfig, rows: int, length: int, tensor: int) -> 
     a `length`-slot cache, then decode steps): the prompt's float32 attention scores plus
     copies of one layer's kernels in the compute dtype: 2 (read as the scan slicing the next
     layer out of the stack while this one computes; not traced), 2.5 with int8 and 3 with int4
-    (the slices, then the dequantised kernels). Against the TPU
-    compiler on 13b-175b at batch 1 on a v5e-8 (experiments/tpu/inference, tests/test_memory.py)
-    this is 1.1-2.5x its larger program's temporaries: an upper bound, loosest on the small
-    models, where the bytes are a few hundred MB."""
+    (the slices, then the dequantised kernels). Against the TPU compiler on 13b-175b at batch 1
+    on a v5e-8 (experiments/tpu/inference, tests/test_memory.py) this is 1.1-2.5x its larger
+    program's temporaries: an upper bound, loosest on the small models, where the bytes are a
+    few hundred MB."""
     kernels = (4 * cfg.hidden_size + 2 * cfg.ffn_dim) * cfg.hidden_size / tensor
     copies = {"int4": 3.0, "gptq": 3.0, "int8": 2.5, "llm_int8": 2.5, "w8a8": 2.5}
     itemsize = np.dtype(cfg.dtype).itemsize

@@ -29,7 +29,7 @@ from opt_jax.config import OPTConfig
 from opt_jax.kv_cache import KV_AXES, KVCache
 from opt_jax.ops import quantized
 from opt_jax.parallel import sharding
-from opt_jax.param_tree import as_words, decoder_of, is_kernel
+from opt_jax.param_tree import as_words, is_layer_kernel
 from opt_jax.planning.memory import compiled_train_step_bytes
 
 GiB = 1024**3
@@ -401,25 +401,18 @@ def abstract_params_on(opt_config: OPTConfig, mesh, rules):
     params_abstract = abstract_params(opt_config)
     specs = param_logical_axes(opt_config)
     sharding.check_divisible(params_abstract, specs, dict(mesh.shape), rules)
-    shardings = sharding.logical_to_shardings(specs, mesh, rules)
-    if opt_config.layer_memory != "device":  # the stacked layers live in host memory
-        layers = decoder_of(shardings)
-        layers["layers"] = jax.tree_util.tree_map_with_path(
-            lambda p, s: s.with_memory_kind(opt_config.layer_memory) if is_kernel(p) else s,
-            layers["layers"],
-        )  # as param_tree.place_layers puts them
-    params = _abstract(params_abstract, shardings)
-    if opt_config.layer_memory != "device":  # one-byte codes as words (param_tree.as_words)
+    params = _abstract(params_abstract, sharding.logical_to_shardings(specs, mesh, rules))
+    if opt_config.layer_memory == "device":
+        return params
 
-        def stored(path, x):
-            if not is_kernel(path):
-                return x
-            words = jax.eval_shape(as_words, jax.ShapeDtypeStruct(x.shape, x.dtype))
-            return jax.ShapeDtypeStruct(words.shape, words.dtype, sharding=x.sharding)
+    def hosted(path, x):  # as param_tree.place_layers stores them: one-byte codes as words
+        if not is_layer_kernel(path):
+            return x
+        words = jax.eval_shape(as_words, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        memory = x.sharding.with_memory_kind(opt_config.layer_memory)
+        return jax.ShapeDtypeStruct(words.shape, words.dtype, sharding=memory)
 
-        layers = decoder_of(params)
-        layers["layers"] = jax.tree_util.tree_map_with_path(stored, layers["layers"])
-    return params
+    return jax.tree_util.tree_map_with_path(hosted, params)
 
 
 def abstract_cache_on(opt_config: OPTConfig, mesh, rules, batch: int, seq_len: int) -> KVCache:
