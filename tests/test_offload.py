@@ -168,6 +168,28 @@ def test_script_generates_offloaded(tmp_path):
     )
 
 
+def test_benchmark_in_a_memory_cgroup(checkpoint, tmp_path):
+    """benchmark_offload.py --cgroup_memory: the run happens inside a cgroup capped at the size
+    (its peak usage reported, at most the cap), or, where cgroups are not writable, a one-line
+    error saying so."""
+    path, _, _ = checkpoint
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmark_offload.py"), "--model", path,
+         "--memory_limit", "64MB", "--batches", "2", "--new_tokens", "3", "--accelerate=false",
+         "--cgroup_memory", "1.5GB", "--output", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if run.returncode:
+        assert "--cgroup_memory needs a writable memory cgroup" in run.stderr, run.stderr
+        return
+    (row,) = json.loads(out.read_text())["rows"]
+    ours = row["ours"]
+    assert "error" not in ours, ours
+    assert 0 < ours["cgroup_peak_bytes"] <= 1.5e9
+    assert ours["seconds"] > 0 and ours["tokens_per_second"] > 0
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [("1GB", 10**9), ("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)), (4096, 4096)],
