@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 
@@ -96,6 +97,13 @@ def as_words(x: jax.Array) -> jax.Array:
         return x
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4)
     return jax.lax.bitcast_convert_type(grouped, _WORDS[x.dtype])
+
+
+def host_words(x: np.ndarray) -> np.ndarray:
+    """as_words for a host (numpy) array: the same 4-byte words, without a device copy."""
+    if np.dtype(x.dtype) not in _WORDS or x.shape[-1] % 4:
+        return x
+    return np.ascontiguousarray(x).view(np.dtype(_WORDS[np.dtype(x.dtype)]))
 
 
 def from_words(x: jax.Array) -> jax.Array:

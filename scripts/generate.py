@@ -32,8 +32,9 @@ flags.DEFINE_enum("quantize", None, ["int8", "int4", "llm_int8"], "Quantise weig
 flags.DEFINE_enum(
     "offload",
     None,
-    ["disk"],
-    "Keep the decoder layers on disk and stream them (needs --memory_limit).",
+    ["disk", "host"],
+    "disk: keep the decoder layers on disk and stream them (needs --memory_limit); host "
+    "(accelerators): the layers' kernels in host memory, moved to the chip per layer.",
 )
 flags.DEFINE_string("memory_limit", None, "With --offload: memory the model may use, e.g. 8GB.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
@@ -79,6 +80,11 @@ def _generation_options(f) -> dict:
 def _load(path, dtype, quantize, offload=None, memory_limit=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path} is not a directory")
+    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+    if offload == "host":  # stacked kernels in host memory, quantised or not
+        if memory_limit:
+            raise ValueError("--memory_limit is for --offload disk")
+        return opt_jax.load_pretrained(path, offload="host", quantize=quantize, **overrides)
     if offload or memory_limit:  # layers stay on disk; the cast to dtype happens per layer
         if not (offload and memory_limit):
             raise ValueError("--offload disk and --memory_limit go together")
@@ -87,7 +93,6 @@ def _load(path, dtype, quantize, offload=None, memory_limit=None):
         return opt_jax.load_pretrained(
             path, offload=offload, memory_limit=memory_limit, dtype=dtype, param_dtype=dtype
         )
-    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
     if quantize:  # layer by layer: only one layer's weights are ever dequantised at a time
         overrides["scan_layers"] = True
     # An HF directory or an orbax checkpoint (ours); quantised as it loads when asked.

@@ -158,6 +158,9 @@ def test_script_generates_offloaded(tmp_path):
     )
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == plain.stdout
+    hosted = subprocess.run(common + ["--offload", "host"], capture_output=True, text=True)
+    assert hosted.returncode == 0, hosted.stderr
+    assert hosted.stdout == plain.stdout
     small = subprocess.run(
         common + ["--offload", "disk", "--memory_limit", "2MB"], capture_output=True, text=True
     )
@@ -166,6 +169,52 @@ def test_script_generates_offloaded(tmp_path):
         "error: memory_limit 2.0 MB is too small" in small.stderr
         and "need at least" in small.stderr
     )
+
+
+def test_load_pretrained_into_host_memory(checkpoint, prompts):
+    """load_pretrained(offload="host"): the layers' kernels are read into host memory, stacked
+    (never placed on the device), with the config that streams them to the chip per layer; the
+    tokens equal in-memory decoding, float and int8, and with given (unrolled) shardings."""
+    from opt_jax.model import param_logical_axes
+    from opt_jax.parallel import sharding
+
+    path, config, params = checkpoint
+    ids, mask = prompts[0][:2], prompts[1][:2]
+    want = opt_jax.generate(opt_jax.OPTForCausalLM(config), params, ids, mask, max_new_tokens=8)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    shardings = sharding.logical_to_shardings(param_logical_axes(config), mesh)
+    for given in (None, shardings):
+        hconfig, hosted = opt_jax.load_pretrained(
+            path, offload="host", dtype="float32", param_dtype="float32", shardings=given
+        )
+        assert hconfig.scan_layers and hconfig.layer_memory == "pinned_host"
+        leaves = jax.tree_util.tree_leaves_with_path(hosted)
+        kinds = {jax.tree_util.keystr(p): x.sharding.memory_kind for p, x in leaves}
+        kernels = [k for k in kinds if "'layers'" in k and k.endswith("['kernel']")]
+        assert len(kernels) == 6 and {kinds[k] for k in kernels} == {"pinned_host"}
+        assert {v for k, v in kinds.items() if k not in kernels} == {"device"}
+        if given is not None:
+            fc1 = hosted["model"]["decoder"]["layers"]["fc1"]["kernel"]
+            assert fc1.sharding.spec[0] is None and fc1.shape[0] == CONFIG.num_hidden_layers
+        got = opt_jax.generate(opt_jax.OPTForCausalLM(hconfig), hosted, ids, mask, max_new_tokens=8)
+        np.testing.assert_array_equal(got.sequences, want.sequences)
+    # int8: the codes stacked on the host as 4-byte words, the scales on the device.
+    qconfig, qparams = opt_jax.load_pretrained(
+        path, quantize="int8", scan_layers=True, dtype="float32", param_dtype="float32"
+    )
+    hconfig, hosted = opt_jax.load_pretrained(
+        path, offload="host", quantize="int8", dtype="float32", param_dtype="float32"
+    )
+    assert hosted["model"]["decoder"]["layers"]["fc1"]["kernel"].dtype == np.int32
+    want = opt_jax.generate(opt_jax.OPTForCausalLM(qconfig), qparams, ids, mask, max_new_tokens=8)
+    got = opt_jax.generate(opt_jax.OPTForCausalLM(hconfig), hosted, ids, mask, max_new_tokens=8)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    with pytest.raises(ValueError, match="offload='host' does not combine with memory_limit"):
+        opt_jax.load_pretrained(path, offload="host", memory_limit="1GB")
+    with pytest.raises(ValueError, match="offload='host' keeps the layers stacked"):
+        opt_jax.load_pretrained(path, offload="host", scan_layers=False)
+    with pytest.raises(ValueError, match="offload must be 'disk' .* or 'host', got 'gpu'"):
+        opt_jax.load_pretrained(path, offload="gpu")
 
 
 def test_benchmark_in_a_memory_cgroup(checkpoint, tmp_path):

@@ -85,7 +85,12 @@ def load_pretrained(
       offload: "disk" keeps the decoder layers in the directory's safetensors files: the
         params returned are a `DiskLayers` (checkpoints/offload.py) that `opt_jax.generate`
         runs layer by layer, reading each layer while the one before computes
-        (generation/streamed.py), for models larger than memory.
+        (generation/streamed.py), for models larger than memory. "host" (accelerators) reads
+        the decoder layers' kernels into host memory (`pinned_host`, stacked in the scan
+        layout as they are read, never on the device) and returns a config with
+        scan_layers=True, layer_memory="pinned_host": each layer's kernels move to the chip
+        as it runs (param_tree.place_layers, which does the same to params already loaded).
+        `shardings` (unrolled layout, as above) shard the stacked arrays the same way.
       memory_limit: with offload, the bytes the model may hold: "1GB", "512MB", "2GiB" or an
         int (resident parts, KV cache, layers in flight, activations); the rest of the limit
         keeps layers resident.
@@ -112,9 +117,17 @@ def load_pretrained(
 
 
 def _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, overrides):
+    if offload == "host":
+        if memory_limit is not None or adapter is not None:
+            given = "memory_limit" if memory_limit is not None else "adapter"
+            raise ValueError(f"offload='host' does not combine with {given}")
+        if overrides.get("scan_layers") is False:
+            raise ValueError("offload='host' keeps the layers stacked: it needs scan_layers=True")
+        overrides = {**overrides, "scan_layers": True, "layer_memory": "pinned_host"}
+        return _load_base(path, shardings, quantize, overrides)
     if offload != "disk":
         raise ValueError(
-            f"offload must be 'disk' (with memory_limit=), got {offload!r}"
+            f"offload must be 'disk' (with memory_limit=) or 'host', got {offload!r}"
             if offload is not None
             else "memory_limit= is for offload='disk'"
         )
@@ -139,6 +152,8 @@ def _load_base(path: str, shardings, quantize: str | None, overrides: dict):
         config, params = orbax_io.load_params(path, shardings, **overrides)
         if quantize is not None:  # orbax restores whole arrays: quantise after loading
             config, params = quantize_params(config, params, quantize)
+        if config.layer_memory != "device":
+            params = param_tree.place_layers(params, config.layer_memory)
         return config, params
     config = OPTConfig.from_hf(path, **overrides)
     root_is_decoder = config.architecture == "OPTModel"
@@ -167,7 +182,7 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
     # Checkpoints are per layer: read into the unrolled layout, stack afterwards if scanning.
     # Quantised configs read float tensors and quantise each kernel as it arrives.
     method = config.quantization
-    float_config = config.replace(scan_layers=False, quantization="none")
+    float_config = config.replace(scan_layers=False, quantization="none", layer_memory="device")
     expected = traverse_util.flatten_dict(abstract_params(float_config))
     by_name = {hf_name(p): (p, spec) for p, spec in expected.items()}
     root_is_decoder = config.architecture == "OPTModel"
@@ -176,6 +191,9 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
     flat_shardings = {} if shardings is None else traverse_util.flatten_dict(shardings)
 
     flat, unexpected = {}, []
+    # layer_memory="pinned_host": each layer's tensors go into host arrays stacked over layers
+    # ([L, ...], filled as the layers arrive), placed at the end (_place_stacked).
+    stacked = {} if config.layer_memory != "device" else None
     for name, key, value in tensors:
         if name == TIED_LM_HEAD:
             want = by_name[embed][1].shape
@@ -194,10 +212,18 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
         if method != "none" and p[-1] == "kernel":
             n_out = len(spec.shape) - param_tree.num_in_axes(p)
             q, scale = quantize_kernel(array, n_out, config, "/".join(p[:-1]))
-            flat[p], flat[p[:-1] + ("scale",)] = jax.device_put(q), jax.device_put(scale)
             del value, array
+            for leaf, v in ((p, q), (p[:-1] + ("scale",), scale)):
+                if stacked is not None and _layer_index(leaf) is not None:
+                    flat[leaf] = None  # seen; the array lives in `stacked`
+                    _stack_into(stacked, leaf, np.asarray(v), config.num_hidden_layers)
+                else:
+                    flat[leaf] = jax.device_put(v)
             continue
-        if p in flat_shardings:
+        if stacked is not None and _layer_index(p) is not None:
+            flat[p] = None  # seen; the array lives in `stacked`
+            _stack_into(stacked, p, array, config.num_hidden_layers)
+        elif p in flat_shardings:
             flat[p] = jax.device_put(array, flat_shardings[p])
         else:  # a fresh host buffer (read, not mapped): device_put need not copy it again
             flat[p] = jax.device_put(array)
@@ -213,10 +239,56 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
             f"checkpoint in {source} does not match its {config.architecture} config: "
             + "; ".join(problems)
         )
+    if stacked is not None:
+        flat = {p: v for p, v in flat.items() if _layer_index(p) is None}
+        flat.update(_place_stacked(stacked, flat_shardings, config.layer_memory))
+        return traverse_util.unflatten_dict(flat)
     params = traverse_util.unflatten_dict(flat)
     if config.scan_layers:
         params = param_tree.stack_layers(params, config.num_hidden_layers)
     return params
+
+
+def _layer_index(path: tuple[str, ...]) -> int | None:
+    """i for a path inside decoder layer `layers_i` (unrolled layout), else None."""
+    for name in path:
+        if name.startswith("layers_"):
+            return int(name[len("layers_") :])
+    return None
+
+
+def _stacked_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple("layers" if n.startswith("layers_") else n for n in path)
+
+
+def _stack_into(stacked: dict, path: tuple[str, ...], array: np.ndarray, num_layers: int) -> None:
+    """Writes one layer's array into the host array [L, ...] that stacks it over layers."""
+    target = _stacked_path(path)
+    if target not in stacked:
+        stacked[target] = np.empty((num_layers, *array.shape), array.dtype)
+    stacked[target][_layer_index(path)] = array
+
+
+def _place_stacked(stacked: dict, flat_shardings: dict, memory_kind: str) -> dict:
+    """The stacked layer arrays placed: Linear kernels in `memory_kind` memory (one-byte codes
+    as 4-byte words, as param_tree.place_layers stores them), the rest on the device; each
+    sharded as its unrolled sharding with a leading unsharded layers axis (one device when no
+    shardings were given)."""
+    layer0 = {_stacked_path(p): s for p, s in flat_shardings.items() if _layer_index(p) == 0}
+    out = {}
+    for path in list(stacked):
+        array = stacked.pop(path)  # drop our reference as each is placed
+        given = layer0.get(path)
+        if given is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            spec = jax.sharding.PartitionSpec(None, *given.spec)
+            sharding = jax.sharding.NamedSharding(given.mesh, spec)
+        if param_tree.is_layer_kernel(path):
+            array = param_tree.host_words(array)
+            sharding = sharding.with_memory_kind(memory_kind)
+        out[path] = jax.device_put(array, sharding)
+    return out
 
 
 def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
@@ -228,7 +300,10 @@ def hf_state_dict(config: OPTConfig, params: dict) -> dict[str, np.ndarray]:
         )
     params = nn.unbox(params)  # flax's model.init(...)["params"] comes boxed
     if config.scan_layers:
-        params, config = param_tree.unstack_layers(params), config.replace(scan_layers=False)
+        params, config = (
+            param_tree.unstack_layers(params),
+            config.replace(scan_layers=False, layer_memory="device"),
+        )
     expected = traverse_util.flatten_dict(abstract_params(config))
     flat = traverse_util.flatten_dict(params)
     missing = sorted(hf_name(p) for p in expected if p not in flat)

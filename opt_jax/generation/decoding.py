@@ -145,9 +145,12 @@ def decode(
         s = record(gen_config, s, token, end)
         done = s.done
         if stream is not None and stream_id is not None:
+            # Unordered: its result feeds the loop's condition, which orders the calls anyway,
+            # and jax 0.10.2 cannot lower an ordered callback beside arguments in host memory
+            # (OPTConfig.layer_memory="pinned_host": "safe_zip() argument 1 has length 3").
             keep = io_callback(
                 stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, s.step - 1, token,
-                ordered=True,
+                ordered=False,
             )  # fmt: skip
             done = done | ~keep
         elif stream is not None:

@@ -335,10 +335,10 @@ def speculative_decode(
         )
         produced = s.produced + count
         done = s.done | is_eos.any(axis=1) | (produced >= max_new_tokens)
-        if stream is not None:
+        if stream is not None:  # unordered: see decoding.decode's streaming call
             keep = io_callback(
                 stream, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, new, count, done,
-                ordered=True,
+                ordered=False,
             )  # fmt: skip
             done = done | ~keep
         # The target's cache keeps the committed tokens but the newest, the draft's all but the
