@@ -42,6 +42,12 @@ flags.DEFINE_bool(
 flags.DEFINE_list("hold_out", [], "--fit: widths not fitted on, only checked.")
 flags.DEFINE_bool("report", False, "Print --out's points against the current planner, as a table.")
 flags.DEFINE_list("model", [], "Further model fields, FIELD=VALUE (e.g. dropout=0.0).")
+flags.DEFINE_bool(
+    "heap",
+    False,
+    "Compile --out's points that lack one again with an XLA dump and add what the compiler's "
+    "heap holds (heap.py: allocation, live peak, fragmentation, the largest live values).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -182,6 +188,39 @@ def report(path: str) -> None:
         if values:
             print(f"{'scanned' if scan else 'unrolled'}: planner / compiler "
                   f"{min(values):.2f}-{max(values):.2f} over {len(values)} points")  # fmt: skip
+    heap_report(path)
+
+
+def heap_report(path: str) -> None:
+    """The points recorded with --heap: the compiler's reported temporaries against its heap
+    (heap.py): the allocation, the live peak, the live peak without loop state, and how far the
+    reported number is from allocation + (allocation - peak without loop state)."""
+    with open(path) as f:
+        rows = [r for r in map(json.loads, f) if "heap" in r]
+    if not rows:
+        return
+    gib = 2**30
+    print("\n| width | mesh | layers | tokens / chip | attention | remat | reported | allocation | "
+          "live peak | without loop state | reported - (2 allocation - that) | planner / "
+          "allocation |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    close = 0
+    for r in rows:
+        p, h, reported = r["point"], r["heap"], r["compiler"]["temporaries"]
+        rest = reported - 2 * h["allocation"] + h["live_peak_without_loop_state"]
+        close += abs(rest) <= 0.02 * reported
+        planned = _replan(p)["temporaries"]
+        layers = f"{p['layers']} {'scanned' if p['scan'] else 'unrolled'}"
+        attention = p.get("model", {}).get("attention_impl", "einsum")
+        print(f"| {p['size']} | {'x'.join(map(str, p['mesh']))} | {layers} | {p['per_way']} x "
+              f"{p['seq_len']} | {attention} | {p['remat']} | {reported / gib:.2f} | "
+              f"{h['allocation'] / gib:.2f} | {h['live_peak'] / gib:.2f} | "
+              f"{h['live_peak_without_loop_state'] / gib:.2f} | {rest / gib:+.2f} | "
+              f"{planned / h['allocation']:.2f} |")  # fmt: skip
+    print(
+        f"reported = 2 x allocation - live peak without loop state, within 2%: {close} of "
+        f"{len(rows)} points"
+    )
 
 
 def _features(point: dict) -> tuple[float, tuple[float, ...]]:
@@ -195,17 +234,18 @@ def _features(point: dict) -> tuple[float, tuple[float, ...]]:
 
 
 def fit(path: str) -> None:
-    """Non-negative least squares per (scanned?, remat) of the compiler's temporaries minus what
-    the layers keep on [logits, linear working set, score working set, a layer's gathered float32
-    weights, the gathered float32 token table, the sharded gradients]; prints the constants for
-    memory.py and each point's planned / compiled ratio (held-out widths marked)."""
+    """Non-negative least squares per remat, for unrolled layers, of the compiler's temporaries
+    minus what the layers keep on [logits, linear working set, score working set, a layer's
+    gathered float32 weights, the gathered float32 token table, the sharded gradients]; prints
+    the constants for memory.py and each point's planned / compiled ratio (held-out widths
+    marked). Scanned layers are not fitted: memory._scanned_step models the compiler's heap."""
     import numpy as np
     from scipy.optimize import nnls  # non-negative: each term is bytes that exist
 
     with open(path) as f:  # a step the compiler refused reports only what it asked for
         rows = [r for r in map(json.loads, f) if not r.get("refused")]
     table = {}
-    for scan in (True, False):
+    for scan in (False,):  # scanned layers: memory._scanned_step, a model of the heap
         for remat in FLAGS.remat:
             group = [r for r in rows if r["point"]["scan"] == scan and r["point"]["remat"] == remat]
             if not group:
@@ -240,6 +280,35 @@ def fit(path: str) -> None:
     print("}")
 
 
+def add_heaps(path: str, dump: str) -> None:
+    """--heap: each point of `path` without a "heap" entry is compiled again, dumped into `dump`
+    (XLA_FLAGS, set before jax starts), and the heap read off the dump (heap.py) is added to its
+    line; the file is rewritten after each point, so an interrupted run resumes."""
+    import shutil
+
+    import heap
+
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        if "heap" in r or r.get("refused"):
+            continue
+        shutil.rmtree(dump)  # the previous point's modules
+        again = measure(r["point"])
+        t = again["compiler"]["temporaries"]
+        if t != r["compiler"]["temporaries"]:
+            logging.warning("%s: %d bytes of temporaries, %d recorded", r["point"], t,
+                            r["compiler"]["temporaries"])  # fmt: skip
+        r["heap"] = h = heap.read(dump)
+        print(f"{r['point']}: temporaries {t / 2**30:.2f} GiB = allocation "
+              f"{h['allocation'] / 2**30:.2f} + {(t - h['allocation']) / 2**30:.2f} "
+              f"(fragmentation {h['fragmentation'] / 2**30:.2f}); live peak "
+              f"{h['live_peak'] / 2**30:.2f}", flush=True)  # fmt: skip
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(path + ".tmp", path)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -248,6 +317,15 @@ def main(argv):
         return
     if FLAGS.report:
         report(FLAGS.out)
+        return
+    if FLAGS.heap:
+        import tempfile
+
+        dump = tempfile.mkdtemp(prefix="tpu_grid_dump_")  # read by jax when its backend starts
+        os.environ["XLA_FLAGS"] = " ".join(
+            (os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}", "--xla_dump_hlo_as_text")
+        )
+        add_heaps(FLAGS.out, dump)
         return
     done = set()
     if os.path.exists(FLAGS.out):

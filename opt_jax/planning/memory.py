@@ -3,9 +3,10 @@
 Parameters, optimizer state and gradients come from the real shardings (`jax.eval_shape` of the
 model on an abstract mesh, so exact), laid out in tiles as the TPU compiler lays them
 (`tpu_array_bytes`). A step's temporaries are predicted for one of two compilers: "tpu"
-(default): what each layer keeps for the backward pass (a scanned layer's stacked arrays,
-counted exactly as the TPU compiler's HLO shows them) plus terms for the logits and the backward
-pass's working set fitted to libtpu's compiler on the grid of experiments/memory (`tpu_grid.py`);
+(default): for scanned layers, libtpu's heap phase by phase (the stacked residuals, counted
+exactly as its HLO shows them, the loss, a layer's backward working set; `_scanned_step`), read
+off its buffer assignment on the grid of experiments/memory (`tpu_grid.py`, `heap.py`); for
+unrolled layers, what each layer keeps plus terms fitted to the compiler on that grid;
 "xla_cpu": the analytic counts of Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models", section 4), adapted to our remat policies, which XLA:CPU matches within
 15% (tests/test_memory.py). The KV cache is exact. All numbers are bytes per device.
@@ -97,21 +98,37 @@ def _scanned_layer_bytes(cfg: OPTConfig, remat: str, tokens: int, seq_len: int, 
     return tokens * per_token
 
 
-# The TPU compiler's temporaries of a training step beyond what the layers keep: the loss's
-# logits, the backward pass's working set and the gradients, as multiples of (float32 [T, V / t]
-# logits, one layer's no-remat activations outside the scores, its scores, one layer's float32
-# kernels gathered over fsdp, the float32 token table gathered over fsdp, the sharded float32
-# gradients), for (scan_layers, remat). Non-negative least squares of the relative error on the
-# grid of experiments/memory: `python experiments/memory/tpu_grid.py --fit` prints these and
-# each point's error, in the fit and left out of it.
+# Unrolled layers: the TPU compiler's temporaries of a training step beyond what the layers
+# keep (the loss's logits, the backward pass's working set and the gradients), as multiples of
+# (float32 [T, V / t] logits, one layer's no-remat activations outside the scores, its scores,
+# one layer's float32 kernels gathered over fsdp, the float32 token table gathered over fsdp,
+# the sharded float32 gradients), per remat. Non-negative least squares of the relative error on
+# the grid of experiments/memory: `python experiments/memory/tpu_grid.py --fit` prints these
+# and each point's error, in the fit and left out of it. (Scanned layers: _scanned_step.)
 _TPU_REST = {
-    (True, "none"): (2.099, 3.634, 0.229, 1.712, 0.0, 0.0),
-    (True, "full"): (0.488, 3.796, 0.523, 1.544, 0.0, 0.0),
-    (True, "save_dots"): (1.77, 0.168, 0.834, 0.109, 0.0, 1.672),
     (False, "none"): (1.733, 0.0, 0.0, 1.965, 0.0, 0.0),
     (False, "full"): (1.575, 0.0, 0.0, 2.364, 0.0, 0.335),
     (False, "save_dots"): (1.911, 0.0, 0.144, 1.171, 0.0, 0.042),
 }
+
+# Scanned layers: the compiler's heap, phase by phase (experiments/memory/heap.py reads it off
+# libtpu's buffer assignment). What libtpu reports as a step's temporaries is its heap's size
+# plus that size minus the heap's peak without the loops' state (the scans' stacked residuals
+# and float32 gradients): 2 x allocation - peak without loop state, on every grid point to a
+# few MB. So the loop state counts twice and everything else once, at each of three peaks:
+#   forward   the stacked residuals filling up (not yet loop state) + a layer's working set;
+#   loss      the residuals + float32 logits (+ their bfloat16 copy, seen only when it is at
+#             least _BF16_LOGITS_KEPT) + the token table gathered in bfloat16;
+#   backward  the residuals + every layer's float32 gradient + two of a layer's score arrays
+#             in bfloat16 (one more in float32 with several sequences per chip) + the gathered
+#             fc1, fc2 and one attention kernel + the logits' gradient (or the table's, the
+#             smaller) in bfloat16;
+# and all of them the bfloat16 copy of every layer's kernels, made before the scans. Four
+# constants, set on the grid's 47 scanned points (43 within 10%, the rest 0.9-1.17x):
+_FRAGMENTATION = 0.05  # the allocation beyond the live peak (0.02-0.09 in the dumps)
+_LAYER_WORKING_SET = 6  # [T, D] compute-dtype arrays live in a layer's step besides the above
+_FORWARD_SCORES = 0.5  # of the backward's score arrays, live in the forward pass
+_BF16_LOGITS_KEPT = 150 * 2**20
 # Unrolled without remat, XLA fuses across the whole pass and keeps 0.45 of what a scanned
 # layer keeps (the slope from 1 to 4 unrolled 125m layers: 0.15 GiB per layer at 2048 tokens).
 _UNROLLED_KEPT = 0.45
@@ -140,6 +157,45 @@ def tpu_terms(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int, trained: f
         trained,
     )
     return cfg.num_hidden_layers * kept, terms
+
+
+def _scanned_step(cfg: OPTConfig, tokens: int, seq_len: int, fsdp: int, tensor: int,
+                  kept: float, trained_layers: float) -> dict:  # fmt: skip
+    """A scanned training step's temporaries as the TPU compiler reports them (see the comment
+    above _FRAGMENTATION): {"reported", "live_peak", "without_loop_state"} in bytes per chip,
+    for `tokens` local tokens of `seq_len`-token sequences, `kept` bytes of stacked residuals
+    (all layers) and `trained_layers` bytes of the layers' float32 gradients."""
+    h, f, v, layers = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.num_hidden_layers
+    c = np.dtype(cfg.dtype).itemsize
+    sequences = tokens / seq_len
+    kernels = (4 * h * h + 2 * h * f) / (fsdp * tensor)  # one layer's, per chip
+    copies = layers * kernels * c  # the compute-dtype copy of every layer's kernels (if cast)
+    if np.dtype(cfg.dtype) == np.dtype(cfg.params_dtype):
+        copies = 0.0
+    logits = tokens * v / tensor * 4
+    if tokens * v / tensor * c >= _BF16_LOGITS_KEPT:
+        logits += tokens * v / tensor * c
+    table = v * h * c / tensor
+    scores = 0.0
+    if cfg.attention_impl != "flash":
+        one = sequences * cfg.num_attention_heads / tensor * seq_len * seq_len
+        scores = 2 * one * c + (one * 4 if sequences >= 2 else 0.0)
+    gathered = (2 * h * f + h * h) * c / tensor if fsdp > 1 else 0.0  # no gather without fsdp
+    working = _LAYER_WORKING_SET * tokens * h * c + gathered + copies
+    loss = logits + table + copies
+    backward = scores + working + min(tokens, h) * v / tensor * c
+    # With full remat the forward pass's scores die before the layer's input is stacked.
+    forward = (0.0 if cfg.remat_policy == "full" else _FORWARD_SCORES * scores) + working
+    # Without fsdp the stacked gradients are written in the backward scan's body, not carried.
+    carried = trained_layers if fsdp > 1 else 0.0
+    peak = max(kept + loss, kept + trained_layers + backward, kept + forward)
+    transient = max(loss, backward + trained_layers - carried, kept + forward)
+    allocation = peak * (1 + _FRAGMENTATION)
+    return {
+        "reported": 2 * allocation - transient,
+        "live_peak": peak,
+        "without_loop_state": transient,
+    }
 
 
 def _recompute_bytes(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int) -> float:
@@ -232,9 +288,10 @@ def plan(
       decode_batch, decode_length: KV-cache size for generation (default: batch_size, seq_len).
       optimizer_moments: arrays per parameter kept by the optimizer (AdamW: 2).
       grad_accum_steps: micro-batches per step (activations and logits live per micro-batch).
-      compiler: whose temporaries to predict: "tpu" (libtpu's compiler: within 10% of it on the
-        grid of experiments/memory, the pattern a GPU's XLA is expected to follow too, not
-        checked) or "xla_cpu" (Korthikanti et al.'s counts; XLA:CPU within 15%, tests).
+      compiler: whose temporaries to predict: "tpu" (libtpu's compiler: within 10% of it on
+        61 of the 67 points of experiments/memory's grid, 0.81-1.16x on all; a GPU's XLA is
+        expected to follow the pattern, not checked) or "xla_cpu" (Korthikanti et al.'s
+        counts; XLA:CPU within 15%, tests).
 
     Returns:
       dict of byte counts: params (in device memory), host_params (the layers' kernels in
@@ -254,7 +311,17 @@ def plan(
         raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {data_ways}")
     local_tokens = batch_size // data_ways * seq_len // grad_accum_steps
     layers = cfg.num_hidden_layers
-    if compiler == "tpu":
+    if compiler == "tpu" and cfg.scan_layers:
+        kept, terms = tpu_terms(cfg, local_tokens, seq_len, tensor, trained)
+        # The layers' gradients: the trained bytes less the embeddings' (LoRA: the adapters).
+        embeddings = (cfg.vocab_size + cfg.max_position_embeddings) * cfg.hidden_size
+        layer_grads = max(trained - embeddings * 4 / (mesh_shape.get("fsdp", 1) * tensor), 0)
+        step = _scanned_step(
+            cfg, local_tokens, seq_len, mesh_shape.get("fsdp", 1), tensor, kept, layer_grads
+        )
+        logits = terms[0]  # float32 [T, V / t]: part of the loss's peak, reported for reading
+        activations = step["reported"] - logits
+    elif compiler == "tpu":
         kept, terms = tpu_terms(cfg, local_tokens, seq_len, tensor, trained)
         policy = "save_dots" if cfg.remat_policy == "save_dots_no_batch" else cfg.remat_policy
         c = _TPU_REST[(cfg.scan_layers, policy)]
