@@ -303,3 +303,23 @@ def test_unknown_topology_in_process():
     with pytest.raises(ValueError, match="unknown TPU topology"):
         aot.topology_devices("v5e-8")
     assert np.isclose(aot.chip_hbm_bytes("v5p:2x2x1") / 1024**3, 95)
+
+
+def test_the_compilers_heap_read_off_its_dump(tmp_path):
+    """experiments/memory: tpu_grid.py compiles a training step for a v5e slice and --heap
+    compiles it again with an XLA dump, from which heap.py rebuilds libtpu's heap. What the
+    compiler reports as temporaries is 2 x the heap's allocation - the heap's peak without the
+    loops' state (the relation memory._scanned_step is built on), and the live peak lies
+    between that peak and the allocation."""
+    out = tmp_path / "grid.jsonl"
+    common = [sys.executable, str(ROOT / "experiments/memory/tpu_grid.py"), "--out", str(out)]
+    point = ["--sizes", "125m", "--meshes", "1x4x1", "--scan", "true", "--remat", "full",
+             "--layers", "2", "--seq_len", "512"]  # fmt: skip
+    subprocess.run(common + point, check=True, capture_output=True, timeout=600)
+    subprocess.run(common + ["--heap"], check=True, capture_output=True, timeout=600)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    heap, reported = row["heap"], row["compiler"]["temporaries"]
+    transient = heap["live_peak_without_loop_state"]
+    assert transient <= heap["live_peak"] <= heap["allocation"] < reported
+    assert abs(reported - (2 * heap["allocation"] - transient)) <= 0.02 * reported, (row, heap)
+    assert heap["peak_values"] and all(size > 0 for _, size in heap["peak_values"])
