@@ -125,7 +125,7 @@ _TPU_REST = {
 #             smaller) in bfloat16;
 # and all of them the bfloat16 copy of every layer's kernels, made before the scans. Four
 # constants, set on the grid's 47 scanned points (43 within 10%, the rest 0.9-1.17x):
-_FRAGMENTATION = 0.05  # the allocation beyond the live peak (0.02-0.09 in the dumps)
+_FRAGMENTATION = 0.05  # the allocation beyond the live peak (0.004-0.16 on the grid)
 _LAYER_WORKING_SET = 6  # [T, D] compute-dtype arrays live in a layer's step besides the above
 _FORWARD_SCORES = 0.5  # of the backward's score arrays, live in the forward pass
 _BF16_LOGITS_KEPT = 150 * 2**20
