@@ -27,27 +27,35 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
-flags.DEFINE_string("out", "experiments/memory/tpu_grid.jsonl", "Results, one JSON per line.")
-flags.DEFINE_list("sizes", ["125m", "1.3b", "6.7b"], "Preset widths.")
-flags.DEFINE_list("remat", ["none", "full", "save_dots"], "Remat policies.")
-flags.DEFINE_list("scan", ["true", "false"], "scan_layers values.")
-flags.DEFINE_list("meshes", ["1x4x1", "1x2x2"], "DATAxFSDPxTENSOR meshes.")
-flags.DEFINE_integer("layers", 4, "Decoder layers of each point.")
-flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
-flags.DEFINE_integer("per_way", 1, "Sequences per data-parallel way.")
-flags.DEFINE_string("topology", "v5e:2x2", "TPU slice.")
-flags.DEFINE_bool(
-    "fit", False, "Fit the planner's TPU constants to --out's points (held out: --hold_out)."
-)
-flags.DEFINE_list("hold_out", [], "--fit: widths not fitted on, only checked.")
-flags.DEFINE_bool("report", False, "Print --out's points against the current planner, as a table.")
-flags.DEFINE_list("model", [], "Further model fields, FIELD=VALUE (e.g. dropout=0.0).")
-flags.DEFINE_bool(
-    "heap",
-    False,
-    "Compile --out's points that lack one again with an XLA dump and add what the compiler's "
-    "heap holds (heap.py: allocation, live peak, fragmentation, the largest live values).",
-)
+
+def _define_flags() -> None:
+    """The command line (defined when run as a script, so that tests can import the module
+    beside other absl programs that define --out)."""
+    flags.DEFINE_string("out", "experiments/memory/tpu_grid.jsonl", "Results, one JSON per line.")
+    flags.DEFINE_list("sizes", ["125m", "1.3b", "6.7b"], "Preset widths.")
+    flags.DEFINE_list("remat", ["none", "full", "save_dots"], "Remat policies.")
+    flags.DEFINE_list("scan", ["true", "false"], "scan_layers values.")
+    flags.DEFINE_list("meshes", ["1x4x1", "1x2x2"], "DATAxFSDPxTENSOR meshes.")
+    flags.DEFINE_integer("layers", 4, "Decoder layers of each point.")
+    flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+    flags.DEFINE_integer("per_way", 1, "Sequences per data-parallel way.")
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU slice.")
+    flags.DEFINE_bool(
+        "fit", False, "Fit the planner's TPU constants to --out's points (held out: --hold_out)."
+    )
+    flags.DEFINE_list("hold_out", [], "--fit: widths not fitted on, only checked.")
+    flags.DEFINE_bool(
+        "report", False, "Print --out's points against the current planner, as a table."
+    )
+    flags.DEFINE_list("model", [], "Further model fields, FIELD=VALUE (e.g. dropout=0.0).")
+    flags.DEFINE_bool(
+        "heap",
+        False,
+        "Compile --out's points that lack one again with an XLA dump and add what the compiler's "
+        "heap holds (heap.py: allocation, live peak, fragmentation, the largest live values).",
+    )
+
+
 FLAGS = flags.FLAGS
 
 
@@ -355,4 +363,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
