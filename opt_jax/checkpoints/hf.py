@@ -194,6 +194,14 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
     # layer_memory="pinned_host": each layer's tensors go into host arrays stacked over layers
     # ([L, ...], filled as the layers arrive), placed at the end (_place_stacked).
     stacked = {} if config.layer_memory != "device" else None
+
+    def put(path, array, sharding):
+        if stacked is not None and _layer_index(path) is not None:
+            flat[path] = None  # seen; the array lives in `stacked`
+            _stack_into(stacked, path, np.asarray(array), config.num_hidden_layers)
+        else:  # a fresh host buffer (read, not mapped): device_put need not copy it again
+            flat[path] = jax.device_put(array, sharding)
+
     for name, key, value in tensors:
         if name == TIED_LM_HEAD:
             want = by_name[embed][1].shape
@@ -213,20 +221,10 @@ def _assemble(config: OPTConfig, tensors, shardings, source: str) -> dict:
             n_out = len(spec.shape) - param_tree.num_in_axes(p)
             q, scale = quantize_kernel(array, n_out, config, "/".join(p[:-1]))
             del value, array
-            for leaf, v in ((p, q), (p[:-1] + ("scale",), scale)):
-                if stacked is not None and _layer_index(leaf) is not None:
-                    flat[leaf] = None  # seen; the array lives in `stacked`
-                    _stack_into(stacked, leaf, np.asarray(v), config.num_hidden_layers)
-                else:
-                    flat[leaf] = jax.device_put(v)
+            put(p, q, None)
+            put(p[:-1] + ("scale",), scale, None)
             continue
-        if stacked is not None and _layer_index(p) is not None:
-            flat[p] = None  # seen; the array lives in `stacked`
-            _stack_into(stacked, p, array, config.num_hidden_layers)
-        elif p in flat_shardings:
-            flat[p] = jax.device_put(array, flat_shardings[p])
-        else:  # a fresh host buffer (read, not mapped): device_put need not copy it again
-            flat[p] = jax.device_put(array)
+        put(p, array, flat_shardings.get(p))
         del value, array
     missing = sorted(hf_name(p) for p in expected if p not in flat)
     if missing or unexpected:
