@@ -84,10 +84,17 @@ def _scanned_layer_bytes(cfg: OPTConfig, remat: str, tokens: int, seq_len: int, 
     elif remat == "save_dots_no_batch":  # the batched attention products are not saved
         per_token = 2 * c * h + 3 * c * h / t + c * f / t
     else:
+        # The flash kernel's residuals q, k, v and its output are kept [heads, T, head_dim] with
+        # head_dim minor, which the TPU lays out in 128-lane tiles: a 64-wide head (125m-2.7b)
+        # takes twice its bytes. (The einsum path keeps them with T minor, unpadded.)
+        heads = h
+        if cfg.attention_impl == "flash":
+            head_dim = h // cfg.num_attention_heads
+            heads = cfg.num_attention_heads * -(-head_dim // 128) * 128
         per_token = (
             24 * h  # six float32 [T, D] arrays of the two LayerNorms
             + 2 * c * h  # the inputs of q/k/v and of fc1 (replicated)
-            + 4 * c * h / t  # out_proj's input; q, k and v
+            + 4 * c * heads / t  # out_proj's input; q, k and v
             + (4 + (c if c < 4 else 0)) * scores
             + (1 + c) * f / t  # the ReLU's mask and fc2's input
         )
@@ -120,11 +127,13 @@ _TPU_REST = {
 #   loss      the residuals + float32 logits (+ their bfloat16 copy, seen only when it is at
 #             least _BF16_LOGITS_KEPT) + the token table gathered in bfloat16;
 #   backward  the residuals + every layer's float32 gradient + two of a layer's score arrays
-#             in bfloat16 (one more in float32 with several sequences per chip) + the gathered
+#             in bfloat16 (one more in float32 with several sequences per chip; one in all with
+#             save_dots at one sequence per chip, whose softmax is recomputed from the saved
+#             scores inside the fusion that consumes the probabilities' gradient) + the gathered
 #             fc1, fc2 and one attention kernel + the logits' gradient (or the table's, the
 #             smaller) in bfloat16;
 # and all of them the bfloat16 copy of every layer's kernels, made before the scans. Four
-# constants, set on the grid's 47 scanned points (43 within 10%, the rest 0.9-1.17x):
+# constants, set on the grid's 47 scanned points (46 within 10%, the rest 0.90-1.14x):
 _FRAGMENTATION = 0.05  # the allocation beyond the live peak (0.004-0.16 on the grid)
 _LAYER_WORKING_SET = 6  # [T, D] compute-dtype arrays live in a layer's step besides the above
 _FORWARD_SCORES = 0.5  # of the backward's score arrays, live in the forward pass
@@ -179,7 +188,12 @@ def _scanned_step(cfg: OPTConfig, tokens: int, seq_len: int, fsdp: int, tensor: 
     scores = 0.0
     if cfg.attention_impl != "flash":
         one = sequences * cfg.num_attention_heads / tensor * seq_len * seq_len
-        scores = 2 * one * c + (one * 4 if sequences >= 2 else 0.0)
+        if sequences >= 2:
+            scores = 2 * one * c + one * 4
+        elif cfg.remat_policy == "save_dots":
+            scores = one * c
+        else:
+            scores = 2 * one * c
     gathered = (2 * h * f + h * h) * c / tensor if fsdp > 1 else 0.0  # no gather without fsdp
     working = _LAYER_WORKING_SET * tokens * h * c + gathered + copies
     loss = logits + table + copies
@@ -289,7 +303,7 @@ def plan(
       optimizer_moments: arrays per parameter kept by the optimizer (AdamW: 2).
       grad_accum_steps: micro-batches per step (activations and logits live per micro-batch).
       compiler: whose temporaries to predict: "tpu" (libtpu's compiler: within 10% of it on
-        61 of the 67 points of experiments/memory's grid, 0.81-1.16x on all; a GPU's XLA is
+        64 of the 67 points of experiments/memory's grid, 0.81-1.14x on all; a GPU's XLA is
         expected to follow the pattern, not checked) or "xla_cpu" (Korthikanti et al.'s
         counts; XLA:CPU within 15%, tests).
 
