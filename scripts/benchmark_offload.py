@@ -122,6 +122,9 @@ def _child_ours(batch):
         "bytes_per_step": streamed * source.layer_bytes,
         "read_seconds": stats["read_seconds"],
         "bytes_read": stats["bytes_read"],
+        "cache_layers_on_disk": len(plan.cache_on_disk),
+        "cache_bytes_read": stats.get("cache_bytes_read", 0),
+        "cache_bytes_written": stats.get("cache_bytes_written", 0),
     }
 
 

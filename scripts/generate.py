@@ -37,6 +37,9 @@ flags.DEFINE_enum(
     "(accelerators): the layers' kernels in host memory, moved to the chip per layer.",
 )
 flags.DEFINE_string("memory_limit", None, "With --offload: memory the model may use, e.g. 8GB.")
+flags.DEFINE_string(
+    "offload_folder", None, "With --offload disk: where a KV cache too large for the limit goes."
+)
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_string(
     "assistant", None, "A smaller OPT (same tokenizer) drafting tokens: speculative decoding."
@@ -77,7 +80,7 @@ def _generation_options(f) -> dict:
     return options
 
 
-def _load(path, dtype, quantize, offload=None, memory_limit=None):
+def _load(path, dtype, quantize, offload=None, memory_limit=None, offload_folder=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path} is not a directory")
     overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
@@ -91,8 +94,9 @@ def _load(path, dtype, quantize, offload=None, memory_limit=None):
         if quantize:
             raise ValueError("--offload does not combine with --quantize")
         return opt_jax.load_pretrained(
-            path, offload=offload, memory_limit=memory_limit, dtype=dtype, param_dtype=dtype
-        )
+            path, offload=offload, memory_limit=memory_limit, offload_folder=offload_folder,
+            dtype=dtype, param_dtype=dtype,
+        )  # fmt: skip
     if quantize:  # layer by layer: only one layer's weights are ever dequantised at a time
         overrides["scan_layers"] = True
     # An HF directory or an orbax checkpoint (ours); quantised as it loads when asked.
@@ -171,7 +175,9 @@ def _run(f) -> None:
     cfg = _check_flags(f)
     prompts = _read_prompts(f)
     distributed.initialize_from_flags()  # before any other JAX call
-    config, params = _load(f.model, f.dtype, f.quantize, f.offload, f.memory_limit)
+    config, params = _load(
+        f.model, f.dtype, f.quantize, f.offload, f.memory_limit, f.offload_folder
+    )
     tokenizer = _load_tokenizer(f.tokenizer or f.model, f.model)
     _check_prompts(prompts, tokenizer, config, cfg.max_new_tokens)
     model = opt_jax.OPTForCausalLM(config)

@@ -54,9 +54,8 @@ def _offloaded(path, limit="64MB"):
     )
 
 
-def _limit_that_streams(path, batch, buffer_length, prompt_length):
-    """A memory limit under which some layers stay resident, others stream, and the prefill
-    runs in micro-batches: every path of the schedule at once."""
+def _limit_where(path, batch, buffer_length, prompt_length, wanted, what):
+    """The smallest memory limit (in 4 KB steps) whose plan for the request is `wanted`."""
     _, source = _offloaded(path)
     for limit in range(source.memory_limit // 64, source.memory_limit, 4096):
         source.memory_limit = limit
@@ -64,9 +63,30 @@ def _limit_that_streams(path, batch, buffer_length, prompt_length):
             plan = source.plan(batch, buffer_length, prompt_length)
         except ValueError:
             continue
-        if 0 < len(plan.resident_layers) < CONFIG.num_hidden_layers and plan.prefill_rows < batch:
+        if wanted(plan):
             return limit, plan
-    raise AssertionError("no limit streams some layers and micro-batches the prefill")
+    raise AssertionError(f"no limit {what}")
+
+
+def _limit_that_streams(path, batch, buffer_length, prompt_length):
+    """A memory limit under which some layers stay resident, others stream, and the prefill
+    runs in micro-batches: every path of the schedule at once."""
+    return _limit_where(
+        path, batch, buffer_length, prompt_length,
+        lambda p: 0 < len(p.resident_layers) < CONFIG.num_hidden_layers and p.prefill_rows < batch,
+        "streams some layers and micro-batches the prefill",
+    )  # fmt: skip
+
+
+def _limit_with_cache_on_disk(path, batch, buffer_length, prompt_length):
+    """A limit under which the KV cache of some layers goes to disk, others' stays in memory,
+    some layers stay resident and the micro-batches are uneven (5 rows in 2 + 2 + 1)."""
+    return _limit_where(
+        path, batch, buffer_length, prompt_length,
+        lambda p: 0 < len(p.cache_on_disk) < CONFIG.num_hidden_layers and bool(p.resident_layers)
+        and p.decode_rows == 2,
+        "puts part of the cache on disk",
+    )  # fmt: skip
 
 
 def test_streamed_equals_in_memory_greedy_and_sampled(checkpoint, prompts):
@@ -92,10 +112,73 @@ def test_streamed_equals_in_memory_greedy_and_sampled(checkpoint, prompts):
         assert set(plan.resident_layers) == set(source._resident_layers)
 
 
-def test_memory_held_stays_under_the_limit(checkpoint, prompts):
+def test_kv_cache_on_disk_equals_in_memory(checkpoint, prompts, tmp_path):
+    """A cache larger than the limit goes to disk layer by layer, in a temporary file of
+    offload_folder that is gone afterwards; tokens as in memory, greedy and sampled."""
     path, config, params = checkpoint
     ids, mask = prompts
-    limit, plan = _limit_that_streams(path, 5, 96, 64)
+    model = opt_jax.OPTForCausalLM(config)
+    limit, plan = _limit_with_cache_on_disk(path, 5, 96, 64)
+    assert plan.prefill_rows == plan.decode_rows
+    _, source = opt_jax.load_pretrained(
+        path, offload="disk", memory_limit=limit, offload_folder=tmp_path, dtype="float32",
+        param_dtype="float32",
+    )  # fmt: skip
+    files = []
+
+    def open_files(step, tokens):  # the cache's file (unlinked, open) is in tmp_path
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                files.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+
+    for options in ({}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9}):
+        want = opt_jax.generate(model, params, ids, mask, max_new_tokens=20, seed=3, **options)
+        got = opt_jax.generate(
+            model, source, ids, mask, max_new_tokens=20, seed=3, streamer=open_files, **options
+        )
+        np.testing.assert_array_equal(got.sequences, want.sequences, err_msg=str(options))
+    assert any(f.startswith(f"{tmp_path}/") for f in files), files  # O_TMPFILE: "#inode"
+    assert os.listdir(tmp_path) == []
+    # Every pass reads each on-disk layer's whole cache, and writes back the slots it filled.
+    layer_cache = 5 * 2 * 96 * CONFIG.hidden_size * 4
+    disk = len(plan.cache_on_disk)
+    passes = 2 * 20
+    read = source.stats["cache_bytes_read"] - passes * disk * layer_cache
+    assert 0 <= read <= 2 * layer_cache  # each call may read the next pass's first region
+    # Two calls, keys and values: the prompt's 64 slots, then one per decode step (19).
+    written = 2 * 2 * disk * (64 + 19) * 5 * CONFIG.hidden_size * 4
+    assert source.stats["cache_bytes_written"] == written
+
+
+def test_kv_cache_write_failure_is_an_error(checkpoint, prompts, monkeypatch):
+    """A failed write-back (here: a full disk) stops generation with that error."""
+    import errno
+
+    from opt_jax.generation import disk_cache
+
+    path, config, _ = checkpoint
+    ids, mask = prompts
+    limit, _ = _limit_with_cache_on_disk(path, 5, 96, 64)
+    _, source = _offloaded(path, limit)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_cache.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        opt_jax.generate(opt_jax.OPTForCausalLM(config), source, ids, mask, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("cache", ["in memory", "on disk"])
+def test_memory_held_stays_under_the_limit(checkpoint, prompts, cache):
+    path, config, params = checkpoint
+    ids, mask = prompts
+    if cache == "in memory":
+        limit, plan = _limit_that_streams(path, 5, 96, 64)
+    else:
+        limit, plan = _limit_with_cache_on_disk(path, 5, 96, 64)
     _, source = _offloaded(path, limit)
     streamed = CONFIG.num_hidden_layers - len(plan.resident_layers)
     before = {id(a) for a in jax.live_arrays()}
@@ -154,8 +237,9 @@ def test_script_generates_offloaded(tmp_path):
               "--prompt", "def f(x):", "--max_new_tokens", "6"]  # fmt: skip
     plain = subprocess.run(common, capture_output=True, text=True, check=True)
     streamed = subprocess.run(
-        common + ["--offload", "disk", "--memory_limit", "20MB"], capture_output=True, text=True
-    )
+        common + ["--offload", "disk", "--memory_limit", "20MB", "--offload_folder", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == plain.stdout
     hosted = subprocess.run(common + ["--offload", "host"], capture_output=True, text=True)
@@ -265,10 +349,17 @@ def test_bad_requests(checkpoint, prompts):
         opt_jax.load_pretrained(path, offload="ram", memory_limit="1GB")
     with pytest.raises(ValueError, match="does not combine with quantize"):
         opt_jax.load_pretrained(path, offload="disk", memory_limit="1GB", quantize="int8")
-    # Enough for the weights, not for this request's KV cache: said before anything runs.
-    _, source = _offloaded(path, "1MB")
-    with pytest.raises(ValueError, match=r"KV cache .* \(5 rows x 96 slots\)"):
+    # Enough for the weights, not for this request even with its KV cache on disk: said before
+    # anything runs.
+    _, source = _offloaded(path, "800KB")
+    with pytest.raises(ValueError, match=r"KV cache .*5 rows x 96 slots, on disk\) need at least"):
         opt_jax.generate(model, source, ids, mask, max_new_tokens=20)
+    with pytest.raises(ValueError, match="offload_folder .* is not a directory"):
+        opt_jax.load_pretrained(
+            path, offload="disk", memory_limit="1GB", offload_folder=f"{path}/config.json"
+        )
+    with pytest.raises(ValueError, match="offload_folder= is for offload='disk'"):
+        opt_jax.load_pretrained(path, offload_folder="/tmp")
     _, source = _offloaded(path)
     with pytest.raises(ValueError, match="not beam search"):
         opt_jax.generate(model, source, ids, mask, max_new_tokens=4, num_beams=2)

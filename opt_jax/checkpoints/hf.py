@@ -61,6 +61,7 @@ def load_pretrained(
     quantize: str | None = None,
     offload: str | None = None,
     memory_limit: int | str | None = None,
+    offload_folder: str | os.PathLike | None = None,
     **config_overrides,
 ) -> tuple[OPTConfig, dict]:
     """Loads an HF-format OPT directory, or one of our orbax exports.
@@ -93,7 +94,9 @@ def load_pretrained(
         `shardings` (unrolled layout, as above) shard the stacked arrays the same way.
       memory_limit: with offload, the bytes the model may hold: "1GB", "512MB", "2GiB" or an
         int (resident parts, KV cache, layers in flight, activations); the rest of the limit
-        keeps layers resident.
+        keeps layers resident. A request whose KV cache does not fit puts it on disk too.
+      offload_folder: with offload="disk", where a KV cache too large for memory_limit goes
+        (a temporary file, removed when generation ends; default: $TMPDIR or /tmp).
       config_overrides: other OPTConfig fields, e.g. scan_layers=True (parameters stacked
         along a leading layers axis), remat_policy, attention_impl.
 
@@ -108,15 +111,21 @@ def load_pretrained(
     if architecture:
         overrides["architecture"] = architecture
     overrides.update(config_overrides)
-    if offload is not None or memory_limit is not None:
-        return _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, overrides)
+    if offload is not None or memory_limit is not None or offload_folder is not None:
+        if offload_folder is not None and offload != "disk":
+            raise ValueError("offload_folder= is for offload='disk'")
+        return _load_offloaded(
+            path, offload, memory_limit, shardings, adapter, quantize, overrides, offload_folder
+        )
     config, params = _load_base(path, shardings, quantize, overrides)
     if adapter is not None:  # QLoRA when quantised: the adapters go onto the quantised base
         config, params = peft.load_adapter(adapter, config, params)
     return config, params
 
 
-def _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, overrides):
+def _load_offloaded(
+    path, offload, memory_limit, shardings, adapter, quantize, overrides, folder=None
+):
     if offload == "host":
         if memory_limit is not None or adapter is not None:
             given = "memory_limit" if memory_limit is not None else "adapter"
@@ -143,7 +152,8 @@ def _load_offloaded(path, offload, memory_limit, shardings, adapter, quantize, o
             "convert it with scripts/convert.py --to hf"
         )
     config = OPTConfig.from_hf(path, **overrides)
-    return config, load_offloaded(path, config, memory_limit)
+    folder = None if folder is None else os.fspath(folder)
+    return config, load_offloaded(path, config, memory_limit, folder)
 
 
 def _load_base(path: str, shardings, quantize: str | None, overrides: dict):

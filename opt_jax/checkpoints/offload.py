@@ -11,6 +11,8 @@ The memory plan, per generate call: resident parts + the KV cache + two layers i
 one computing, the one arriving) + one layer cast to the parameter dtype + activations of a
 micro-batch + the logits must fit `memory_limit`; what is left keeps layers resident (first
 layers first: every layer is read once per token, so any resident layer saves the same bytes).
+A KV cache that does not fit goes to disk, layer by layer (generation/disk_cache.py), keeping
+in memory the first layers' caches that fit (`DiskLayers.plan`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from opt_jax.checkpoints.hf_files import (
 )
 from opt_jax.checkpoints.hf_layout import CheckpointError, from_hf_layout, hf_name, hf_shape
 from opt_jax.config import OPTConfig
+from opt_jax.generation.disk_cache import aligned, pread_into
 from opt_jax.generation.streamed import LayerSource, StreamPlan
 from opt_jax.model import abstract_params
 
@@ -59,15 +62,6 @@ def parse_bytes(limit) -> int:
     if value <= 0:
         raise ValueError(f"memory_limit must be positive, got {limit!r}")
     return value
-
-
-def _aligned(shape, dtype, alignment: int = 64) -> np.ndarray:
-    """An uninitialised array whose data starts on an `alignment`-byte boundary: jax then
-    takes it as a CPU device array without copying (an unaligned one is copied, ~1 ms per MB)."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _size(n: int) -> str:
@@ -100,14 +94,20 @@ class DiskLayers(LayerSource):
       memory_limit: bytes this model may hold (weights, cache, activations).
       drop_page_cache: after each read, ask the kernel to drop the file's pages (what a model
         larger than RAM gets anyway; benchmarks use it to measure the disk).
-      stats: bytes_read and read_seconds (every read), reads (layer fetches) so far.
+      cache_folder: where a KV cache too large for the limit goes (a temporary file, removed
+        when generation ends; None: the system's temporary directory, $TMPDIR).
+      stats: bytes_read and read_seconds (every read), reads (layer fetches) so far; with the
+        KV cache on disk, cache_bytes_read, cache_bytes_written and cache_seconds.
     """
 
-    def __init__(self, path: str, config: OPTConfig, memory_limit, drop_page_cache=False):
+    def __init__(
+        self, path: str, config: OPTConfig, memory_limit, drop_page_cache=False, cache_folder=None
+    ):
         self.path = path
         self.config = config
         self.memory_limit = parse_bytes(memory_limit)
         self.drop_page_cache = drop_page_cache
+        self.cache_folder = cache_folder
         self.stats = {"bytes_read": 0, "reads": 0, "read_seconds": 0.0}
         self._lock = threading.Lock()
         self._layers, resident_entries, shapes = _index(path, config)
@@ -145,16 +145,12 @@ class DiskLayers(LayerSource):
             try:
                 for e in sorted((e for e in entries if e.path == path), key=lambda e: e.offset):
                     if into is None:
-                        array = _aligned(e.shape, e.dtype)
+                        array = aligned(e.shape, e.dtype)
                     else:
                         array = into[used : used + e.nbytes].view(e.dtype).reshape(e.shape)
                         used += -(-e.nbytes // 64) * 64
-                    view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
-                    while done < e.nbytes:
-                        got = os.preadv(fd, [view[done:]], e.offset + done)
-                        if got == 0:
-                            raise CheckpointError(f"{path} is truncated inside tensor {e.key}")
-                        done += got
+                    if not pread_into(fd, array, e.offset):
+                        raise CheckpointError(f"{path} is truncated inside tensor {e.key}")
                     out[e.key] = array
                 if self.drop_page_cache:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -182,7 +178,7 @@ class DiskLayers(LayerSource):
             turn = self._turn = 1 - self._turn
         if self._buffers[turn] is None:
             size = max(sum(-(-e.nbytes // 64) * 64 for _, e in layer) for layer in self._layers)
-            self._buffers[turn] = _aligned((size,), np.uint8)
+            self._buffers[turn] = aligned((size,), np.uint8)
         return self._load(i, self._buffers[turn])
 
     def _load(self, i: int, into=None) -> dict:
@@ -205,40 +201,64 @@ class DiskLayers(LayerSource):
         return rows * length * per_token * 4
 
     def plan(self, batch: int, buffer_length: int, prompt_length: int) -> StreamPlan:
-        """Micro-batches and resident layers for a request, or a ValueError saying what the
-        limit must be."""
+        """Micro-batches, resident layers and where the KV cache lives for a request, or a
+        ValueError saying what the limit must be.
+
+        The KV cache stays in memory when it fits beside the resident parts, two layers in
+        flight, the logits and one row's activations. Otherwise it goes to disk layer by layer
+        (generation/disk_cache.py: three one-layer regions of a micro-batch in memory at a
+        time), all but the first layers' caches that still fit, and prefill and decode steps
+        share one micro-batch size. Whatever is left keeps layers resident: a cached layer and
+        a resident layer each save their bytes' read once per pass."""
         c = self.config
-        cache = 2 * c.num_hidden_layers * batch * c.hidden_size * buffer_length
-        cache *= np.dtype(c.dtype).itemsize
+        itemsize = np.dtype(c.dtype).itemsize
+        row_layer_cache = 2 * buffer_length * c.hidden_size * itemsize  # one row, one layer
+        cache = c.num_hidden_layers * batch * row_layer_cache
         logits = batch * c.vocab_size * 4 * 2  # the head's output and the processors' copy
         streaming = 2 * self.layer_bytes + self.layer_cast_bytes
-        fixed = self.resident_bytes + cache + streaming + logits
+        base = self.resident_bytes + streaming + logits
+        room = self.memory_limit - base
         one_row = self._activations(1, prompt_length, buffer_length)
-        if fixed + one_row > self.memory_limit:
-            raise ValueError(
-                f"memory_limit {_size(self.memory_limit)} is too small for this model and "
-                f"request: resident embeddings and head {_size(self.resident_bytes)} + KV cache "
-                f"{_size(cache)} ({batch} rows x {buffer_length} slots) + two layers in flight "
-                f"and one cast {_size(streaming)} + logits {_size(logits)} + activations "
-                f"{_size(one_row)} need at least {_size(fixed + one_row)}"
+
+        def largest(need) -> int:  # the most rows, in equal micro-batches, whose `need` fits
+            rows = max((r for r in range(1, batch + 1) if need(r) <= room), default=0)
+            return rows and -(-batch // -(-batch // rows))
+
+        if cache + one_row <= room:  # the cache in memory
+            room -= cache
+            prefill = largest(lambda r: self._activations(r, prompt_length, buffer_length))
+            decode = largest(lambda r: self._activations(r, 1, buffer_length))
+            used = max(
+                self._activations(prefill, prompt_length, buffer_length),
+                self._activations(decode, 1, buffer_length),
             )
-        room = self.memory_limit - fixed
-        prefill = max(r for r in range(1, batch + 1)
-                      if self._activations(r, prompt_length, buffer_length) <= room)  # fmt: skip
-        prefill = -(-batch // -(-batch // prefill))  # equal micro-batches of at most that
-        decode = max(r for r in range(1, batch + 1)
-                     if self._activations(r, 1, buffer_length) <= room)  # fmt: skip
-        decode = -(-batch // -(-batch // decode))
-        used = max(
-            self._activations(prefill, prompt_length, buffer_length),
-            self._activations(decode, 1, buffer_length),
-        )
+            on_disk = ()
+        else:  # the cache on disk, but for the first layers' that fit
+            slices = 3 * row_layer_cache  # per row: computing, arriving, being written back
+            rows = largest(
+                lambda r: self._activations(r, prompt_length, buffer_length) + r * slices
+            )
+            if not rows:
+                raise ValueError(
+                    f"memory_limit {_size(self.memory_limit)} is too small for this model and "
+                    f"request: resident embeddings and head {_size(self.resident_bytes)} + two "
+                    f"layers in flight and one cast {_size(streaming)} + logits {_size(logits)} "
+                    f"+ activations {_size(one_row)} + three one-layer slices of the KV cache "
+                    f"{_size(slices)} (the whole cache, {_size(cache)} for {batch} rows x "
+                    f"{buffer_length} slots, on disk) need at least "
+                    f"{_size(base + one_row + slices)}"
+                )
+            used = self._activations(rows, prompt_length, buffer_length) + rows * slices
+            in_memory = min(c.num_hidden_layers - 1, (room - used) // (batch * row_layer_cache))
+            used += in_memory * batch * row_layer_cache
+            prefill = decode = rows
+            on_disk = tuple(range(in_memory, c.num_hidden_layers))
         keep = min(c.num_hidden_layers, (room - used) // self.layer_bytes)
         resident = tuple(range(keep))
         for i in list(self._resident_layers):  # a larger request may take their room
             if i not in resident:
                 del self._resident_layers[i]
-        return StreamPlan(prefill, decode, resident)
+        return StreamPlan(prefill, decode, resident, on_disk)
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,7 +321,7 @@ def _index(path: str, config: OPTConfig):
     return layers, resident, shapes
 
 
-def load_offloaded(path: str, config: OPTConfig, memory_limit) -> DiskLayers:
+def load_offloaded(path: str, config: OPTConfig, memory_limit, cache_folder=None) -> DiskLayers:
     """`load_pretrained(..., offload="disk")`: checks the config streams, then indexes `path`."""
     problems = {
         "architecture": config.architecture != "OPTForCausalLM",
@@ -315,4 +335,6 @@ def load_offloaded(path: str, config: OPTConfig, memory_limit) -> DiskLayers:
             f"offload='disk' streams a float OPTForCausalLM with unrolled layers; this config "
             f"sets {', '.join(f'{n}={getattr(config, n)!r}' for n in bad)}"
         )
-    return DiskLayers(path, config, memory_limit)
+    if cache_folder is not None and not os.path.isdir(cache_folder):
+        raise ValueError(f"offload_folder {cache_folder} is not a directory")
+    return DiskLayers(path, config, memory_limit, cache_folder=cache_folder)

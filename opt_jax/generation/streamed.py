@@ -11,7 +11,10 @@ then one per new token) runs the decoder layer by layer from the host:
 
 with one compiled program per piece, shared by every layer. While layer i computes, a background
 thread fetches the next streamed layer's weights (at most two layers in memory: the one computing
-and the one arriving). Layers the memory plan keeps resident are never fetched again.
+and the one arriving). Layers the memory plan keeps resident are never fetched again. When the
+plan puts some layers' KV cache on disk (a large batch's cache can outweigh the model), each
+micro-batch's slice of it is read before the layer and written back after, by another thread,
+one slice ahead (generation/disk_cache.py).
 
 FlexGen's block schedule (Sheng et al. 2023): all rows of the batch go through a layer before the
 next layer is fetched, so each weight byte read serves the whole batch, in micro-batches whose
@@ -35,6 +38,7 @@ import numpy as np
 from opt_jax.config import OPTConfig
 from opt_jax.generation.config import GenerationConfig
 from opt_jax.generation.decoding import choose, record, start
+from opt_jax.generation.disk_cache import DiskKVCache
 from opt_jax.generation.prompts import GenerateOutput, bucketed, check_prompt
 from opt_jax.kv_cache import KVCache
 from opt_jax.layers import OPTDecoderLayer
@@ -50,6 +54,9 @@ class StreamPlan:
     prefill_rows: int
     decode_rows: int
     resident_layers: tuple[int, ...]
+    # Layers whose KV cache goes to disk (generation/disk_cache.py): then prefill_rows ==
+    # decode_rows, as the micro-batches' cache regions on disk keep their rows.
+    cache_on_disk: tuple[int, ...] = ()
 
 
 class LayerSource:
@@ -65,10 +72,14 @@ class LayerSource:
       plan(batch, buffer_length, prompt_length) -> StreamPlan, raising ValueError (naming the
         limit and what is needed) when the request cannot fit.
       resident_layer(i) -> {name: array}: a layer the plan keeps resident.
+    and may set `cache_folder` (where an offloaded KV cache's file goes; None: the system's
+    temporary directory), `drop_page_cache` and `stats` (a dict: the cache's traffic is added).
     """
 
     config: OPTConfig
     resident: dict
+    cache_folder: str | None = None
+    drop_page_cache: bool = False
 
     def fetch(self, i: int) -> dict:
         raise NotImplementedError
@@ -188,9 +199,10 @@ class _Rows:
     values: list
 
 
-def _forward(source, prefetcher, groups, tokens, mask) -> jax.Array:
+def _forward(source, prefetcher, groups, tokens, mask, disk=None) -> jax.Array:
     """One forward pass of tokens [B, T] through every layer, micro-batch by micro-batch within
-    each layer. Updates the groups' caches; returns the last position's logits [B, V]."""
+    each layer. Updates the groups' caches (those of `disk`'s layers on disk); returns the last
+    position's logits [B, V]."""
     config = source.config
     xs, alloweds = [], []
     for g in groups:
@@ -201,24 +213,37 @@ def _forward(source, prefetcher, groups, tokens, mask) -> jax.Array:
         xs.append(x)
         alloweds.append(allowed)
     indices = [g.index for g in groups]  # where this pass writes; advanced after the layers
+    # Rows advance together (one token each per pass): the slots written are the same in all.
+    start = int(indices[0][0]) if disk is not None else 0
     for i in range(config.num_hidden_layers):
         weights = prefetcher.wait(i)
         # The layer before has finished, so its weights are free: room to fetch the next one.
         jax.block_until_ready(xs)
         prefetcher.ahead(i)
         for n, g in enumerate(groups):
-            xs[n], g.keys[i], g.values[i] = _layer(
-                config, source.to_layer_params, weights, xs[n], alloweds[n], g.keys[i],
-                g.values[i], indices[n],
+            if disk is not None and i in disk:
+                key, value = disk.take(i, n)
+                disk.ahead(i, n)
+            else:
+                key, value = g.keys[i], g.values[i]
+            xs[n], key, value = _layer(
+                config, source.to_layer_params, weights, xs[n], alloweds[n], key, value,
+                indices[n],
             )  # fmt: skip
+            if disk is not None and i in disk:
+                disk.put(i, n, key, value, start, tokens.shape[1])
+            else:
+                g.keys[i], g.values[i] = key, value
+            del key, value
         del weights
     for g in groups:
         g.index = g.index + tokens.shape[1]
     return jnp.concatenate([_epilogue(config, source.resident, x) for x in xs])
 
 
-def _groups(config, batch, rows, buffer_length) -> list[_Rows]:
-    """Micro-batches of `rows` rows (the last may be smaller), each with an empty cache."""
+def _groups(config, batch, rows, buffer_length, on_disk=()) -> list[_Rows]:
+    """Micro-batches of `rows` rows (the last may be smaller), each with an empty cache (None
+    for the layers whose cache is on disk)."""
     shape = (config.num_attention_heads, buffer_length, config.head_dim)
     groups = []
     for begin in range(0, batch, rows):
@@ -230,8 +255,8 @@ def _groups(config, batch, rows, buffer_length) -> list[_Rows]:
                 slot_mask=jnp.zeros((n, buffer_length), bool),
                 index=jnp.zeros((n,), jnp.int32),
                 position=jnp.zeros((n,), jnp.int32),
-                keys=[zeros() for _ in range(config.num_hidden_layers)],
-                values=[zeros() for _ in range(config.num_hidden_layers)],
+                keys=[None if i in on_disk else zeros() for i in range(config.num_hidden_layers)],
+                values=[None if i in on_disk else zeros() for i in range(config.num_hidden_layers)],
             )
         )
     return groups
@@ -304,10 +329,18 @@ def streamed_generate(
     program = gen_config.program()
     values = {name: jnp.float32(v) for name, v in gen_config.values().items()}
     prefetcher = _Prefetcher(source, plan.resident_layers)
+    disk = None
     try:
-        groups = _groups(config, batch, plan.prefill_rows, buffer_length)
+        groups = _groups(config, batch, plan.prefill_rows, buffer_length, plan.cache_on_disk)
+        if plan.cache_on_disk:
+            assert plan.prefill_rows == plan.decode_rows, plan  # regions keep their rows
+            disk = DiskKVCache(
+                plan.cache_on_disk, [g.rows.stop - g.rows.start for g in groups],
+                (config.num_attention_heads, buffer_length, config.head_dim), config.dtype,
+                source.cache_folder, source.drop_page_cache,
+            )  # fmt: skip
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        logits = _forward(source, prefetcher, groups, ids, mask)
+        logits = _forward(source, prefetcher, groups, ids, mask, disk)
         groups = _regroup(groups, plan.decode_rows)
         state = _start(program, ids, mask, logits, None, buffer_length)
         ones = jnp.ones((batch, 1), bool)
@@ -318,9 +351,16 @@ def streamed_generate(
                 break
             if step + 1 == steps or done.all():
                 break  # the loop would stop here: no forward pass for logits nobody reads
-            state = state.replace(logits=_forward(source, prefetcher, groups, token[:, None], ones))
+            logits = _forward(source, prefetcher, groups, token[:, None], ones, disk)
+            state = state.replace(logits=logits)
     finally:
         prefetcher.close()
+        if disk is not None:
+            disk.close()
+            stats = getattr(source, "stats", None)
+            if isinstance(stats, dict):
+                for name, value in disk.stats.items():
+                    stats[f"cache_{name}"] = stats.get(f"cache_{name}", 0) + value
     tokens = np.asarray(state.tokens)  # a stopped stream leaves the rest as padding
     return GenerateOutput(
         sequences=tokens[:, extra : bucket_prompt + steps].astype(np.int32),
