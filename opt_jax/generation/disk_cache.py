@@ -48,6 +48,18 @@ def pread_into(fd: int, array: np.ndarray, offset: int) -> bool:
     return True
 
 
+def pwrite_all(fd: int, array: np.ndarray, offset: int) -> int:
+    """Writes the contiguous `array` at `offset`, however many calls it takes (a short write
+    is retried; an error such as a full disk raises)."""
+    view, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+    while done < len(view):
+        got = os.pwrite(fd, view[done:], offset + done)
+        if got == 0:
+            raise OSError(f"the KV cache file took no bytes at offset {offset + done}")
+        done += got
+    return done
+
+
 class DiskKVCache:
     """Keys and values of `layers` for micro-batches of `rows` rows each, on disk (see the
     module docstring).
@@ -120,13 +132,12 @@ class DiskKVCache:
             array = np.asarray(array)
             base = self._offsets[i, n] + part * size
             if start == 0 and count == length:  # the whole region at once
-                written += os.pwrite(self._fd, array.reshape(-1).view(np.uint8), base)
+                written += pwrite_all(self._fd, array, base)
                 continue
             for r in range(array.shape[0]):
                 for h in range(heads):
-                    chunk = array[r, h, start : start + count].reshape(-1).view(np.uint8)
                     at = base + ((r * heads + h) * length + start) * head * item
-                    written += os.pwrite(self._fd, chunk, at)
+                    written += pwrite_all(self._fd, array[r, h, start : start + count], at)
         with self._lock:
             self.stats["bytes_written"] += written
             self.stats["seconds"] += time.perf_counter() - began
