@@ -94,6 +94,8 @@ def _prompts(batch, length, vocab):
 
 
 def _child_ours(batch):
+    import numpy as np
+
     import opt_jax
 
     config, source = opt_jax.load_pretrained(
@@ -118,7 +120,7 @@ def _child_ours(batch):
     total, stats = timed(FLAGS.new_tokens)
     (_, buffer_length, _), plan = plans[-1]
     streamed = config.num_hidden_layers - len(plan.resident_layers)
-    itemsize = 4  # float32 compute: the cache's dtype
+    itemsize = np.dtype(config.dtype).itemsize  # the cache's dtype
     cache_read = len(plan.cache_on_disk) * batch * 2 * buffer_length * config.hidden_size * itemsize
     return {
         "seconds": total,

@@ -85,7 +85,6 @@ class DiskKVCache:
             for n, r in enumerate(self.rows):
                 self._offsets[i, n] = end
                 end += 2 * self._bytes(r)
-        self.nbytes = end
         self._file = tempfile.TemporaryFile(dir=folder, prefix="opt_jax-kv-")
         try:
             os.ftruncate(self._file.fileno(), end)  # zeros, taking no disk until written

@@ -220,8 +220,9 @@ def _forward(source, prefetcher, groups, tokens, mask, disk=None) -> jax.Array:
         # The layer before has finished, so its weights are free: room to fetch the next one.
         jax.block_until_ready(xs)
         prefetcher.ahead(i)
+        stored = disk is not None and i in disk  # this layer's cache is on disk
         for n, g in enumerate(groups):
-            if disk is not None and i in disk:
+            if stored:
                 key, value = disk.take(i, n)
                 disk.ahead(i, n)
             else:
@@ -230,7 +231,7 @@ def _forward(source, prefetcher, groups, tokens, mask, disk=None) -> jax.Array:
                 config, source.to_layer_params, weights, xs[n], alloweds[n], key, value,
                 indices[n],
             )  # fmt: skip
-            if disk is not None and i in disk:
+            if stored:
                 disk.put(i, n, key, value, start, tokens.shape[1])
             else:
                 g.keys[i], g.values[i] = key, value
@@ -248,15 +249,18 @@ def _groups(config, batch, rows, buffer_length, on_disk=()) -> list[_Rows]:
     groups = []
     for begin in range(0, batch, rows):
         n = min(rows, batch - begin)
-        zeros = functools.partial(jnp.zeros, (n, *shape), config.dtype)
+
+        def empty(i, n=n):  # a layer's keys (or values): zeros, or None when on disk
+            return None if i in on_disk else jnp.zeros((n, *shape), config.dtype)
+
         groups.append(
             _Rows(
                 rows=slice(begin, begin + n),
                 slot_mask=jnp.zeros((n, buffer_length), bool),
                 index=jnp.zeros((n,), jnp.int32),
                 position=jnp.zeros((n,), jnp.int32),
-                keys=[None if i in on_disk else zeros() for i in range(config.num_hidden_layers)],
-                values=[None if i in on_disk else zeros() for i in range(config.num_hidden_layers)],
+                keys=[empty(i) for i in range(config.num_hidden_layers)],
+                values=[empty(i) for i in range(config.num_hidden_layers)],
             )
         )
     return groups
