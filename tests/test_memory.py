@@ -139,9 +139,8 @@ def test_inference_plan_bounds_the_tpu_compilers_decode_programs():
 
 def test_tpu_planner_against_the_compilers_training_steps():
     """memory.plan's TPU temporaries against libtpu's compiler: the 67 compiled training steps
-    of experiments/memory's grid (tpu_grid.jsonl) within 10% on at least 64 and 0.8-1.2x on
-    all, and the full-size rows of experiments/tpu (OPT-1.3b on v5e-16, 6.7b / 30b / 175b on
-    v5p pods) within 0.85-1.05x."""
+    of experiments/memory's grid (tpu_grid.jsonl) all within 10%, and the full-size rows of
+    experiments/tpu (OPT-1.3b on v5e-16, 6.7b / 30b / 175b on v5p pods) within 0.85-1.05x."""
     import importlib.util
     import json
 
@@ -155,8 +154,7 @@ def test_tpu_planner_against_the_compilers_training_steps():
         rows = [r for r in map(json.loads, f) if not r.get("refused")]
     assert len(rows) == 67
     ratios = [grid._replan(r["point"])["temporaries"] / r["compiler"]["temporaries"] for r in rows]
-    assert sum(abs(q - 1) <= 0.1 for q in ratios) >= 64, sorted(ratios)
-    assert 0.8 <= min(ratios) and max(ratios) <= 1.2, sorted(ratios)
+    assert 0.9 <= min(ratios) and max(ratios) <= 1.1, sorted(ratios)
     for path in sorted((root / "experiments/tpu").glob("*-v5*-*-*.json")):
         r = json.loads(path.read_text())
         m = r["model"]

@@ -107,15 +107,16 @@ def _scanned_layer_bytes(cfg: OPTConfig, remat: str, tokens: int, seq_len: int, 
 
 # Unrolled layers: the TPU compiler's temporaries of a training step beyond what the layers
 # keep (the loss's logits, the backward pass's working set and the gradients), as multiples of
-# (float32 [T, V / t] logits, one layer's no-remat activations outside the scores, its scores,
-# one layer's float32 kernels gathered over fsdp, the float32 token table gathered over fsdp,
-# the sharded float32 gradients), per remat. Non-negative least squares of the relative error on
-# the grid of experiments/memory: `python experiments/memory/tpu_grid.py --fit` prints these
-# and each point's error, in the fit and left out of it. (Scanned layers: _scanned_step.)
+# (the loss's logits as the heap holds them, one layer's no-remat activations outside the
+# scores, its scores, one layer's float32 kernels gathered over fsdp, the float32 token table
+# gathered over fsdp, the sharded float32 gradients), per remat: non-negative constants with the
+# smallest worst relative error on the 20 unrolled points of experiments/memory's grid (within
+# 6.5% on all; a linear program). `python experiments/memory/tpu_grid.py --fit` prints these and
+# each point's error, in the fit and left out of it. (Scanned layers: _scanned_step.)
 _TPU_REST = {
-    (False, "none"): (1.733, 0.0, 0.0, 1.965, 0.0, 0.0),
-    (False, "full"): (1.575, 0.0, 0.0, 2.364, 0.0, 0.335),
-    (False, "save_dots"): (1.911, 0.0, 0.144, 1.171, 0.0, 0.042),
+    (False, "none"): (1.118, 0.0, 0.0, 1.27, 0.0, 0.496),
+    (False, "full"): (1.223, 0.0, 0.0, 1.373, 0.0, 0.773),
+    (False, "save_dots"): (1.301, 1.688, 0.0, 0.146, 0.0, 0.016),
 }
 
 # Scanned layers: the compiler's heap, phase by phase (experiments/memory/heap.py reads it off
@@ -130,10 +131,12 @@ _TPU_REST = {
 #             in bfloat16 (one more in float32 with several sequences per chip; one in all with
 #             save_dots at one sequence per chip, whose softmax is recomputed from the saved
 #             scores inside the fusion that consumes the probabilities' gradient) + the gathered
-#             fc1, fc2 and one attention kernel + the logits' gradient (or the table's, the
-#             smaller) in bfloat16;
+#             fc1, fc2 and one attention kernel (with remat, whose recomputed forward needs
+#             them; without, the peak falls in the attention's backward after the FFN's, and
+#             none is live there: four dumps, 125m-6.7b widths, both meshes) + the logits'
+#             gradient (or the table's, the smaller) in bfloat16;
 # and all of them the bfloat16 copy of every layer's kernels, made before the scans. Four
-# constants, set on the grid's 47 scanned points (46 within 10%, the rest 0.90-1.14x):
+# constants, set on the grid's 47 scanned points (all within 10%: 0.90-1.09x):
 _FRAGMENTATION = 0.05  # the allocation beyond the live peak (0.004-0.16 on the grid)
 _LAYER_WORKING_SET = 6  # [T, D] compute-dtype arrays live in a layer's step besides the above
 _FORWARD_SCORES = 0.5  # of the backward's score arrays, live in the forward pass
@@ -144,12 +147,23 @@ _UNROLLED_KEPT = 0.45
 COMPILERS = ("tpu", "xla_cpu")
 
 
+def _loss_logits_bytes(cfg: OPTConfig, tokens: int, tensor: int) -> float:
+    """The loss's logits as the compiler's heap holds them at the loss: float32 [T, V / t], and
+    their compute-dtype copy beside them only when that copy is at least _BF16_LOGITS_KEPT (on
+    every dumped step, scanned or unrolled: e.g. OPT-125m's width holds the bfloat16 copy of
+    2048 x 50272 logits, 196 MiB, but not that of 2048 x 25136 on a tensor-2 mesh)."""
+    logits = tokens * cfg.vocab_size / tensor
+    copy = logits * np.dtype(cfg.dtype).itemsize
+    return logits * 4 + (copy if copy >= _BF16_LOGITS_KEPT else 0.0)
+
+
 def tpu_terms(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int, trained: float):
     """The TPU model's byte counts per chip for `tokens` local tokens: (what the layers keep, the
-    six terms _TPU_REST weighs: float32 [T, V / t] logits, one layer's no-remat activations
-    outside the scores, its scores, one layer's float32 kernels gathered over fsdp, the float32
-    token table gathered over fsdp, `trained` (the sharded float32 gradients)). What each layer
-    keeps is a scan's stacked arrays (exact); unrolled and without remat XLA keeps less."""
+    six terms _TPU_REST weighs: the loss's logits (_loss_logits_bytes), one layer's no-remat
+    activations outside the scores, its scores, one layer's float32 kernels gathered over fsdp,
+    the float32 token table gathered over fsdp, `trained` (the sharded float32 gradients)). What
+    each layer keeps is a scan's stacked arrays (exact); unrolled and without remat XLA keeps
+    less."""
     full_set = _scanned_layer_bytes(cfg, "none", tokens, seq_len, tensor)
     flash = cfg.replace(attention_impl="flash")  # the same layer without its scores
     linear = _scanned_layer_bytes(flash, "none", tokens, seq_len, tensor)
@@ -158,7 +172,7 @@ def tpu_terms(cfg: OPTConfig, tokens: int, seq_len: int, tensor: int, trained: f
         kept = _UNROLLED_KEPT * full_set
     h, f, v = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
     terms = (
-        tokens * v / tensor * 4,
+        _loss_logits_bytes(cfg, tokens, tensor),
         linear,
         full_set - linear,
         (4 * h * h + 2 * h * f) * 4 / tensor,
@@ -181,9 +195,7 @@ def _scanned_step(cfg: OPTConfig, tokens: int, seq_len: int, fsdp: int, tensor: 
     copies = layers * kernels * c  # the compute-dtype copy of every layer's kernels (if cast)
     if np.dtype(cfg.dtype) == np.dtype(cfg.params_dtype):
         copies = 0.0
-    logits = tokens * v / tensor * 4
-    if tokens * v / tensor * c >= _BF16_LOGITS_KEPT:
-        logits += tokens * v / tensor * c
+    logits = _loss_logits_bytes(cfg, tokens, tensor)
     table = v * h * c / tensor
     scores = 0.0
     if cfg.attention_impl != "flash":
@@ -198,6 +210,8 @@ def _scanned_step(cfg: OPTConfig, tokens: int, seq_len: int, fsdp: int, tensor: 
     working = _LAYER_WORKING_SET * tokens * h * c + gathered + copies
     loss = logits + table + copies
     backward = scores + working + min(tokens, h) * v / tensor * c
+    if cfg.remat_policy == "none":  # the backward peak is in attention, past fc1 and fc2
+        backward -= gathered
     # With full remat the forward pass's scores die before the layer's input is stacked.
     forward = (0.0 if cfg.remat_policy == "full" else _FORWARD_SCORES * scores) + working
     # Without fsdp the stacked gradients are written in the backward scan's body, not carried.
@@ -303,7 +317,7 @@ def plan(
       optimizer_moments: arrays per parameter kept by the optimizer (AdamW: 2).
       grad_accum_steps: micro-batches per step (activations and logits live per micro-batch).
       compiler: whose temporaries to predict: "tpu" (libtpu's compiler: within 10% of it on
-        64 of the 67 points of experiments/memory's grid, 0.81-1.14x on all; a GPU's XLA is
+        all 67 points of experiments/memory's grid, 0.90-1.09x; a GPU's XLA is
         expected to follow the pattern, not checked) or "xla_cpu" (Korthikanti et al.'s
         counts; XLA:CPU within 15%, tests).
 
