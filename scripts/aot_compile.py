@@ -70,13 +70,15 @@ def _mesh_sizes(text: str) -> tuple[int, int, int]:
     return sizes
 
 
-def _plan(config, mesh, batch, seq_len, workload, accum):
+def _plan(config, mesh, batch, seq_len, workload, accum, scalars=0):
+    """The planner's bytes per chip in the compiler's fields; `scalars`: the training state's
+    scalar leaves (step, skip flag, the optimizer's counters), each one 512-byte tile."""
     from opt_jax.planning import memory
 
     shape = dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
     p = memory.plan(config, shape, batch, seq_len, grad_accum_steps=accum)
     if workload == "train":
-        state = p["params"] + p["optimizer"]
+        state = p["params"] + p["optimizer"] + scalars * memory.tpu_array_bytes((), 4)
         # ids and mask (int32, rows over data x fsdp) and the rng key, as the TPU lays them out
         rows = batch // (mesh[0] * mesh[1])
         inputs = 2 * memory.tpu_array_bytes((rows, seq_len), 4) + memory.tpu_array_bytes((2,), 4)
@@ -101,6 +103,8 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=
     """Compiles and returns the JSON report (see the module docstring); `hlo`: a path for the
     compiled HLO text of the largest program; `save`: a directory for the serialized
     executables (aot.save_executable; load them on the slice with aot.load_executable)."""
+    import jax
+
     from opt_jax.planning.roofline import device_peaks, model_flops_per_token
     from opt_jax.training import aot
 
@@ -114,8 +118,10 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=
     from opt_jax.parallel import sharding
 
     rules = sharding.rules_from_config(experiment.sharding_rules)
+    scalars = 0
     if workload == "train":
-        programs, _ = aot.train_programs(experiment, config, device_mesh, rules, batch, seq_len)
+        programs, state = aot.train_programs(experiment, config, device_mesh, rules, batch, seq_len)
+        scalars = sum(leaf.ndim == 0 for leaf in jax.tree.leaves(state))
         flops = 3 * model_flops_per_token(config, seq_len) * batch * seq_len
     else:
         from opt_jax.serving.aot import serving_programs
@@ -169,7 +175,7 @@ def report(experiment, topology, mesh, batch, seq_len, workload, hlo=None, save=
             for c in programs
         },  # fmt: skip
         "grad_accum_steps": accum,
-        "plan": _plan(config, mesh, batch, seq_len, workload, accum),
+        "plan": _plan(config, mesh, batch, seq_len, workload, accum, scalars),
         "model_flops_per_step": flops,
         "mfu_formula": (
             f"MFU = {flops:.4g} / (step_seconds x {chips} chips x "
@@ -224,6 +230,10 @@ def main(argv):
     except (ValueError, ImportError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # the compiler's own failures (XlaRuntimeError, ...): one line too
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
+        sys.exit(1)
     _print(r)
     if FLAGS.json:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)

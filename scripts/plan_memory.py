@@ -4,10 +4,11 @@
       --dtype bfloat16 --remat full
   python scripts/plan_memory.py --table      # every preset on common meshes (the README table)
   python scripts/plan_memory.py --preset 6.7b --batch 8 --seq_len 512 --lora_rank 8
-  python scripts/plan_memory.py --search --preset 6.7b --batch 1024 --accelerator tpu-v5p \
-      --chips 64 --compile 2 --topology v5p:4x4x4
+  python scripts/plan_memory.py --search --preset 6.7b --batch 1024 --topology v5p:4x4x4 \
+      --compile 2
 
---search tries every data x fsdp x tensor mesh of --chips devices and every remat policy (with
+--search tries every data x fsdp x tensor mesh of a slice's chips (--topology, or --chips
+devices of --accelerator) and every remat policy (with
 the fewest gradient-accumulation micro-batches that fit) and lists the layouts that fit, the
 smallest per-device memory first; --compile K then compiles the first K for --topology with the
 TPU compiler (scripts/aot_compile.py, minutes each at full size) and prints its bytes beside.
@@ -49,7 +50,12 @@ flags.DEFINE_integer("chips", 8, "--search: devices to lay the model out on.")
 flags.DEFINE_enum("accelerator", "tpu-v5e", list(memory.ACCELERATORS), "--search: device type.")
 flags.DEFINE_integer("top", 20, "--search: layouts to print.")
 flags.DEFINE_integer("compile", 0, "--search: compile the first K layouts for --topology.")
-flags.DEFINE_string("topology", None, "--search --compile: the TPU slice (e.g. v5p:4x4x4).")
+flags.DEFINE_string(
+    "topology",
+    None,
+    "--search: the TPU slice (e.g. v5p:4x4x4) to lay out on, in place of --chips and "
+    "--accelerator; --compile compiles for it.",
+)
 flags.DEFINE_bool("table", False, "Print the table of every preset on common meshes.")
 flags.DEFINE_bool(
     "inference_table",
@@ -189,17 +195,37 @@ def _compile(f, layout: dict) -> str:
     return f"compiler: {_gib(r['bytes_per_chip']['total'])} GiB, fits {r['fits']}"
 
 
+def _slice(f) -> tuple[int, str]:
+    """(chips, accelerator) to search: --topology's, or --chips and --accelerator."""
+    if not f.topology:
+        if f.compile:
+            raise ValueError("--compile needs --topology (the TPU slice to compile for)")
+        return f.chips, f.accelerator
+    from opt_jax.training import aot
+
+    generation, chips = aot.topology_chips(f.topology)
+    accelerator = f"tpu-{generation}"
+    if accelerator not in memory.ACCELERATORS:
+        raise ValueError(f"--topology {f.topology}: no HBM size known for {generation} chips "
+                         f"(known: {sorted(memory.ACCELERATORS)})")  # fmt: skip
+    for name, value in (("chips", chips), ("accelerator", accelerator)):
+        if f[name].present and f[name].value != value:
+            raise ValueError(
+                f"--{name} {f[name].value} disagrees with --topology {f.topology} ({value})"
+            )
+    return chips, accelerator
+
+
 def search(f) -> None:
     _check(f, 1, 1)
-    if f.compile and not f.topology:
-        raise ValueError("--compile needs --topology (the TPU slice to compile for)")
-    if f.chips < 1:
-        raise ValueError(f"--chips must be >= 1, got {f.chips}")
+    chips, accelerator = _slice(f)
+    if chips < 1:
+        raise ValueError(f"--chips must be >= 1, got {chips}")
     cfg = opt_jax.preset(f.preset, dtype=f.dtype, param_dtype=f.param_dtype,
                          lora_rank=f.lora_rank, scan_layers=f.scan_layers)  # fmt: skip
-    gib = memory.ACCELERATORS[f.accelerator]
-    found = memory.search(cfg, f.chips, f.batch, f.seq_len, gib * memory.GiB, compiler=f.compiler)
-    print(f"{f.preset}, batch {f.batch} x {f.seq_len}, on {f.chips} x {f.accelerator} "
+    gib = memory.ACCELERATORS[accelerator]
+    found = memory.search(cfg, chips, f.batch, f.seq_len, gib * memory.GiB, compiler=f.compiler)
+    print(f"{f.preset}, batch {f.batch} x {f.seq_len}, on {chips} x {accelerator} "
           f"({gib} GiB, 90% usable): {len(found)} layouts fit")  # fmt: skip
     if not found:
         return

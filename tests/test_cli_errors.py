@@ -230,6 +230,12 @@ def test_convert_to_orbax_copies_the_tokenizer(tiny_hf, tmp_path):
         ),
         (["--search", "--compile", "1"], "--compile needs --topology"),
         (["--search", "--chips", "0"], "--chips must be >= 1, got 0"),
+        (
+            ["--search", "--topology", "v5e:4x4", "--chips", "8"],
+            r"--chips 8 disagrees with --topology v5e:4x4 \(16\)",
+        ),
+        (["--search", "--topology", "v6e:2x2"], "--topology v6e:2x2: no HBM size known for v6e"),
+        (["--search", "--topology", "v5e"], "unknown TPU topology 'v5e'"),
     ],
 )
 def test_plan_memory_input_errors(args, match):

@@ -93,12 +93,14 @@ def test_search_lists_the_layouts_that_fit_smallest_first():
 
 
 def test_plan_memory_search_cli():
+    """--search for a slice named by its topology (16 v5e chips) lists memory.search's layouts."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [sys.executable, "scripts/plan_memory.py", "--search", "--preset", "1.3b", "--batch",
-         "512", "--chips", "16", "--accelerator", "tpu-v5e", "--top", "3"], cwd=root,
+         "512", "--topology", "v5e:4x4", "--top", "3"], cwd=root,
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
+    assert "on 16 x tpu-v5e (16 GiB" in out, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mesh" not in line]
     cfg = opt_jax.preset("1.3b", dtype="bfloat16", scan_layers=True)
     best = memory.search(cfg, 16, 512, 2048, 16 * memory.GiB)[0]

@@ -65,6 +65,16 @@ def topology_devices(name: str) -> list:
         raise ValueError(f"TPU topology {name!r} could not be made: {first}") from e
 
 
+def topology_chips(name: str) -> tuple[str, int]:
+    """(generation, chips) of slice `name` read off the name alone ("v5p:4x4x4" -> ("v5p", 64)),
+    without libtpu: what plan_memory.py --search needs to plan for a slice."""
+    match = _TOPOLOGY.fullmatch(name)
+    if not match:
+        topology_devices(name)  # raises the one-line error for a malformed name
+    generation, *dims = match.groups()
+    return generation, math.prod(int(d) for d in dims if d)
+
+
 def chip_hbm_bytes(name: str) -> int:
     return HBM_BYTES[name.split(":")[0]]
 
