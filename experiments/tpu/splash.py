@@ -19,12 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "memory"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from opt_jax.ops import attention  # noqa: E402
-from opt_jax.parallel import sharding  # noqa: E402
 
 
 def splash(q, k, v, key_mask):
@@ -43,14 +39,7 @@ def splash(q, k, v, key_mask):
         one = lambda q, k, v, s: mha(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))  # noqa: E731
         return jax.vmap(one)(q, k, v, segments)
 
-    args = (q.transpose(0, 2, 1, 3), k.astype(q.dtype), v.astype(q.dtype))
-    segments = key_mask.astype(jnp.int32)
-    spec = P(*nn.logical_to_mesh_axes((sharding.BATCH, sharding.HEADS, None, None)))
-    out = jax.shard_map(
-        kernel, mesh=jax.sharding.get_abstract_mesh(), in_specs=(spec, spec, spec, P(spec[0])),
-        out_specs=spec, check_vma=False,
-    )(*args, segments)  # fmt: skip
-    return out.transpose(0, 2, 1, 3)
+    return attention.per_device_kernel(kernel, q, k, v, key_mask)
 
 
 def main():

@@ -129,6 +129,13 @@ def _tpu_flash(q, k, v, key_mask):
             sm_scale=1.0,
         )  # fmt: skip
 
+    return per_device_kernel(kernel, q, k, v, key_mask)
+
+
+def per_device_kernel(kernel, q, k, v, key_mask):
+    """Runs a causal attention kernel `kernel(q, k, v, segments)` (q, k, v: [B, N, T, H],
+    segments: [B, T] int32, 1 for real tokens) on q [B, T, N, H] and k, v [B, N, T, H]; returns
+    [B, T, N, H]. On a mesh each device runs it on its own rows and heads."""
     args = (q.transpose(0, 2, 1, 3), k.astype(q.dtype), v.astype(q.dtype))
     segments = key_mask.astype(jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()

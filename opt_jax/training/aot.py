@@ -47,12 +47,7 @@ def topology_devices(name: str) -> list:
       ValueError: a name that is not GENERATION:AxB[xC] of a known generation, or that libtpu
         does not know; or no libtpu installed (pip install "jax[tpu]").
     """
-    match = _TOPOLOGY.fullmatch(name)
-    if not match:
-        raise ValueError(
-            f"unknown TPU topology {name!r}: write GENERATION:AxB or AxBxC with a generation "
-            f"of {sorted(HBM_BYTES)} (e.g. v5e:2x4, v5p:2x2x2)"
-        )
+    topology_chips(name)  # a malformed name: one-line error before libtpu loads
     from jax.experimental import topologies
 
     # libtpu takes a machine-wide lock file unless told that other processes may load it too
@@ -67,10 +62,13 @@ def topology_devices(name: str) -> list:
 
 def topology_chips(name: str) -> tuple[str, int]:
     """(generation, chips) of slice `name` read off the name alone ("v5p:4x4x4" -> ("v5p", 64)),
-    without libtpu: what plan_memory.py --search needs to plan for a slice."""
+    without libtpu (what plan_memory.py --search plans for); a malformed name is an error."""
     match = _TOPOLOGY.fullmatch(name)
     if not match:
-        topology_devices(name)  # raises the one-line error for a malformed name
+        raise ValueError(
+            f"unknown TPU topology {name!r}: write GENERATION:AxB or AxBxC with a generation "
+            f"of {sorted(HBM_BYTES)} (e.g. v5e:2x4, v5p:2x2x2)"
+        )
     generation, *dims = match.groups()
     return generation, math.prod(int(d) for d in dims if d)
 
